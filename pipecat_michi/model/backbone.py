@@ -1,0 +1,206 @@
+"""Llama/SmolLM decoder with a slot KV cache.
+
+Module names match Hugging Face's ``LlamaForCausalLM`` without the leading ``model.``, so a
+SmolLM checkpoint loads by name (see ``checkpoint.load_hf_backbone``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipecat_michi.model.config import BackboneConfig
+from pipecat_michi.model.kv_cache import SlotKVCache
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 as Llama does."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Llama's default RoPE (rotate-half layout)."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``positions [B, T]`` -> ``cos, sin [B, T, head_dim]`` (float32)."""
+        freqs = positions.float()[..., None] * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [B, T, heads, head_dim]`` by per-position ``cos/sin [B, T, head_dim]``."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: BackboneConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """``x [B, T, H]``; ``mask [B, T, K]`` (True = may attend).
+
+        Without a cache, keys are this call's own T positions (K == T). With a cache
+        ``(layer_keys [B, C, kvh, hd], layer_values, write_index [B, T])`` the new keys are
+        written at ``write_index`` and attention reads the first K cache entries.
+        """
+        batch, steps, _ = x.shape
+        q = self.q_proj(x).view(batch, steps, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, steps, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, steps, self.kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            layer_keys, layer_values, write_index = cache
+            rows = torch.arange(batch, device=x.device)[:, None]
+            layer_keys[rows, write_index] = k.to(layer_keys.dtype)
+            layer_values[rows, write_index] = v.to(layer_values.dtype)
+            k = layer_keys[:, : mask.shape[-1]].to(q.dtype)
+            v = layer_values[:, : mask.shape[-1]].to(q.dtype)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=mask[:, None],
+            enable_gqa=self.kv_heads != self.num_heads,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(batch, steps, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: BackboneConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: BackboneConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache=None) -> torch.Tensor:  # noqa: ANN001 - see Attention
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """The text/audio decoder. Takes input *embeddings* (the duplex step sums several)."""
+
+    def __init__(self, cfg: BackboneConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(
+            cfg.hidden_size, cfg.vocab_size, bias=False
+        )
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final-norm'd hidden states -> vocabulary logits (tied to the embedding by default)."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight)
+
+    def forward(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Offline causal pass over ``embeds [B, T, H]`` from position 0 -> normed hidden."""
+        batch, steps, _ = embeds.shape
+        positions = torch.arange(steps, device=embeds.device).expand(batch, steps)
+        cos, sin = self.rotary(positions)
+        mask = torch.ones(steps, steps, dtype=torch.bool, device=embeds.device).tril()
+        mask = mask.expand(batch, steps, steps)
+        x = embeds
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask)
+        return self.norm(x)
+
+    def forward_cached(
+        self,
+        embeds: torch.Tensor,
+        cache: SlotKVCache,
+        rows: slice,
+        active: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Append ``embeds [B, T, H]`` to cache slots ``rows`` (B of them); return normed hidden.
+
+        Each slot continues from its own length and position. Rows with ``active`` False are
+        computed (keeping the batch dense) but their lengths and positions do not advance, so
+        what was written beyond their length is never read.
+        """
+        batch, steps, _ = embeds.shape
+        if rows.stop - rows.start != batch:
+            raise ValueError(f"rows {rows} do not match a batch of {batch}")
+        cache.check_room(rows, steps)
+        lengths, positions = cache.lengths[rows], cache.positions[rows]
+        offsets = torch.arange(steps, device=embeds.device)
+        write_index = lengths[:, None] + offsets
+        cos, sin = self.rotary(positions[:, None] + offsets)
+        key_count = int(lengths.max()) + steps
+        key_index = torch.arange(key_count, device=embeds.device)
+        mask = key_index[None, None, :] <= write_index[:, :, None]
+        x = embeds
+        for layer_index, layer in enumerate(self.layers):
+            layer_cache = (cache.keys[layer_index, rows], cache.values[layer_index, rows], write_index)
+            x = layer(x, cos, sin, mask, layer_cache)
+        advance = steps if active is None else active.long() * steps
+        cache.lengths[rows] += advance
+        cache.positions[rows] += advance
+        return self.norm(x)
+
+    def new_cache(
+        self,
+        num_slots: int,
+        capacity: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> SlotKVCache:
+        cfg = self.config
+        return SlotKVCache(
+            cfg.num_hidden_layers,
+            num_slots,
+            capacity,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            device=device or self.embed_tokens.weight.device,
+            dtype=dtype or self.embed_tokens.weight.dtype,
+        )

@@ -1,0 +1,153 @@
+"""Checkpoints: ``config.json`` + ``model.safetensors``, and SmolLM weights in the HF layout.
+
+A MichiAI checkpoint directory holds our ``MichiConfig`` as ``config.json``, all weights as
+``model.safetensors`` and, for ``tokenizer="hf"``, the backbone's ``tokenizer.json``. A Hugging
+Face Llama/SmolLM directory (``config.json`` with ``model_type: llama``, one or several
+``*.safetensors``) can seed the backbone of a fresh model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from pydantic import ValidationError
+from safetensors.torch import load_file, save_file
+
+from pipecat_michi.model.config import BackboneConfig, MichiConfig
+from pipecat_michi.model.michi import MichiModel
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, malformed or does not fit the model; the message names the part."""
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """``"auto"`` picks CUDA when present, else CPU; anything else is passed to torch."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """``"auto"``: bfloat16 on CUDA, float32 on CPU (CPU bf16 matmuls are not faster here)."""
+    if spec == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec]
+    except KeyError:
+        raise ValueError(f"unknown dtype {spec!r}: use auto, float32, bfloat16 or float16") from None
+
+
+def save_checkpoint(model: MichiModel, directory: str | Path) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` into ``directory``."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG_FILE).write_text(model.config.model_dump_json(indent=2))
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt", "michi_config": model.config.name})
+    return out
+
+
+def load_config(directory: str | Path) -> MichiConfig:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"no {CONFIG_FILE} in checkpoint directory {Path(directory)}")
+    try:
+        return MichiConfig.model_validate_json(path.read_text())
+    except ValidationError as exc:
+        raise CheckpointError(f"{path} is not a valid MichiAI config: {exc}") from exc
+
+
+def load_checkpoint(
+    directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> MichiModel:
+    """Build the model a checkpoint's config describes and load its weights strictly."""
+    config = load_config(directory)
+    weights = Path(directory) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"no {WEIGHTS_FILE} in checkpoint directory {Path(directory)}")
+    model = MichiModel(config)
+    _load_strict(model, load_file(str(weights)), source=str(weights))
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _load_strict(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise CheckpointError(f"{source} lacks tensor {missing[0]!r} ({len(missing)} missing in all)")
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise CheckpointError(f"{source} has unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all)")
+    for key, tensor in tensors.items():
+        if tensor.shape != expected[key].shape:
+            raise CheckpointError(
+                f"{source}: tensor {key!r} has shape {tuple(tensor.shape)}, "
+                f"the config expects {tuple(expected[key].shape)}"
+            )
+    module.load_state_dict(tensors)
+
+
+# --- Hugging Face Llama/SmolLM backbones -------------------------------------------------------
+
+
+def backbone_config_from_hf(hf_config: dict) -> BackboneConfig:
+    """Map a Hugging Face ``LlamaConfig`` dict (SmolLM's ``config.json``) to ours."""
+    if hf_config.get("model_type") not in (None, "llama"):
+        raise CheckpointError(f"backbone model_type {hf_config.get('model_type')!r} is not llama")
+    fields = {k: v for k, v in hf_config.items() if k in BackboneConfig.model_fields}
+    # transformers 5 moved rope_theta into rope_parameters; older SmolLM configs have it top-level.
+    rope = hf_config.get("rope_parameters") or {}
+    if "rope_theta" in rope:
+        if rope.get("rope_type", "default") != "default":
+            raise CheckpointError(f"rope_type {rope['rope_type']!r} is not supported (default RoPE only)")
+        fields["rope_theta"] = rope["rope_theta"]
+    try:
+        return BackboneConfig(**fields)
+    except ValidationError as exc:
+        raise CheckpointError(f"backbone config does not fit a Llama decoder: {exc}") from exc
+
+
+def backbone_state_from_hf(hf_state: dict[str, torch.Tensor], cfg: BackboneConfig) -> dict[str, torch.Tensor]:
+    """Rename ``LlamaForCausalLM`` tensors to our ``Backbone``'s names."""
+    state: dict[str, torch.Tensor] = {}
+    for key, tensor in hf_state.items():
+        if key.endswith("rotary_emb.inv_freq"):
+            continue
+        if key == "lm_head.weight":
+            if not cfg.tie_word_embeddings:
+                state[key] = tensor
+            continue
+        state[key.removeprefix("model.")] = tensor
+    return state
+
+
+def read_hf_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a HF checkpoint directory (single or sharded safetensors)."""
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no *.safetensors in backbone directory {Path(directory)}")
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        tensors.update(load_file(str(file)))
+    return tensors
+
+
+def load_hf_backbone(model: MichiModel, directory: str | Path) -> None:
+    """Load SmolLM/Llama weights in the HF layout into ``model.backbone``, checking the shape."""
+    config_path = Path(directory) / CONFIG_FILE
+    if not config_path.is_file():
+        raise CheckpointError(f"no {CONFIG_FILE} in backbone directory {Path(directory)}")
+    hf_cfg = backbone_config_from_hf(json.loads(config_path.read_text()))
+    ours = model.config.backbone
+    if hf_cfg != ours:
+        diff = {k: (getattr(hf_cfg, k), getattr(ours, k)) for k in BackboneConfig.model_fields
+                if getattr(hf_cfg, k) != getattr(ours, k)}
+        raise CheckpointError(f"backbone at {directory} does not match the model config (hf, ours): {diff}")
+    state = backbone_state_from_hf(read_hf_weights(directory), ours)
+    _load_strict(model.backbone, state, source=str(directory))

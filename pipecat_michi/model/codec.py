@@ -1,0 +1,292 @@
+"""MichiAI's audio codec: 24 kHz mono audio <-> one continuous latent per 80 ms frame.
+
+The encoder is a causal SEANet-style conv stack; the decoder is a causal HiFi-GAN-style vocoder.
+Both stream one frame per ``step`` under the contract of ``streaming.py``, and their ``forward``
+equals stepping frame by frame from the zero state.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipecat_michi.model.config import CodecConfig
+from pipecat_michi.model.streaming import (
+    StreamingConv1d,
+    StreamingConvTranspose1d,
+    StreamingModule,
+    StreamingState,
+)
+
+_MAX_ENCODER_CHANNELS = 512
+_MIN_DECODER_CHANNELS = 8
+_LRELU_SLOPE = 0.1  # HiFi-GAN's slope inside the upsampling stages
+# One dilated residual unit per encoder stage widens its receptive field beyond the strided conv.
+_ENCODER_RESIDUAL_KERNEL = 3
+_ENCODER_RESIDUAL_DILATION = 3
+
+
+class EncoderResidualUnit(StreamingModule):
+    """SEANet residual unit: ELU -> dilated causal conv (half the channels) -> ELU -> 1x1 conv,
+    added to the input."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        hidden = channels // 2
+        self.conv1 = StreamingConv1d(
+            channels, hidden, _ENCODER_RESIDUAL_KERNEL, dilation=_ENCODER_RESIDUAL_DILATION
+        )
+        self.conv2 = StreamingConv1d(hidden, channels, 1)
+
+    def step(self, x: torch.Tensor, state: StreamingState) -> tuple[torch.Tensor, StreamingState]:
+        new_state: StreamingState = {}
+        y = self._step_child("conv1", F.elu(x), state, new_state)
+        y = self._step_child("conv2", F.elu(y), state, new_state)
+        return x + y, new_state
+
+
+class EncoderBlock(StreamingModule):
+    """One encoder stage: a residual unit, then ELU and a strided causal conv that downsamples
+    by ``stride``."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.residual = EncoderResidualUnit(in_channels)
+        self.downsample = StreamingConv1d(in_channels, out_channels, 2 * stride, stride=stride)
+
+    def step(self, x: torch.Tensor, state: StreamingState) -> tuple[torch.Tensor, StreamingState]:
+        new_state: StreamingState = {}
+        x = self._step_child("residual", x, state, new_state)
+        x = self._step_child("downsample", F.elu(x), state, new_state)
+        return x, new_state
+
+
+class CodecEncoder(StreamingModule):
+    """Causal conv encoder: ``wav[B, T]`` -> ``latents[B, T // frame_samples, latent_dim]``.
+
+    Channels start at ``encoder_channels`` and double per stage (at most 512); the stages
+    downsample by ``cfg.strides`` in order, so each latent sees only its frame and the past.
+    """
+
+    def __init__(self, cfg: CodecConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        channels = cfg.encoder_channels
+        self.conv_in = StreamingConv1d(1, channels, 7)
+        blocks = []
+        for stride in cfg.strides:
+            out_channels = min(2 * channels, _MAX_ENCODER_CHANNELS)
+            blocks.append(EncoderBlock(channels, out_channels, stride))
+            channels = out_channels
+        self.blocks = nn.ModuleList(blocks)
+        self.conv_out = StreamingConv1d(channels, cfg.latent_dim, 3)
+
+    def forward(self, wav: torch.Tensor) -> torch.Tensor:
+        """Encode ``wav[B, T]`` offline; ``T`` must be a positive multiple of ``frame_samples``."""
+        frame_samples = self.cfg.frame_samples
+        if wav.dim() != 2 or wav.shape[1] == 0 or wav.shape[1] % frame_samples:
+            raise ValueError(
+                f"codec encoder takes audio shaped [batch, samples] with samples a positive "
+                f"multiple of frame_samples={frame_samples}, got {tuple(wav.shape)}; "
+                "pad the tail with zeros"
+            )
+        return self._encode(wav, self.init_state(wav.shape[0], wav.device, wav.dtype))[0]
+
+    def step(
+        self, wav_frame: torch.Tensor, state: StreamingState
+    ) -> tuple[torch.Tensor, StreamingState]:
+        """Encode one frame ``wav_frame[B, frame_samples]`` into ``latent[B, latent_dim]``."""
+        frame_samples = self.cfg.frame_samples
+        if wav_frame.dim() != 2 or wav_frame.shape[1] != frame_samples:
+            raise ValueError(
+                f"codec encoder step takes one frame shaped [batch, {frame_samples}], "
+                f"got {tuple(wav_frame.shape)}"
+            )
+        latents, state = self._encode(wav_frame, state)
+        return latents[:, 0], state
+
+    def _encode(
+        self, wav: torch.Tensor, state: StreamingState
+    ) -> tuple[torch.Tensor, StreamingState]:
+        new_state: StreamingState = {}
+        x = self._step_child("conv_in", wav[:, None, :], state, new_state)
+        for i in range(len(self.blocks)):
+            x = self._step_child(f"blocks.{i}", x, state, new_state)
+        x = self._step_child("conv_out", F.elu(x), state, new_state)
+        return x.transpose(1, 2), new_state
+
+
+class ResBlock(StreamingModule):
+    """Causal HiFi-GAN ResBlock1: per dilation, LeakyReLU -> dilated conv -> LeakyReLU -> conv,
+    added to the input."""
+
+    def __init__(self, channels: int, kernel_size: int, dilations: tuple[int, ...]) -> None:
+        super().__init__()
+        self.convs1 = nn.ModuleList(
+            StreamingConv1d(channels, channels, kernel_size, dilation=d) for d in dilations
+        )
+        self.convs2 = nn.ModuleList(
+            StreamingConv1d(channels, channels, kernel_size) for _ in dilations
+        )
+
+    def step(self, x: torch.Tensor, state: StreamingState) -> tuple[torch.Tensor, StreamingState]:
+        new_state: StreamingState = {}
+        for i in range(len(self.convs1)):
+            y = self._step_child(f"convs1.{i}", F.leaky_relu(x, _LRELU_SLOPE), state, new_state)
+            y = self._step_child(f"convs2.{i}", F.leaky_relu(y, _LRELU_SLOPE), state, new_state)
+            x = x + y
+        return x, new_state
+
+
+class DecoderBlock(StreamingModule):
+    """One vocoder stage: LeakyReLU, causal transposed conv upsampling by ``stride``, then
+    multi-receptive-field fusion (the mean of one ``ResBlock`` per kernel size)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int,
+        kernel_sizes: tuple[int, ...],
+        dilations: tuple[int, ...],
+    ) -> None:
+        super().__init__()
+        self.upsample = StreamingConvTranspose1d(in_channels, out_channels, 2 * stride, stride)
+        self.resblocks = nn.ModuleList(ResBlock(out_channels, k, dilations) for k in kernel_sizes)
+
+    def step(self, x: torch.Tensor, state: StreamingState) -> tuple[torch.Tensor, StreamingState]:
+        new_state: StreamingState = {}
+        x = self._step_child("upsample", F.leaky_relu(x, _LRELU_SLOPE), state, new_state)
+        branches = [
+            self._step_child(f"resblocks.{i}", x, state, new_state)
+            for i in range(len(self.resblocks))
+        ]
+        return torch.stack(branches).mean(dim=0), new_state
+
+
+class CodecDecoder(StreamingModule):
+    """Causal HiFi-GAN-style vocoder: ``latents[B, F, latent_dim]`` -> ``wav[B, F * frame_samples]``
+    in [-1, 1].
+
+    Upsamples by ``cfg.strides`` in reverse order, halving channels per stage (at least 8).
+    No weight norm, so the ``state_dict`` holds plain conv weights.
+    """
+
+    def __init__(self, cfg: CodecConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        channels = cfg.decoder_channels
+        self.conv_pre = StreamingConv1d(cfg.latent_dim, channels, 7)
+        blocks = []
+        for stride in reversed(cfg.strides):
+            out_channels = max(channels // 2, _MIN_DECODER_CHANNELS)
+            blocks.append(
+                DecoderBlock(
+                    channels,
+                    out_channels,
+                    stride,
+                    cfg.resblock_kernel_sizes,
+                    cfg.resblock_dilations,
+                )
+            )
+            channels = out_channels
+        self.blocks = nn.ModuleList(blocks)
+        self.conv_post = StreamingConv1d(channels, 1, 7)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decode ``latents[B, F, latent_dim]`` offline into ``wav[B, F * frame_samples]``."""
+        latent_dim = self.cfg.latent_dim
+        if latents.dim() != 3 or latents.shape[1] == 0 or latents.shape[2] != latent_dim:
+            raise ValueError(
+                f"codec decoder takes latents shaped [batch, frames>0, {latent_dim}], "
+                f"got {tuple(latents.shape)}"
+            )
+        state = self.init_state(latents.shape[0], latents.device, latents.dtype)
+        return self._decode(latents, state)[0]
+
+    def step(
+        self, latent: torch.Tensor, state: StreamingState
+    ) -> tuple[torch.Tensor, StreamingState]:
+        """Decode one ``latent[B, latent_dim]`` into ``wav[B, frame_samples]``."""
+        latent_dim = self.cfg.latent_dim
+        if latent.dim() != 2 or latent.shape[1] != latent_dim:
+            raise ValueError(
+                f"codec decoder step takes one latent shaped [batch, {latent_dim}], "
+                f"got {tuple(latent.shape)}"
+            )
+        return self._decode(latent[:, None, :], state)
+
+    def _decode(
+        self, latents: torch.Tensor, state: StreamingState
+    ) -> tuple[torch.Tensor, StreamingState]:
+        new_state: StreamingState = {}
+        x = self._step_child("conv_pre", latents.transpose(1, 2), state, new_state)
+        for i in range(len(self.blocks)):
+            x = self._step_child(f"blocks.{i}", x, state, new_state)
+        # HiFi-GAN's last activation uses LeakyReLU's default slope, not the stages' 0.1.
+        x = self._step_child("conv_post", F.leaky_relu(x), state, new_state)
+        return torch.tanh(x[:, 0, :]), new_state
+
+
+class Codec(nn.Module):
+    """The encoder and decoder together. Each streams on its own state: use
+    ``codec.encoder.init_state`` / ``step`` and ``codec.decoder.init_state`` / ``step``."""
+
+    def __init__(self, cfg: CodecConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = CodecEncoder(cfg)
+        self.decoder = CodecDecoder(cfg)
+
+    def encode(self, wav: torch.Tensor) -> torch.Tensor:
+        """``wav[B, F * frame_samples]`` -> ``latents[B, F, latent_dim]``."""
+        return self.encoder(wav)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """``latents[B, F, latent_dim]`` -> ``wav[B, F * frame_samples]``."""
+        return self.decoder(latents)
+
+
+_STFT_FFT_SIZES = (512, 1024, 2048)
+_STFT_EPS = 1e-7
+
+
+def _stft_magnitude(wav: torch.Tensor, n_fft: int) -> torch.Tensor:
+    window = torch.hann_window(n_fft, device=wav.device, dtype=wav.dtype)
+    spec = torch.stft(
+        wav, n_fft, hop_length=n_fft // 4, window=window, center=False, return_complex=True
+    )
+    # The floor keeps the sqrt's gradient finite on silent bins.
+    return torch.sqrt(torch.clamp(spec.real.square() + spec.imag.square(), min=_STFT_EPS))
+
+
+def multi_resolution_stft_loss(pred_wav: torch.Tensor, target_wav: torch.Tensor) -> torch.Tensor:
+    """Spectral convergence plus log-magnitude L1, averaged over STFT sizes 512, 1024 and 2048.
+
+    Takes ``[..., T]`` waveforms of equal shape. Sizes longer than ``T`` are skipped; if all are,
+    the largest power of two not above ``T`` is used alone.
+    """
+    if pred_wav.shape != target_wav.shape:
+        raise ValueError(
+            f"multi_resolution_stft_loss: shapes differ, {tuple(pred_wav.shape)} vs "
+            f"{tuple(target_wav.shape)}"
+        )
+    num_samples = pred_wav.shape[-1]
+    if num_samples < 16:
+        raise ValueError(f"multi_resolution_stft_loss needs at least 16 samples, got {num_samples}")
+    fft_sizes = [n for n in _STFT_FFT_SIZES if n <= num_samples] or [
+        1 << (num_samples.bit_length() - 1)
+    ]
+    pred_wav = pred_wav.reshape(-1, num_samples)
+    target_wav = target_wav.reshape(-1, num_samples)
+    total = pred_wav.new_zeros(())
+    for n_fft in fft_sizes:
+        pred_mag = _stft_magnitude(pred_wav, n_fft)
+        target_mag = _stft_magnitude(target_wav, n_fft)
+        spectral_convergence = torch.linalg.vector_norm(target_mag - pred_mag) / (
+            torch.linalg.vector_norm(target_mag) + _STFT_EPS
+        )
+        log_magnitude = F.l1_loss(torch.log(pred_mag), torch.log(target_mag))
+        total = total + spectral_convergence + log_magnitude
+    return total / len(fft_sizes)

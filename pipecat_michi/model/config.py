@@ -1,0 +1,191 @@
+"""Configuration of a MichiAI model: every size lives here, as data.
+
+Two presets matter: ``tiny`` (tests, the embedded CPU default) and ``michi-530m`` (the seed's
+shape: a SmolLM-360M backbone plus listening head, speaking head and codec). A real checkpoint
+carries its own ``config.json`` with this schema, so mapping weights needs configuration only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class BackboneConfig(_Frozen):
+    """Llama/SmolLM decoder. Field names follow Hugging Face's ``LlamaConfig``."""
+
+    vocab_size: int = 49152
+    hidden_size: int = 960
+    intermediate_size: int = 2560
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 15
+    num_key_value_heads: int = 5
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> BackboneConfig:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be a multiple of num_attention_heads")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        return self
+
+
+class CodecConfig(_Frozen):
+    """Causal conv autoencoder (encoder) + causal HiFi-GAN-style vocoder (decoder).
+
+    ``strides`` multiply to ``frame_samples``: one latent per 80 ms frame at 24 kHz.
+    The decoder upsamples by the same strides in reverse order.
+    """
+
+    sample_rate_hz: int = 24000
+    frame_samples: int = 1920
+    latent_dim: int = 32
+    strides: tuple[int, ...] = (2, 4, 5, 6, 8)
+    encoder_channels: int = 32
+    decoder_channels: int = 512
+    resblock_kernel_sizes: tuple[int, ...] = (3, 7, 11)
+    resblock_dilations: tuple[int, ...] = (1, 3, 5)
+
+    @model_validator(mode="after")
+    def _check_strides(self) -> CodecConfig:
+        if math.prod(self.strides) != self.frame_samples:
+            raise ValueError(
+                f"codec strides {self.strides} multiply to {math.prod(self.strides)}, "
+                f"but frame_samples is {self.frame_samples}"
+            )
+        return self
+
+    @property
+    def frame_rate_hz(self) -> float:
+        return self.sample_rate_hz / self.frame_samples
+
+    @property
+    def frame_ms(self) -> float:
+        return 1000.0 * self.frame_samples / self.sample_rate_hz
+
+
+class ListeningHeadConfig(_Frozen):
+    """Streaming Whisper-style encoder of the user's audio, one token per frame.
+
+    Log-mel features (``hop_samples`` hop, ``n_fft`` window) of one frame are flattened into a
+    token, then a causal transformer attends over the last ``context_frames`` tokens.
+    """
+
+    n_mels: int = 80
+    n_fft: int = 960
+    hop_samples: int = 240
+    d_model: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    ffn_size: int = 3072
+    context_frames: int = 64
+    rope_theta: float = 10000.0
+
+
+class FlowHeadConfig(_Frozen):
+    """Rectified-flow speaking head: an MLP of AdaLN residual blocks conditioned on the backbone."""
+
+    hidden_size: int = 640
+    num_blocks: int = 6
+    sampling_steps: int = Field(default=1, ge=1)
+    noise_scale: float = Field(default=1.0, ge=0.0)
+
+
+class TokenConfig(_Frozen):
+    """Special token ids of the text channel (inner monologue and transcript)."""
+
+    pad_id: int
+    bos_id: int
+    eos_id: int
+
+
+class MichiConfig(_Frozen):
+    """The whole model. ``tokenizer`` is ``"bytes"`` (built-in byte tokenizer) or ``"hf"``
+    (a ``tokenizer.json`` beside the checkpoint)."""
+
+    name: str = "custom"
+    backbone: BackboneConfig = BackboneConfig()
+    codec: CodecConfig = CodecConfig()
+    listening: ListeningHeadConfig = ListeningHeadConfig()
+    flow: FlowHeadConfig = FlowHeadConfig()
+    tokens: TokenConfig
+    tokenizer: Literal["bytes", "hf"] = "hf"
+    # Slots' KV capacity in positions (frames + injected text); a ring evicts beyond it.
+    kv_capacity: int = Field(default=2048, ge=16)
+    speak_threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _check_tokens(self) -> MichiConfig:
+        for name in ("pad_id", "bos_id", "eos_id"):
+            token_id = getattr(self.tokens, name)
+            if not 0 <= token_id < self.backbone.vocab_size:
+                raise ValueError(f"tokens.{name}={token_id} is outside vocab_size")
+        return self
+
+    @property
+    def frame_samples(self) -> int:
+        return self.codec.frame_samples
+
+    @property
+    def sample_rate_hz(self) -> int:
+        return self.codec.sample_rate_hz
+
+    @classmethod
+    def preset(cls, name: str) -> MichiConfig:
+        """Return a named preset: ``tiny`` or ``michi-530m``."""
+        try:
+            return _PRESETS[name]()
+        except KeyError:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(_PRESETS)}") from None
+
+
+# The byte tokenizer's ids: 0..255 are bytes, specials follow.
+BYTE_VOCAB_SIZE = 264
+BYTE_TOKENS = TokenConfig(pad_id=256, bos_id=257, eos_id=258)
+
+
+def _tiny() -> MichiConfig:
+    return MichiConfig(
+        name="tiny",
+        backbone=BackboneConfig(
+            vocab_size=BYTE_VOCAB_SIZE,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        ),
+        codec=CodecConfig(latent_dim=16, encoder_channels=8, decoder_channels=32,
+                          resblock_kernel_sizes=(3,), resblock_dilations=(1, 3)),
+        listening=ListeningHeadConfig(n_mels=32, d_model=64, num_layers=2, num_heads=4,
+                                      ffn_size=128, context_frames=16),
+        flow=FlowHeadConfig(hidden_size=64, num_blocks=2),
+        tokens=BYTE_TOKENS,
+        tokenizer="bytes",
+        kv_capacity=256,
+    )
+
+
+def _michi_530m() -> MichiConfig:
+    # SmolLM-360M's tokenizer: <|endoftext|>=0 (pad/eos), <|im_start|>=1, <|im_end|>=2.
+    return MichiConfig(
+        name="michi-530m",
+        tokens=TokenConfig(pad_id=0, bos_id=1, eos_id=2),
+        tokenizer="hf",
+    )
+
+
+_PRESETS = {"tiny": _tiny, "michi-530m": _michi_530m}

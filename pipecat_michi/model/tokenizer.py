@@ -1,0 +1,97 @@
+"""Text tokenizers for the text channel, and a streaming detokenizer.
+
+The model emits one text token per frame; a multi-byte character can span frames, so text is
+released only once it decodes cleanly (``StreamingDetokenizer``).
+"""
+
+from __future__ import annotations
+
+import codecs
+from pathlib import Path
+from typing import Protocol
+
+from pipecat_michi.model.config import BYTE_TOKENS, MichiConfig, TokenConfig
+
+
+class Tokenizer(Protocol):
+    tokens: TokenConfig
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0..255; specials above. Needs no files: the tiny preset uses it."""
+
+    tokens = BYTE_TOKENS
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A Hugging Face ``tokenizer.json`` (SmolLM's, for the michi-530m preset)."""
+
+    def __init__(self, path: str | Path, tokens: TokenConfig) -> None:
+        from tokenizers import Tokenizer as _HFTokenizer
+
+        file = Path(path)
+        file = file / "tokenizer.json" if file.is_dir() else file
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"no tokenizer.json at {file}; put the backbone's tokenizer.json beside the checkpoint"
+            )
+        self._tokenizer = _HFTokenizer.from_file(str(file))
+        self.tokens = tokens
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def load_tokenizer(config: MichiConfig, checkpoint_dir: str | Path | None = None) -> Tokenizer:
+    """The tokenizer a config names: built-in bytes, or ``tokenizer.json`` in the checkpoint."""
+    if config.tokenizer == "bytes":
+        return ByteTokenizer()
+    if checkpoint_dir is None:
+        raise ValueError(f"config {config.name!r} needs a checkpoint directory with tokenizer.json")
+    return HFTokenizer(checkpoint_dir, config.tokens)
+
+
+class StreamingDetokenizer:
+    """Turns a stream of token ids into text pieces, never splitting a character."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._specials = {tokenizer.tokens.pad_id, tokenizer.tokens.bos_id, tokenizer.tokens.eos_id}
+        self._bytes = isinstance(tokenizer, ByteTokenizer)
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._pending: list[int] = []
+        self._emitted = ""
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the text it completes (often ``""``)."""
+        if token_id in self._specials:
+            return ""
+        if self._bytes:
+            return self._utf8.decode(bytes([token_id])) if token_id < 256 else ""
+        # Subword tokenizers: decode the pending run and release only what is stable.
+        self._pending.append(token_id)
+        text = self._tokenizer.decode(self._pending)
+        if text.endswith("\ufffd"):
+            return ""
+        piece = text[len(self._emitted):]
+        self._emitted = text
+        if len(self._pending) > 64:  # bound the re-decode cost on long turns
+            self._pending, self._emitted = [], ""
+        return piece
+
+    def reset(self) -> None:
+        self._utf8.reset()
+        self._pending, self._emitted = [], ""
