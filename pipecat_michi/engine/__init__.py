@@ -1,0 +1,1 @@
+"""Slots, lockstep batching and the tick loop. Imports the model, never Pipecat."""

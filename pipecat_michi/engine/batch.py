@@ -1,0 +1,111 @@
+"""The tensors of every slot, and the operations on them. Runs on the engine's model thread only.
+
+Rows ``0..n-1`` of the cache and streaming state are stepped together, ``n`` being one past the
+highest slot in use; slots are handed out lowest first so ``n`` stays small, and free rows inside
+the range are masked inactive (computed, never advanced).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipecat_michi.model.michi import MichiModel, Sampling, StepNoise
+
+
+class ContextTooLongError(ValueError):
+    """Text or voice prompt that cannot fit in a slot's KV window."""
+
+
+@dataclass(frozen=True)
+class BatchStepOutput:
+    """One step's outputs for rows ``0..n-1``, on the CPU, ready for the event loop."""
+
+    text_tokens: list[int]
+    transcript_tokens: list[int]
+    speak_prob: list[float]
+    speaking: list[bool]
+    audio_pcm16: np.ndarray  # [n, frame_samples] int16; zero rows where not speaking
+    kv_lengths: list[int]
+
+
+class SlotBatch:
+    """Per-slot KV cache + streaming state at full capacity, stepped as a dense prefix."""
+
+    def __init__(self, model: MichiModel, slot_capacity: int, kv_capacity: int, evict_fraction: float) -> None:
+        self.model = model
+        self.cache = model.new_cache(slot_capacity, kv_capacity)
+        self.state = model.init_state(slot_capacity)
+        self._fresh = model.init_state(1)
+        self._evict_fraction = evict_fraction
+
+    @property
+    def kv_capacity(self) -> int:
+        return self.cache.capacity
+
+    def reset(self, slot: int) -> None:
+        for key, value in self.state.items():
+            value[slot] = self._fresh[key][0]
+        self.cache.reset(slot)
+
+    def kv_length(self, slot: int) -> int:
+        return int(self.cache.lengths[slot])
+
+    def _make_room(self, slot: int, needed: int) -> None:
+        """Ring eviction: drop a block of the oldest unpinned entries when ``needed`` won't fit."""
+        if self.cache.free_space(slot) >= needed:
+            return
+        unpinned = self.kv_length(slot) - int(self.cache.pinned[slot])
+        block = max(needed - self.cache.free_space(slot), int(self._evict_fraction * self.kv_capacity))
+        self.cache.evict(slot, min(block, unpinned))
+        if self.cache.free_space(slot) < needed:
+            raise ContextTooLongError(
+                f"{needed} entries do not fit a KV window of {self.kv_capacity} "
+                f"with {int(self.cache.pinned[slot])} pinned"
+            )
+
+    @torch.no_grad()
+    def prefill_text(self, slot: int, token_ids: list[int], pinned: bool) -> int:
+        if pinned and int(self.cache.pinned[slot]) + len(token_ids) > self.kv_capacity // 2:
+            raise ContextTooLongError(
+                f"pinned context of {int(self.cache.pinned[slot]) + len(token_ids)} tokens exceeds half "
+                f"the KV window ({self.kv_capacity // 2}); inject it unpinned or shorten it"
+            )
+        self._make_room(slot, len(token_ids))
+        return self.model.prefill_text(token_ids, self.cache, slot, pinned=pinned)
+
+    @torch.no_grad()
+    def prefill_voice(self, slot: int, wav: np.ndarray) -> int:
+        frames = len(wav) // self.model.config.frame_samples
+        if int(self.cache.pinned[slot]) + frames > self.kv_capacity // 2:
+            raise ContextTooLongError(f"a voice prompt of {frames} frames exceeds half the KV window")
+        return self.model.prefill_voice(torch.from_numpy(wav), self.cache, slot)
+
+    @torch.no_grad()
+    def step(
+        self, audio: np.ndarray, active: list[bool], sampling: Sampling, noise: StepNoise
+    ) -> BatchStepOutput:
+        """Step rows ``0..len(active)-1``; ``audio [n, frame_samples]`` float32 in [-1, 1]."""
+        n = len(active)
+        for slot in range(n):
+            if active[slot]:
+                self._make_room(slot, 1)
+        device = self.model.device
+        rows = {key: value[:n] for key, value in self.state.items()}
+        active_mask = torch.tensor(active, device=device)
+        out, new_rows = self.model.step(
+            torch.from_numpy(audio).to(device), rows, self.cache, sampling, noise, active=active_mask
+        )
+        for key, value in new_rows.items():
+            rows[key].copy_(value)
+        pcm = (out.audio.clamp(-1.0, 1.0) * 32767.0).round().to(torch.int16).cpu().numpy()
+        return BatchStepOutput(
+            text_tokens=out.text_tokens.tolist(),
+            transcript_tokens=out.transcript_tokens.tolist(),
+            speak_prob=out.speak_prob.tolist(),
+            speaking=out.speaking.tolist(),
+            audio_pcm16=pcm,
+            kv_lengths=self.cache.lengths[:n].tolist(),
+        )

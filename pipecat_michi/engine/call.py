@@ -1,0 +1,109 @@
+"""One interface for a duplex call, whether the engine runs in-process or on a GPU worker.
+
+``MichiLLMService`` talks only to ``DuplexBackend``/``DuplexCall``. ``LocalEngine`` (here) runs
+the engine in this process, the embedded CPU default; ``RemoteWorker``
+(``pipecat_michi.worker.client``) speaks the worker protocol over a WebSocket.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from pipecat_michi.engine.config import EngineConfig
+from pipecat_michi.engine.engine import DuplexEngine, EngineSession, InjectResult, StepResult
+from pipecat_michi.engine.settings import SessionSettings, SessionSettingsUpdate
+
+
+class DuplexCall(Protocol):
+    """A live call: 24 kHz PCM16 frames in, one ``StepResult`` per frame out."""
+
+    session_id: str
+    frame_samples: int
+    sample_rate_hz: int
+
+    async def send_audio(self, pcm: np.ndarray, frame_index: int | None = None) -> None:
+        """Send one frame of ``frame_samples`` int16 samples (24 kHz mono)."""
+        ...
+
+    async def receive(self, timeout: float | None = None) -> StepResult:
+        """The next step result; raises ``SessionClosedError`` (local) or ``WorkerConnectionError``
+        (remote) when the call is over."""
+        ...
+
+    async def inject_text(self, text: str, role: str = "system", pinned: bool = False) -> InjectResult: ...
+
+    async def update_settings(self, update: SessionSettingsUpdate) -> None: ...
+
+    async def reset(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class DuplexBackend(Protocol):
+    """Opens calls. One backend serves many calls (one per pipeline)."""
+
+    async def open_call(
+        self,
+        settings: SessionSettings | None = None,
+        system_prompt: str | None = None,
+        voice_prompt: np.ndarray | None = None,
+    ) -> DuplexCall: ...
+
+    async def close(self) -> None: ...
+
+
+class LocalCall:
+    """``DuplexCall`` over an in-process ``EngineSession``."""
+
+    def __init__(self, session: EngineSession, engine: DuplexEngine) -> None:
+        self._session = session
+        self.session_id = session.session_id
+        self.frame_samples = engine.frame_samples
+        self.sample_rate_hz = engine.sample_rate_hz
+
+    @property
+    def session(self) -> EngineSession:
+        return self._session
+
+    async def send_audio(self, pcm: np.ndarray, frame_index: int | None = None) -> None:
+        self._session.push_audio(pcm, frame_index)
+
+    async def receive(self, timeout: float | None = None) -> StepResult:
+        return await self._session.receive(timeout)
+
+    async def inject_text(self, text: str, role: str = "system", pinned: bool = False) -> InjectResult:
+        return await self._session.inject_text(text, role, pinned)
+
+    async def update_settings(self, update: SessionSettingsUpdate) -> None:
+        self._session.update_settings(update)
+
+    async def reset(self) -> None:
+        await self._session.reset()
+
+    async def close(self) -> None:
+        await self._session.close()
+
+
+class LocalEngine:
+    """The embedded default: a ``DuplexEngine`` in this process (tiny preset on CPU unless told).
+
+    Started on the first call, shared by every call of the process.
+    """
+
+    def __init__(self, config: EngineConfig | None = None, engine: DuplexEngine | None = None) -> None:
+        self.engine = engine or DuplexEngine(config or EngineConfig())
+
+    async def open_call(
+        self,
+        settings: SessionSettings | None = None,
+        system_prompt: str | None = None,
+        voice_prompt: np.ndarray | None = None,
+    ) -> LocalCall:
+        await self.engine.start()
+        session = await self.engine.open_session(settings, system_prompt, voice_prompt)
+        return LocalCall(session, self.engine)
+
+    async def close(self) -> None:
+        await self.engine.stop()

@@ -1,0 +1,82 @@
+"""Engine configuration and model loading: which weights, where, how many calls."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from loguru import logger
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipecat_michi.model.checkpoint import load_checkpoint, resolve_device, resolve_dtype
+from pipecat_michi.model.config import MichiConfig
+from pipecat_michi.model.michi import MichiModel
+from pipecat_michi.model.tokenizer import Tokenizer, load_tokenizer
+
+
+class EngineConfig(BaseModel):
+    """How a ``DuplexEngine`` runs.
+
+    ``checkpoint`` (a MichiAI checkpoint directory) wins over ``preset``; a preset builds
+    randomly initialised weights seeded by ``seed`` (development and tests).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    preset: str = "tiny"
+    checkpoint: Path | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    slot_capacity: int = Field(default=8, ge=1, le=1024)
+    # KV entries per slot; None takes the model config's kv_capacity.
+    kv_capacity: int | None = Field(default=None, ge=64)
+    # When the KV ring is full, evict this share of the unpinned entries at once, so eviction
+    # (a copy) happens rarely rather than every frame.
+    evict_fraction: float = Field(default=0.125, gt=0.0, le=0.5)
+    # A tick fires once every live call has a frame, or this long after the previous tick;
+    # calls still without input are then filled with silence. A little over one frame absorbs
+    # network jitter without letting one stalled call hold the others.
+    fill_after_ms: float = Field(default=100.0, gt=0.0)
+    # Frames a call may queue ahead of the tick (a burst); beyond it the oldest are dropped.
+    max_queued_frames: int = Field(default=25, ge=1)
+    # Outputs a call may have unread; a stalled reader loses its oldest outputs, never stalls others.
+    max_pending_outputs: int = Field(default=50, ge=1)
+    # Injected text is prefilled in chunks of this many tokens per tick, so a long document
+    # never delays the batch by more than one chunk's prefill.
+    prefill_chunk_tokens: int = Field(default=64, ge=1)
+    torch_threads: int | None = Field(default=None, ge=1)
+
+
+def prepare_model_thread() -> None:
+    """Per-thread CPU setup for the thread that runs the model.
+
+    Flush denormals to zero: small activations decaying through the vocoder's many layers
+    become denormal floats, which x86 handles ~100x slower (a tiny-preset step went from
+    ~4 ms to ~500 ms). The flag lives in the thread's MXCSR register, hence per thread.
+    """
+    torch.set_flush_denormal(True)
+
+
+def load_model(config: EngineConfig) -> tuple[MichiModel, Tokenizer]:
+    """Build or load the model an engine config names, on its device and dtype."""
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    if config.checkpoint is not None:
+        model = load_checkpoint(config.checkpoint, device=device, dtype=dtype)
+        tokenizer = load_tokenizer(model.config, config.checkpoint)
+        source = str(config.checkpoint)
+    else:
+        # Random weights: a hub download can never be what a preset means.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        torch.manual_seed(config.seed)
+        model = MichiModel(MichiConfig.preset(config.preset)).to(device=device, dtype=dtype).eval()
+        tokenizer = load_tokenizer(model.config)
+        source = f"preset {config.preset} (random weights, seed {config.seed})"
+    logger.info(
+        f"MichiAI model from {source}: {model.num_parameters() / 1e6:.1f}M parameters on {device} ({dtype})"
+    )
+    return model, tokenizer

@@ -1,0 +1,164 @@
+"""The duplex engine: lockstep batching that never mixes calls, clocks, injection, eviction."""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from pipecat_michi.engine.config import EngineConfig
+from pipecat_michi.engine.engine import (
+    DuplexEngine,
+    EngineFullError,
+    FrameOrderError,
+    SessionClosedError,
+    StepResult,
+)
+from pipecat_michi.engine.settings import SessionSettings
+
+FRAME = 1920
+
+
+def _audio(seed: int, frames: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((frames, FRAME)) * 3000).astype(np.int16)
+
+
+def _config(**overrides) -> EngineConfig:
+    # A long fill deadline: these tests are about batching, not about a loaded CI machine.
+    overrides.setdefault("fill_after_ms", 5000.0)
+    return EngineConfig(preset="tiny", device="cpu", slot_capacity=3, **overrides)
+
+
+async def _call(engine: DuplexEngine, audio: np.ndarray, seed: int, prompt: str | None = None) -> list[StepResult]:
+    session = await engine.open_session(SessionSettings(seed=seed, speak_threshold=0.3), system_prompt=prompt)
+    results = []
+    for index, frame in enumerate(audio):
+        session.push_audio(frame, index)
+        results.append(await session.receive(timeout=10))
+    await session.close()
+    return results
+
+
+def _same(a: list[StepResult], b: list[StepResult]) -> None:
+    assert [r.frame_index for r in a] == [r.frame_index for r in b]
+    for x, y in zip(a, b):
+        assert (x.bot_text, x.transcript, x.speaking) == (y.bot_text, y.transcript, y.speaking)
+        assert x.speak_prob == pytest.approx(y.speak_prob, abs=1e-5)
+        if x.audio is not None:
+            assert np.abs(x.audio.astype(int) - y.audio.astype(int)).max() <= 2
+
+
+async def test_concurrent_calls_each_get_one_result_per_frame_equal_to_running_alone() -> None:
+    audio_a, audio_b = _audio(1, 12), _audio(2, 12)
+    async with DuplexEngine(_config()) as engine:
+        together_a, together_b = await asyncio.gather(
+            _call(engine, audio_a, seed=5, prompt="You are a helpful agent."),
+            _call(engine, audio_b, seed=6),
+        )
+        assert engine.stats.ticks >= 12
+    async with DuplexEngine(_config()) as engine:
+        alone_a = await _call(engine, audio_a, seed=5, prompt="You are a helpful agent.")
+    async with DuplexEngine(_config()) as engine:
+        alone_b = await _call(engine, audio_b, seed=6)
+    assert [r.frame_index for r in together_a] == list(range(12))
+    assert not any(r.filled for r in together_a + together_b)
+    _same(together_a, alone_a)
+    _same(together_b, alone_b)
+    assert any(r.speaking for r in together_a) and all(
+        (r.audio is not None) == r.speaking for r in together_a
+    )
+
+
+async def test_missing_frame_is_filled_and_its_late_arrival_dropped() -> None:
+    async with DuplexEngine(_config(fill_after_ms=30)) as engine:
+        session = await engine.open_session()
+        frames = _audio(3, 3)
+        session.push_audio(frames[0], 0)
+        first = await session.receive(timeout=5)
+        # Frame 1 never comes in time: the tick after the deadline fills it with silence.
+        second = await session.receive(timeout=5)
+        assert (first.frame_index, first.filled) == (0, False)
+        assert (second.frame_index, second.filled) == (1, True)
+        session.push_audio(frames[1], 1)  # too late: dropped
+        assert engine.stats.dropped_input_frames >= 1
+        session.push_audio(frames[2], 2 + engine.stats.filled_frames - 1)
+        following = await session.receive(timeout=5)
+        assert following.frame_index == second.frame_index + 1
+
+
+async def test_bad_frames_are_refused() -> None:
+    async with DuplexEngine(_config()) as engine:
+        session = await engine.open_session()
+        with pytest.raises(ValueError, match="1920 samples"):
+            session.push_audio(np.zeros(100, dtype=np.int16))
+        session.push_audio(np.zeros(FRAME, dtype=np.int16), 5)
+        with pytest.raises(FrameOrderError):
+            session.push_audio(np.zeros(FRAME, dtype=np.int16), 5)
+        await session.close()
+        with pytest.raises(SessionClosedError):
+            session.push_audio(np.zeros(FRAME, dtype=np.int16), 6)
+
+
+async def test_full_engine_rejects_at_once_and_a_closed_call_frees_its_slot() -> None:
+    async with DuplexEngine(_config()) as engine:
+        sessions = [await engine.open_session() for _ in range(3)]
+        with pytest.raises(EngineFullError):
+            await engine.open_session()
+        assert engine.stats.rejected_sessions == 1
+        await sessions[1].close()
+        again = await engine.open_session()
+        assert again.slot == 1 and engine.sessions_in_use == 3
+
+
+async def test_injection_mid_call_grows_the_context_by_its_tokens() -> None:
+    async with DuplexEngine(_config()) as engine:
+        session = await engine.open_session(system_prompt="Be brief.")
+        pinned = engine.kv_length(session)
+        assert pinned == len(engine.tokenizer.encode("[system] Be brief.\n"))
+        for index, frame in enumerate(_audio(4, 3)):
+            session.push_audio(frame, index)
+            await session.receive(timeout=5)
+        before = engine.kv_length(session)
+        text = "Store hours: 9 to 5. " * 10  # several prefill chunks
+        result = await session.inject_text(text, role="document")
+        assert result.token_count == len(engine.tokenizer.encode(f"[document] {text}\n"))
+        assert result.kv_length == before + result.token_count
+        session.push_audio(_audio(5, 1)[0], 3)
+        step = await session.receive(timeout=5)
+        assert step.kv_length == result.kv_length + 1
+
+
+async def test_ring_eviction_keeps_long_calls_running_with_the_system_prompt_pinned() -> None:
+    async with DuplexEngine(_config(kv_capacity=64)) as engine:
+        session = await engine.open_session(system_prompt="Pinned.")
+        pinned = engine.kv_length(session)
+        lengths = []
+        for index, frame in enumerate(_audio(6, 150)):
+            session.push_audio(frame, index)
+            lengths.append((await session.receive(timeout=5)).kv_length)
+        assert max(lengths) <= 64
+        assert min(lengths[100:]) > pinned  # evicted in blocks, never emptied
+        assert int(engine._batch.cache.pinned[session.slot]) == pinned
+        assert int(engine._batch.cache.positions[session.slot]) == pinned + 150
+
+
+async def test_a_stalled_reader_loses_its_oldest_outputs_not_the_others_time() -> None:
+    async with DuplexEngine(_config(max_pending_outputs=4)) as engine:
+        stalled, reader = await engine.open_session(), await engine.open_session()
+        for index, frame in enumerate(_audio(7, 10)):
+            stalled.push_audio(frame, index)
+            reader.push_audio(frame, index)
+            assert (await reader.receive(timeout=5)).frame_index == index
+        assert stalled.pending_outputs() == 4
+        assert engine.stats.dropped_outputs == 6
+        assert (await stalled.receive(timeout=1)).frame_index == 6
+
+
+async def test_closing_ends_the_output_stream() -> None:
+    async with DuplexEngine(_config()) as engine:
+        session = await engine.open_session()
+        waiter = asyncio.create_task(session.receive(timeout=5))
+        await asyncio.sleep(0)
+        await session.close()
+        with pytest.raises(SessionClosedError):
+            await waiter
