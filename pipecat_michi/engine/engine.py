@@ -62,7 +62,7 @@ class StepResult:
     bot_text: str
     transcript: str
     audio: np.ndarray | None  # int16 [frame_samples] when speaking
-    kv_length: int
+    kv_length: int | None  # None when the engine is remote (the worker protocol does not carry it)
 
 
 @dataclass(frozen=True)

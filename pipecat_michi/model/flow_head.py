@@ -77,13 +77,22 @@ class FlowHead(nn.Module):
         x_t = (1 - t[:, None]) * noise + t[:, None] * target
         return F.mse_loss(self.velocity(x_t, t, cond), target - noise)
 
-    def sample(self, cond: torch.Tensor, noise: torch.Tensor, steps: int | None = None) -> torch.Tensor:
-        """Integrate ``noise [B, D]`` (standard normal) to a latent with ``steps`` Euler steps
-        (config default: 1). The noise is an input so a caller controls each row's randomness."""
-        steps = steps or self.config.sampling_steps
+    def sample(
+        self, cond: torch.Tensor, noise: torch.Tensor, steps: int | torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Integrate ``noise [B, D]`` (standard normal) to a latent with Euler steps.
+
+        ``steps`` is one count for all rows or a ``[B]`` tensor, so calls with different
+        settings share a batch without changing each other's result. The noise is an input so
+        the caller controls each row's randomness.
+        """
+        batch = cond.shape[0]
+        steps = self.config.sampling_steps if steps is None else steps
+        steps = torch.as_tensor(steps, device=cond.device).expand(batch).clamp(min=1)
+        dt = (1.0 / steps.to(cond.dtype))[:, None]
         x = noise.to(cond.dtype) * self.config.noise_scale
-        dt = 1.0 / steps
-        for i in range(steps):
-            t = torch.full((x.shape[0],), i * dt, device=x.device, dtype=x.dtype)
-            x = x + dt * self.velocity(x, t, cond)
+        for i in range(int(steps.max())):
+            t = i * dt[:, 0]
+            moved = x + dt * self.velocity(x, t, cond)
+            x = torch.where((i < steps)[:, None], moved, x)
         return x

@@ -39,7 +39,7 @@ class Sampling:
     temperature: torch.Tensor  # [B] float; 0 = greedy
     top_k: torch.Tensor  # [B] long; 0 = no limit
     speak_threshold: torch.Tensor  # [B] float in (0, 1)
-    flow_steps: int = 1
+    flow_steps: int | torch.Tensor = 1  # one count, or [B] long
 
     @classmethod
     def greedy(cls, batch_size: int, speak_threshold: float = 0.5, device=None) -> Sampling:  # noqa: ANN001

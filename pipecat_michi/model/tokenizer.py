@@ -55,6 +55,17 @@ class HFTokenizer:
         return self._tokenizer.decode(ids, skip_special_tokens=True)
 
 
+def format_context(tokenizer: Tokenizer, role: str, text: str) -> str:
+    """Frame injected text as a chat turn, so the backbone knows whose words they are.
+
+    Subword (SmolLM) tokenizers get ChatML, SmolLM-Instruct's template; the byte tokenizer of
+    the tiny preset a plain tag.
+    """
+    if isinstance(tokenizer, ByteTokenizer):
+        return f"[{role}] {text}\n"
+    return f"<|im_start|>{role}\n{text}<|im_end|>\n"
+
+
 def load_tokenizer(config: MichiConfig, checkpoint_dir: str | Path | None = None) -> Tokenizer:
     """The tokenizer a config names: built-in bytes, or ``tokenizer.json`` in the checkpoint."""
     if config.tokenizer == "bytes":

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create .venv and install pipecat-michi with its dev extras. Idempotent: pip runs again only
+# when pyproject.toml changed since the last successful install (a hash stamp in .venv).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+if [[ ! -x .venv/bin/python ]]; then
+  python=$(command -v python3.11 || command -v python3)
+  echo "bootstrap: creating .venv with $python" >&2
+  "$python" -m venv .venv
+fi
+
+stamp=.venv/.pipecat-michi-installed
+wanted=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [[ ! -f $stamp || $(cat "$stamp") != "$wanted" ]]; then
+  echo "bootstrap: pip install -e '.[dev]'" >&2
+  # pip (never uv): the machine's pip config points it at the on-disk CPU torch wheel.
+  .venv/bin/python -m pip install -q -e '.[dev]'
+  echo "$wanted" >"$stamp"
+fi
