@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from pipecat_michi.model.checkpoint import resolve_device, resolve_dtype
+from pipecat_michi.model.runtime import prepare_model_thread, resolve_device, resolve_dtype
 from pipecat_michi.model.config import MichiConfig
 from pipecat_michi.model.kv_cache import SlotKVCache
 from pipecat_michi.model.michi import MichiModel, Sampling, StepNoise
@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    prepare_model_thread()
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores"

@@ -20,7 +20,7 @@ import soxr
 import torch
 from loguru import logger
 
-from pipecat_michi.model.checkpoint import resolve_device
+from pipecat_michi.model.runtime import prepare_model_thread, resolve_device
 from pipecat_michi.model.config import MichiConfig
 from pipecat_michi.model.michi import MichiModel, Sampling, StepNoise
 from pipecat_michi.model.tokenizer import StreamingDetokenizer, load_tokenizer
@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub download must fail fast, never hang
     args = parse_args(argv)
     config = MichiConfig.preset("tiny")
+    prepare_model_thread()
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     model = MichiModel(config).to(device).eval()

@@ -9,7 +9,8 @@ import torch
 from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipecat_michi.model.checkpoint import load_checkpoint, resolve_device, resolve_dtype
+from pipecat_michi.model.checkpoint import load_checkpoint
+from pipecat_michi.model.runtime import resolve_device, resolve_dtype
 from pipecat_michi.model.config import MichiConfig
 from pipecat_michi.model.michi import MichiModel
 from pipecat_michi.model.tokenizer import Tokenizer, load_tokenizer
@@ -47,16 +48,6 @@ class EngineConfig(BaseModel):
     # never delays the batch by more than one chunk's prefill.
     prefill_chunk_tokens: int = Field(default=64, ge=1)
     torch_threads: int | None = Field(default=None, ge=1)
-
-
-def prepare_model_thread() -> None:
-    """Per-thread CPU setup for the thread that runs the model.
-
-    Flush denormals to zero: small activations decaying through the vocoder's many layers
-    become denormal floats, which x86 handles ~100x slower (a tiny-preset step went from
-    ~4 ms to ~500 ms). The flag lives in the thread's MXCSR register, hence per thread.
-    """
-    torch.set_flush_denormal(True)
 
 
 def load_model(config: EngineConfig) -> tuple[MichiModel, Tokenizer]:

@@ -26,7 +26,8 @@ import torch
 from loguru import logger
 
 from pipecat_michi.engine.batch import BatchStepOutput, SlotBatch
-from pipecat_michi.engine.config import EngineConfig, load_model, prepare_model_thread
+from pipecat_michi.engine.config import EngineConfig, load_model
+from pipecat_michi.model.runtime import prepare_model_thread
 from pipecat_michi.engine.settings import SessionSettings, SessionSettingsUpdate
 from pipecat_michi.model.michi import MichiModel, Sampling, StepNoise
 from pipecat_michi.model.tokenizer import StreamingDetokenizer, Tokenizer, format_context

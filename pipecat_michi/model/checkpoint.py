@@ -26,23 +26,6 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, malformed or does not fit the model; the message names the part."""
 
 
-def resolve_device(spec: str = "auto") -> torch.device:
-    """``"auto"`` picks CUDA when present, else CPU; anything else is passed to torch."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
-
-
-def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
-    """``"auto"``: bfloat16 on CUDA, float32 on CPU (CPU bf16 matmuls are not faster here)."""
-    if spec == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec]
-    except KeyError:
-        raise ValueError(f"unknown dtype {spec!r}: use auto, float32, bfloat16 or float16") from None
-
-
 def save_checkpoint(model: MichiModel, directory: str | Path) -> Path:
     """Write ``config.json`` and ``model.safetensors`` into ``directory``."""
     out = Path(directory)
