@@ -66,13 +66,24 @@ class SlotBatch:
                 f"with {int(self.cache.pinned[slot])} pinned"
             )
 
+    def check_injection(self, slot: int, token_count: int, pinned: bool) -> None:
+        """Refuse text that cannot fit: pinned text may fill half the KV window; unpinned text
+        half of what the pinned part leaves, so the call keeps room to hear and speak."""
+        pinned_now = int(self.cache.pinned[slot])
+        if pinned and pinned_now + token_count > self.kv_capacity // 2:
+            raise ContextTooLongError(
+                f"pinned context of {pinned_now + token_count} tokens exceeds half the KV window "
+                f"({self.kv_capacity // 2}); inject it unpinned or shorten it"
+            )
+        if not pinned and token_count > (self.kv_capacity - pinned_now) // 2:
+            raise ContextTooLongError(
+                f"{token_count} tokens exceed the {(self.kv_capacity - pinned_now) // 2} an injection may take "
+                f"(half the KV window left after {pinned_now} pinned); split or shorten it"
+            )
+
     @torch.no_grad()
     def prefill_text(self, slot: int, token_ids: list[int], pinned: bool) -> int:
-        if pinned and int(self.cache.pinned[slot]) + len(token_ids) > self.kv_capacity // 2:
-            raise ContextTooLongError(
-                f"pinned context of {int(self.cache.pinned[slot]) + len(token_ids)} tokens exceeds half "
-                f"the KV window ({self.kv_capacity // 2}); inject it unpinned or shorten it"
-            )
+        self.check_injection(slot, len(token_ids), pinned)
         self._make_room(slot, len(token_ids))
         return self.model.prefill_text(token_ids, self.cache, slot, pinned=pinned)
 

@@ -3,7 +3,8 @@
 Each call owns a slot. A call's clock starts with its first audio frame; from then on every
 tick consumes exactly one frame index per call: the frame if it arrived, silence (flagged) if
 not. A tick fires as soon as every ticking call has its next frame, and at the latest
-``fill_after_ms`` after the previous tick, so one stalled call never holds the others. Frames
+``fill_after_ms`` after the previous tick, so one stalled call never holds the others; a call
+that runs a frame behind the rest catches up in a tick of its own. Frames
 that arrive after their index was filled are dropped, keeping every call's latency bounded.
 
 All tensor work runs on one model thread (``SlotBatch``); the asyncio side only moves frames
@@ -77,6 +78,7 @@ class EngineStats:
     """Counters for metrics; the engine only ever adds to them."""
 
     ticks: int = 0
+    catch_up_ticks: int = 0
     late_ticks: int = 0
     filled_frames: int = 0
     dropped_input_frames: int = 0
@@ -145,6 +147,15 @@ class EngineSession:
 
     def has_next_frame(self) -> bool:
         return bool(self._inputs) and self._inputs[0][0] == self.next_frame_index
+
+    def frames_queued(self) -> int:
+        """Consecutive frames queued from the clock's next index on."""
+        count = 0
+        for index, _ in self._inputs:
+            if index != self.next_frame_index + count:
+                break
+            count += 1
+        return count
 
     def take_frame(self) -> tuple[int, np.ndarray | None]:
         """The clock's next (index, samples); ``None`` samples when the frame is missing."""
@@ -354,6 +365,8 @@ class DuplexEngine:
                 await self._run(self._batch.reset, session.slot)
 
     async def _prefill_tokens(self, session: EngineSession, tokens: list[int], pinned: bool) -> InjectResult:
+        # Checked whole, before the first chunk: a refused injection leaves no part behind.
+        self._batch.check_injection(session.slot, len(tokens), pinned)
         kv_length = self._batch.kv_length(session.slot)
         chunk = self.config.prefill_chunk_tokens
         for start in range(0, len(tokens), chunk):
@@ -374,16 +387,26 @@ class DuplexEngine:
     def _ticking(self) -> list[EngineSession]:
         return [s for s in self._sessions.values() if s.next_frame_index is not None and not s.closed]
 
-    async def _wait_for_tick(self, last_tick: float) -> None:
-        """Until every ticking call has its next frame, or the fill deadline passes."""
-        deadline = last_tick + self.config.fill_after_ms / 1000.0
+    async def _next_tick(self, last_full_tick: float) -> tuple[list[EngineSession], bool]:
+        """Wait for the next tick; return the calls it steps and whether it is a full tick.
+
+        Full tick: every ticking call has its next frame, or the fill deadline passed (calls
+        still without one get silence). Catch-up tick: some call already holds the frame
+        *after* its next one, i.e. it runs a whole frame behind the others (its clock started
+        just after a tick, or its packets bunched up); those calls step alone so they realign,
+        instead of carrying 80 ms of extra latency for the rest of the call.
+        """
+        deadline = last_full_tick + self.config.fill_after_ms / 1000.0
         while True:
             ticking = self._ticking()
             if ticking and all(s.has_next_frame() for s in ticking):
-                return
+                return ticking, True
             now = time.monotonic()
             if ticking and now >= deadline:
-                return
+                return ticking, True
+            lagging = [s for s in ticking if s.frames_queued() >= 2]
+            if lagging:
+                return [s for s in ticking if s.has_next_frame()], False
             self._wake_event.clear()
             timeout = max(0.0, deadline - now) if ticking else None
             try:
@@ -392,19 +415,19 @@ class DuplexEngine:
                 pass
 
     async def _tick_loop(self) -> None:
-        last_tick = time.monotonic()
+        last_full_tick = time.monotonic()
         while True:
-            await self._wait_for_tick(last_tick)
-            ticking = self._ticking()
-            if not ticking:
-                continue
-            last_tick = time.monotonic()
+            stepping, full = await self._next_tick(last_full_tick)
+            if full:
+                last_full_tick = time.monotonic()
+            else:
+                self.stats.catch_up_ticks += 1
             try:
-                await self._tick(ticking)
+                await self._tick(stepping)
             except Exception:
                 # A broken step must not take every call down silently: end them, keep serving.
                 logger.exception("model step failed; closing the calls of this tick")
-                for session in ticking:
+                for session in stepping:
                     await session.close()
 
     async def _tick(self, ticking: list[EngineSession]) -> None:

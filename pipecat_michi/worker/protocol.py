@@ -57,6 +57,9 @@ MAX_MESSAGE_BYTES: Final = 2 * 1024 * 1024
 # How far a client may run ahead of the worker's clock, in frames (2 s); see docs/protocol.md.
 MAX_BUFFERED_FRAMES: Final = 25
 
+# RFC 6455: a close frame's payload is at most 125 bytes, 2 of them the code.
+MAX_CLOSE_REASON_BYTES: Final = 123
+
 HANDSHAKE_TIMEOUT_S: Final = 10.0
 IDLE_TIMEOUT_S: Final = 30.0
 
@@ -393,6 +396,15 @@ ClientMessage = (
     | AudioFrame
 )
 WorkerMessage = ReadyMessage | InjectedMessage | ErrorMessage | EndedMessage | StepMessage
+
+
+def close_reason(message: str) -> str:
+    """``message`` shortened to fit a WebSocket close reason (``MAX_CLOSE_REASON_BYTES`` of
+    UTF-8), cut on a character boundary; the ``error`` message carries it whole."""
+    encoded = message.encode("utf-8")
+    if len(encoded) <= MAX_CLOSE_REASON_BYTES:
+        return message
+    return encoded[: MAX_CLOSE_REASON_BYTES - 3].decode("utf-8", errors="ignore") + "..."
 
 
 def encode_voice_prompt(pcm: np.ndarray) -> str:

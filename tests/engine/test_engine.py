@@ -119,7 +119,7 @@ async def test_injection_mid_call_grows_the_context_by_its_tokens() -> None:
             session.push_audio(frame, index)
             await session.receive(timeout=5)
         before = engine.kv_length(session)
-        text = "Store hours: 9 to 5. " * 10  # several prefill chunks
+        text = "Store hours: 9 to 5. " * 4  # two prefill chunks
         result = await session.inject_text(text, role="document")
         assert result.token_count == len(engine.tokenizer.encode(f"[document] {text}\n"))
         assert result.kv_length == before + result.token_count
@@ -162,3 +162,34 @@ async def test_closing_ends_the_output_stream() -> None:
         await session.close()
         with pytest.raises(SessionClosedError):
             await waiter
+
+
+async def test_a_call_a_frame_behind_catches_up_instead_of_lagging_forever() -> None:
+    async with DuplexEngine(_config()) as engine:
+        first, second = await engine.open_session(), await engine.open_session()
+        frames = _audio(8, 3)
+        first.push_audio(frames[0], 0)
+        assert (await first.receive(timeout=5)).frame_index == 0
+        # The second call's clock starts just after that tick, and its next frame is already in.
+        second.push_audio(frames[0], 0)
+        second.push_audio(frames[1], 1)
+        assert (await second.receive(timeout=5)).frame_index == 0  # stepped without waiting
+        assert engine.stats.catch_up_ticks == 1
+        first.push_audio(frames[1], 1)
+        a, b = await first.receive(timeout=5), await second.receive(timeout=5)
+        assert (a.frame_index, b.frame_index) == (1, 1)  # aligned again, one tick each
+        assert engine.stats.filled_frames == 0 and engine.stats.catch_up_ticks == 1
+
+
+async def test_an_injection_too_long_for_the_window_is_refused_whole() -> None:
+    from pipecat_michi.engine.batch import ContextTooLongError
+
+    async with DuplexEngine(_config(kv_capacity=64, prefill_chunk_tokens=8)) as engine:
+        session = await engine.open_session()
+        with pytest.raises(ContextTooLongError, match="pinned"):
+            await session.inject_text("x" * 40, pinned=True)
+        with pytest.raises(ContextTooLongError, match="split or shorten"):
+            await session.inject_text("y" * 40)
+        assert engine.kv_length(session) == 0  # no chunk of either stayed behind
+        result = await session.inject_text("short", pinned=True)
+        assert result.kv_length == result.token_count
