@@ -47,6 +47,9 @@ class EngineConfig(BaseModel):
     # Injected text is prefilled in chunks of this many tokens per tick, so a long document
     # never delays the batch by more than one chunk's prefill.
     prefill_chunk_tokens: int = Field(default=64, ge=1)
+    # Intra-op threads of the model. None: all cores on a GPU machine; on CPU all but one, so
+    # the event loop and the transports keep a core (on 2 cores, two model threads contending
+    # with the loop stalled steps from ~6 ms to ~500 ms).
     torch_threads: int | None = Field(default=None, ge=1)
 
 
@@ -54,8 +57,9 @@ def load_model(config: EngineConfig) -> tuple[MichiModel, Tokenizer]:
     """Build or load the model an engine config names, on its device and dtype."""
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    if config.torch_threads:
-        torch.set_num_threads(config.torch_threads)
+    threads = config.torch_threads or (max(1, (os.cpu_count() or 2) - 1) if device.type == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
     if config.checkpoint is not None:
         model = load_checkpoint(config.checkpoint, device=device, dtype=dtype)
         tokenizer = load_tokenizer(model.config, config.checkpoint)

@@ -136,6 +136,14 @@ class Backbone(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(
             cfg.hidden_size, cfg.vocab_size, bias=False
         )
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        # Hugging Face's Llama init (initializer_range 0.02). PyTorch's default unit-variance
+        # embedding, tied to the LM head, makes a random model repeat its previous token forever.
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final-norm'd hidden states -> vocabulary logits (tied to the embedding by default)."""

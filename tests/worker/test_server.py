@@ -11,16 +11,13 @@ from contextlib import asynccontextmanager
 import httpx
 import numpy as np
 import pytest
-import torch
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from pipecat_michi.engine.config import EngineConfig
-from pipecat_michi.engine.engine import DuplexEngine, StepResult
+from pipecat_michi.engine.engine import StepResult
 from pipecat_michi.engine.settings import SessionSettings
-from pipecat_michi.model.config import MichiConfig
-from pipecat_michi.model.michi import MichiModel
-from pipecat_michi.model.tokenizer import format_context, load_tokenizer
+from pipecat_michi.model.tokenizer import format_context
 from pipecat_michi.worker.client import RemoteCall, RemoteWorker, WorkerError
 from pipecat_michi.worker.protocol import (
     KIND_CONTROL,
@@ -56,20 +53,9 @@ def _config(**overrides: object) -> WorkerConfig:
 
 
 @asynccontextmanager
-async def _worker(chatty: bool = False, **overrides: object) -> AsyncIterator[RunningWorker]:
-    config = _config(**overrides)
-    async with running_worker(config, _chatty_engine(config.engine) if chatty else None) as worker:
+async def _worker(**overrides: object) -> AsyncIterator[RunningWorker]:
+    async with running_worker(_config(**overrides)) as worker:
         yield worker
-
-
-def _chatty_engine(config: EngineConfig) -> DuplexEngine:
-    """The tiny preset with small token embeddings: its random weights then emit text (with the
-    preset's unit-variance embeddings its own PAD token dominates and it never says a word)."""
-    torch.manual_seed(config.seed)
-    model = MichiModel(MichiConfig.preset(config.preset)).eval()
-    with torch.no_grad():
-        torch.nn.init.normal_(model.backbone.embed_tokens.weight, std=0.02)
-    return DuplexEngine(config, model=model, tokenizer=load_tokenizer(model.config))
 
 
 # --- raw WebSocket helpers: no client class, so the bad cases are the bytes we choose ---------
@@ -148,7 +134,7 @@ async def test_concurrent_calls_get_one_step_per_frame_in_order_equal_to_running
     audio_a, audio_b = _audio(1, 8), _audio(2, 8)
     settings_a = SessionSettings(seed=5, speak_threshold=0.3)
     settings_b = SessionSettings(seed=6, speak_threshold=0.3)
-    async with _worker(chatty=True) as worker:
+    async with _worker() as worker:
         backend = RemoteWorker(worker.url, TOKEN)
         call_a = await backend.open_call(settings_a, system_prompt="You are a helpful agent.")
         call_b = await backend.open_call(settings_b)

@@ -1,0 +1,142 @@
+"""Keeping a duplex call's context in step with a Pipecat ``LLMContext``.
+
+A text LLM re-reads the whole context on every turn. A duplex call cannot: what it has read is
+in its KV cache, so each new ``LLMContextFrame`` must be reduced to what the call has not read
+yet. Two sources of messages need telling apart:
+
+- messages the app adds (``LLMMessagesAppendFrame``, tool results, a RAG passage): inject them;
+- messages the context aggregators recorded from *our own* frames (the user transcripts we
+  pushed upstream, the bot text we pushed downstream): the call produced those itself, and
+  injecting them would make the model read its own words twice.
+
+``ContextSync`` keeps the fingerprints of the messages already accounted for (a common prefix
+with the new context means "nothing changed there") and a per-role ledger of the text we
+emitted. A new user/assistant message whose text (whitespace aside: the aggregators join and
+strip pieces) is found in the ledger is ours and is skipped; anything else is injected.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from loguru import logger
+from pipecat.processors.aggregators.llm_context import LLMContextMessage, LLMSpecificMessage
+
+# Own text remembered per role, in characters of whitespace-free text. Far more than a turn:
+# only text not yet seen back in the context waits here.
+_MAX_LEDGER_CHARS = 20_000
+
+
+@dataclass(frozen=True)
+class Injection:
+    """One message to prefill into the call as a ``role`` turn."""
+
+    role: str
+    text: str
+
+
+def _compact(text: str) -> str:
+    return "".join(text.split())
+
+
+def _content_text(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # multimodal parts: keep the text ones
+        return " ".join(
+            part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text"
+        )
+    return str(content)
+
+
+def message_injection(message: LLMContextMessage) -> Injection | None:
+    """The text a context message contributes to the call, or ``None`` when it has none.
+
+    Tool calls an assistant message carries are rendered as text (the model cannot call tools,
+    but it should know what was called); provider-specific messages are skipped.
+    """
+    if isinstance(message, LLMSpecificMessage) or not isinstance(message, dict):
+        logger.debug(f"skipping a provider-specific context message: {message!r}")
+        return None
+    role = str(message.get("role", "user"))
+    text = _content_text(message.get("content"))
+    calls = [
+        f"{call['function']['name']}({call['function'].get('arguments', '')})"
+        for call in message.get("tool_calls") or []
+        if isinstance(call, dict) and isinstance(call.get("function"), dict)
+    ]
+    if calls:
+        text = "\n".join([text, *(f"called {c}" for c in calls)]).strip()
+    if not text.strip():
+        return None
+    return Injection(role=role, text=text)
+
+
+def _fingerprint(message: LLMContextMessage) -> str:
+    if isinstance(message, dict):
+        return json.dumps(message, sort_keys=True, default=str)
+    return repr(message)
+
+
+class ContextSync:
+    """What of an ``LLMContext`` one call has read; turns each new context into injections.
+
+    Use ``new_messages`` then, for each, ``take`` (skips our own outputs) and ``commit`` once the
+    injection succeeded: a sync cut short (the call died, the frame was interrupted) resumes at
+    the first uncommitted message on the next context.
+    """
+
+    def __init__(self) -> None:
+        self._seen: list[str] = []
+        self._own: dict[str, str] = {}
+
+    def reset(self) -> None:
+        """A new call: it has read nothing and said nothing."""
+        self._seen.clear()
+        self._own.clear()
+
+    def record_own(self, role: str, text: str) -> None:
+        """Text the call itself produced (or was opened with) as a ``role`` turn."""
+        ledger = self._own.get(role, "") + _compact(text)
+        self._own[role] = ledger[-_MAX_LEDGER_CHARS:]
+
+    def new_messages(self, messages: list[LLMContextMessage]) -> list[tuple[str, LLMContextMessage]]:
+        """The messages past the prefix already accounted for, with their fingerprints.
+
+        When an earlier message changed (``LLMMessagesUpdateFrame``, a summariser, a tool
+        result filled in place), everything from the first change on counts as new: the call
+        cannot forget what it read, so the rewrite reaches it as added text.
+        """
+        fingerprints = [_fingerprint(m) for m in messages]
+        common = 0
+        while common < min(len(fingerprints), len(self._seen)) and fingerprints[common] == self._seen[common]:
+            common += 1
+        if common < len(self._seen):
+            logger.warning(
+                f"the LLM context was rewritten from message {common} on; the duplex call keeps what it "
+                "already read and receives the changed messages as new text"
+            )
+            del self._seen[common:]
+        return list(zip(fingerprints[common:], messages[common:]))
+
+    def take(self, message: LLMContextMessage) -> Injection | None:
+        """The injection ``message`` needs, or ``None`` (no text, or the call's own output)."""
+        injection = message_injection(message)
+        if injection is None:
+            return None
+        compact = _compact(injection.text)
+        ledger = self._own.get(injection.role, "")
+        found = ledger.find(compact)
+        if found < 0:
+            return injection
+        # Ours. Text before the match never came back (dropped by an interruption): forget it.
+        self._own[injection.role] = ledger[found + len(compact) :]
+        return None
+
+    def commit(self, fingerprint: str) -> None:
+        """Mark the next message as accounted for."""
+        self._seen.append(fingerprint)
