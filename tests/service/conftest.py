@@ -13,6 +13,10 @@ import pytest
 from pipecat_michi.engine.call import DuplexBackend, LocalEngine
 from pipecat_michi.engine.config import EngineConfig
 from pipecat_michi.engine.engine import DuplexEngine
+from pipecat_michi.worker.client import RemoteWorker
+from pipecat_michi.worker.server import WorkerConfig, running_worker
+
+WORKER_TOKEN = "service-test-token"
 
 # A long fill deadline: tests feed audio in bursts, not in real time, and a loaded CI machine
 # must not turn a slow frame into a filled (silent) one.
@@ -24,12 +28,19 @@ def tiny_engine() -> DuplexEngine:
     return DuplexEngine(ENGINE_CONFIG)
 
 
-@pytest.fixture(params=["local"])
+@pytest.fixture(params=["local", "remote"])
 async def backend(request: pytest.FixtureRequest) -> AsyncIterator[DuplexBackend]:
     if request.param == "local":
         local = LocalEngine(engine=tiny_engine())
         await local.engine.start()
         yield local
         await local.close()
+    elif request.param == "remote":
+        # The same engine behind a real worker on a loopback port, reached over the protocol.
+        config = WorkerConfig(token=WORKER_TOKEN, engine=ENGINE_CONFIG)
+        async with running_worker(config, tiny_engine()) as worker:
+            remote = RemoteWorker(worker.url, WORKER_TOKEN)
+            yield remote
+            await remote.close()
     else:  # pragma: no cover - a kind listed in params without a branch here
         raise ValueError(f"unknown backend kind {request.param!r}")

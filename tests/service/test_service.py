@@ -189,11 +189,12 @@ async def test_a_message_appended_mid_call_is_injected_without_reset(backend: Du
     (injected,) = [i for i in call.injected if i.text == text]
     assert (injected.role, injected.pinned) == ("user", False)
     grown_from = injected.result.kv_length - injected.result.token_count
-    kv = sorted({step.kv_length for step in call.steps})
-    # The step before the injection ends where it starts, the next one right after its tokens.
-    assert grown_from in kv and injected.result.kv_length + 1 in kv
-    assert not [k for k in kv if grown_from < k <= injected.result.kv_length]
-    if isinstance(backend, LocalEngine):
+    assert injected.result.token_count > 0 and grown_from > 0  # appended to a live context
+    if isinstance(backend, LocalEngine):  # only the in-process engine reports KV length per step
+        kv = sorted({step.kv_length for step in call.steps})
+        # The step before the injection ends where it starts, the next one right after its tokens.
+        assert grown_from in kv and injected.result.kv_length + 1 in kv
+        assert not [k for k in kv if grown_from < k <= injected.result.kv_length]
         tokenizer = backend.engine.tokenizer
         assert injected.result.token_count == len(tokenizer.encode(format_context(tokenizer, "user", text)))
 
