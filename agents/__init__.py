@@ -1,0 +1,1 @@
+"""Runnable MichiAI voice agents: a Twilio phone bot and a WebRTC agent."""

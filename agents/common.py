@@ -1,0 +1,130 @@
+"""What every agent shares: the backend choice and the pipeline around MichiLLMService."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import soxr
+from loguru import logger
+from pipecat.frames.frames import EndFrame, LLMRunFrame
+from pipecat.pipeline.pipeline import Pipeline
+from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+from pipecat.workers.runner import WorkerRunner
+from pipecat.processors.aggregators.llm_context import LLMContext
+from pipecat.processors.aggregators.llm_response_universal import LLMContextAggregatorPair
+from pipecat.transports.base_transport import BaseTransport
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+from pipecat_michi.engine.call import DuplexBackend, LocalEngine
+from pipecat_michi.engine.config import EngineConfig
+from pipecat_michi.service import MichiLLMService
+from pipecat_michi.worker.client import RemoteWorker
+
+MODEL_SAMPLE_RATE_HZ = 24000
+MAX_VOICE_PROMPT_S = 30
+
+
+class BackendSettings(BaseModel):
+    """Where MichiAI runs: a GPU worker (``worker_url`` + ``worker_token``) or, by default, an
+    engine inside this process."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    worker_url: str | None = None
+    worker_token: SecretStr | None = None
+    engine: EngineConfig = EngineConfig()
+    system_prompt: str = "You are a friendly, concise voice assistant."
+    voice_prompt_path: Path | None = Field(default=None, description="WAV clip of the voice to clone")
+    # A call longer than this is ended by the bot (None: no limit).
+    max_call_s: float | None = Field(default=1800.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> BackendSettings:
+        if self.worker_url and not self.worker_url.startswith(("ws://", "wss://")):
+            raise ValueError(f"worker_url must be ws:// or wss://, got {self.worker_url!r}")
+        if self.worker_url and self.worker_token is None:
+            raise ValueError("worker_url needs worker_token (the worker's bearer token)")
+        if self.voice_prompt_path is not None and not self.voice_prompt_path.is_file():
+            raise ValueError(f"voice_prompt_path {self.voice_prompt_path} is not a file")
+        return self
+
+    def make_backend(self) -> DuplexBackend:
+        if self.worker_url:
+            assert self.worker_token is not None
+            return RemoteWorker(self.worker_url, self.worker_token.get_secret_value())
+        return LocalEngine(self.engine)
+
+    def load_voice_prompt(self) -> np.ndarray | None:
+        """The voice clip as 24 kHz mono int16, at most 30 s."""
+        if self.voice_prompt_path is None:
+            return None
+        audio, rate = soundfile.read(self.voice_prompt_path, dtype="float32", always_2d=True)
+        mono = audio.mean(axis=1)
+        if rate != MODEL_SAMPLE_RATE_HZ:
+            mono = soxr.resample(mono, rate, MODEL_SAMPLE_RATE_HZ)
+        mono = mono[: MAX_VOICE_PROMPT_S * MODEL_SAMPLE_RATE_HZ]
+        return (np.clip(mono, -1.0, 1.0) * 32767).astype(np.int16)
+
+
+def michi_pipeline(
+    transport: BaseTransport, settings: BackendSettings, backend: DuplexBackend, *extra_processors
+) -> tuple[Pipeline, MichiLLMService, LLMContext]:
+    """transport in -> user aggregator -> MichiAI -> transport out -> assistant aggregator.
+
+    This is where STT -> LLM -> TTS used to be: one processor, the aggregators unchanged.
+    """
+    context = LLMContext([{"role": "system", "content": settings.system_prompt}])
+    aggregators = LLMContextAggregatorPair(context)
+    michi = MichiLLMService(backend=backend, voice_prompt=settings.load_voice_prompt())
+    pipeline = Pipeline(
+        [
+            transport.input(),
+            *extra_processors,
+            aggregators.user(),
+            michi,
+            transport.output(),
+            aggregators.assistant(),
+        ]
+    )
+    return pipeline, michi, context
+
+
+async def run_call_pipeline(
+    transport: BaseTransport, pipeline: Pipeline, params: PipelineParams, max_call_s: float | None, log=logger
+) -> None:
+    """Run one call's pipeline until the caller leaves or ``max_call_s`` passes.
+
+    At the time limit the bot ends the call itself (an ``EndFrame``: the Twilio serializer then
+    hangs up through Twilio's API), so no call holds a model slot forever.
+    """
+    worker = PipelineWorker(pipeline, params=params)
+
+    @transport.event_handler("on_client_connected")
+    async def _on_connected(transport, client) -> None:  # noqa: ANN001 - pipecat's signature
+        log.info("caller connected")
+        await worker.queue_frames([LLMRunFrame()])
+
+    @transport.event_handler("on_client_disconnected")
+    async def _on_disconnected(transport, client) -> None:  # noqa: ANN001
+        log.info("caller left")
+        await worker.cancel()
+
+    async def end_at_time_limit() -> None:
+        assert max_call_s is not None
+        await asyncio.sleep(max_call_s)  # a timer, not a synchronisation
+        log.info(f"call reached its {max_call_s:.0f} s limit; ending it")
+        await worker.queue_frame(EndFrame())
+
+    runner = WorkerRunner(handle_sigint=False)
+    await runner.add_workers(worker)
+    limit = asyncio.create_task(end_at_time_limit()) if max_call_s else None
+    try:
+        await runner.run()
+    finally:
+        if limit is not None:
+            limit.cancel()
+            await asyncio.gather(limit, return_exceptions=True)
+        log.info("call ended")

@@ -1,0 +1,1 @@
+"""A Twilio phone bot: TwiML webhook + media-stream WebSocket running MichiAI."""

@@ -1,0 +1,1 @@
+"""A WebRTC agent: the browser talks to MichiAI over SmallWebRTC (aiortc)."""
