@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import soundfile
 import soxr
 from loguru import logger
 from pipecat.frames.frames import EndFrame, LLMRunFrame
+from pipecat.observers.base_observer import BaseObserver
 from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.workers.runner import WorkerRunner
@@ -24,6 +26,8 @@ from pipecat_michi.service import MichiLLMService
 from pipecat_michi.worker.client import RemoteWorker
 
 MODEL_SAMPLE_RATE_HZ = 24000
+# Makes the observers of each new call (reports, recordings); agents take one optionally.
+ObserverFactory = Callable[[], list[BaseObserver]]
 MAX_VOICE_PROMPT_S = 30
 
 
@@ -93,14 +97,19 @@ def michi_pipeline(
 
 
 async def run_call_pipeline(
-    transport: BaseTransport, pipeline: Pipeline, params: PipelineParams, max_call_s: float | None, log=logger
+    transport: BaseTransport,
+    pipeline: Pipeline,
+    params: PipelineParams,
+    max_call_s: float | None,
+    log=logger,  # noqa: ANN001 - a bound loguru logger
+    observers: list[BaseObserver] | None = None,
 ) -> None:
     """Run one call's pipeline until the caller leaves or ``max_call_s`` passes.
 
     At the time limit the bot ends the call itself (an ``EndFrame``: the Twilio serializer then
     hangs up through Twilio's API), so no call holds a model slot forever.
     """
-    worker = PipelineWorker(pipeline, params=params)
+    worker = PipelineWorker(pipeline, params=params, observers=observers)
 
     @transport.event_handler("on_client_connected")
     async def _on_connected(transport, client) -> None:  # noqa: ANN001 - pipecat's signature

@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import PlainTextResponse, Response
 from loguru import logger
 from pipecat.frames.frames import Frame, InputDTMFFrame
+from pipecat.observers.base_observer import BaseObserver
 from pipecat.pipeline.worker import PipelineParams
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.runner.utils import parse_telephony_websocket
@@ -22,7 +23,7 @@ from pipecat.transports.websocket.fastapi import FastAPIWebsocketParams, FastAPI
 from twilio.request_validator import RequestValidator
 from twilio.twiml.voice_response import Connect, Stream, VoiceResponse
 
-from agents.common import michi_pipeline, run_call_pipeline
+from agents.common import ObserverFactory, michi_pipeline, run_call_pipeline
 from agents.twilio.config import TwilioAgentConfig
 from pipecat_michi.engine.call import DuplexBackend
 
@@ -53,8 +54,11 @@ def twiml_for(stream_url: str, parameters: dict[str, str]) -> str:
     return str(response)
 
 
-def create_app(config: TwilioAgentConfig, backend: DuplexBackend | None = None) -> FastAPI:
-    """The phone bot's ASGI app. ``backend`` defaults to what ``config.backend`` names."""
+def create_app(
+    config: TwilioAgentConfig, backend: DuplexBackend | None = None, observers: ObserverFactory | None = None
+) -> FastAPI:
+    """The phone bot's ASGI app. ``backend`` defaults to what ``config.backend`` names;
+    ``observers`` makes each call's pipeline observers."""
     validator = (
         RequestValidator(config.twilio_auth_token.get_secret_value())
         if config.twilio_auth_token is not None and config.validate_signatures
@@ -97,14 +101,19 @@ def create_app(config: TwilioAgentConfig, backend: DuplexBackend | None = None) 
         assert task is not None
         calls.add(task)
         try:
-            await run_call(websocket, config, app.state.backend)
+            await run_call(websocket, config, app.state.backend, observers() if observers else None)
         finally:
             calls.discard(task)
 
     return app
 
 
-async def run_call(websocket: WebSocket, config: TwilioAgentConfig, backend: DuplexBackend) -> None:
+async def run_call(
+    websocket: WebSocket,
+    config: TwilioAgentConfig,
+    backend: DuplexBackend,
+    observers: list[BaseObserver] | None = None,
+) -> None:
     """One phone call: parse Twilio's ``start`` message, then run the pipeline until hang-up."""
     try:
         transport_type, call_data = await asyncio.wait_for(parse_telephony_websocket(websocket), 10)
@@ -136,4 +145,4 @@ async def run_call(websocket: WebSocket, config: TwilioAgentConfig, backend: Dup
     params = PipelineParams(
         audio_in_sample_rate=TWILIO_SAMPLE_RATE_HZ, audio_out_sample_rate=TWILIO_SAMPLE_RATE_HZ, enable_metrics=True
     )
-    await run_call_pipeline(transport, pipeline, params, config.backend.max_call_s, log)
+    await run_call_pipeline(transport, pipeline, params, config.backend.max_call_s, log, observers)

@@ -31,9 +31,15 @@ class CallerLog:
 
     bot_audio: bytearray = field(default_factory=bytearray)  # PCM16 8 kHz
     first_audio_at: float | None = None
+    audio_arrivals: list[float] = field(default_factory=list)  # monotonic time of each media message
     clears: int = 0
     marks: list[str] = field(default_factory=list)
     other_events: list[dict] = field(default_factory=list)
+
+    def first_audio_after(self, moment: float) -> float | None:
+        """Seconds from ``moment`` to the first bot audio that arrived after it, if any."""
+        later = [t for t in self.audio_arrivals if t >= moment]
+        return later[0] - moment if later else None
 
 
 class TwilioCaller:
@@ -52,6 +58,7 @@ class TwilioCaller:
         self._reader: asyncio.Task | None = None
         self._resampler = create_stream_resampler()
         self.closed = asyncio.Event()
+        self.connected_at: float | None = None
 
     async def __aenter__(self) -> TwilioCaller:
         await self.connect()
@@ -70,6 +77,7 @@ class TwilioCaller:
 
     async def connect(self) -> None:
         self._ws = await connect(self.url, open_timeout=10)
+        self.connected_at = time.monotonic()
         self._reader = asyncio.create_task(self._read(), name="twilio-caller-reader")
         await self._send({"event": "connected", "protocol": "Call", "version": "1.0.0"})
         await self._send(
@@ -157,8 +165,10 @@ class TwilioCaller:
                 if event == "media":
                     ulaw = base64.b64decode(message["media"]["payload"])
                     pcm = await ulaw_to_pcm(ulaw, TWILIO_SAMPLE_RATE_HZ, TWILIO_SAMPLE_RATE_HZ, self._resampler)
+                    now = time.monotonic()
+                    self.log.audio_arrivals.append(now)
                     if self.log.first_audio_at is None:
-                        self.log.first_audio_at = time.monotonic()
+                        self.log.first_audio_at = now
                     self.log.bot_audio.extend(pcm)
                 elif event == "clear":
                     self.log.clears += 1

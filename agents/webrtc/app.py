@@ -24,7 +24,7 @@ from pipecat.transports.smallwebrtc.request_handler import (
 )
 from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
 from pipecat_ai_prebuilt.frontend import PipecatPrebuiltUI
-from pydantic import Field, ValidationError
+from pydantic import Field, TypeAdapter, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agents.common import BackendSettings, michi_pipeline, run_call_pipeline
@@ -32,6 +32,8 @@ from pipecat_michi.engine.call import DuplexBackend
 
 # Sessions opened by /start that never made an offer are forgotten after this many.
 MAX_PENDING_SESSIONS = 256
+# Builds the nested ``IceCandidate``s too: ``SmallWebRTCPatchRequest(**body)`` would leave them dicts.
+_PATCH_REQUEST = TypeAdapter(SmallWebRTCPatchRequest)
 
 
 class WebRTCAgentConfig(BaseSettings):
@@ -109,7 +111,7 @@ def create_app(config: WebRTCAgentConfig, backend: DuplexBackend | None = None) 
         body = await _json_object(request)
         try:
             if request.method == "PATCH":
-                return await ice_candidates(SmallWebRTCPatchRequest(**body))
+                return await ice_candidates(_PATCH_REQUEST.validate_python(body))
             return await answer_offer(
                 SmallWebRTCRequest(
                     sdp=body["sdp"],

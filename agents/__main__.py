@@ -1,0 +1,140 @@
+"""``python -m agents``: run a MichiAI agent, or place a simulated phone call to one.
+
+- ``call`` (default): a simulated phone call that needs no phone or browser. The Twilio agent
+  runs on a loopback port with the embedded engine; a stand-in for Twilio plays a caller WAV
+  (espeak-ng speech when available) over the real media-stream protocol, records the bot's
+  answer and prints the transcript pieces and latency figures.
+- ``webrtc``: the WebRTC agent with Pipecat's browser client at http://HOST:PORT/client/.
+- ``twilio``: the phone bot, for a real Twilio number (see the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import soxr
+import uvicorn
+from loguru import logger
+
+from agents.report import CallReport
+from agents.twilio.app import create_app as create_twilio_app
+from agents.twilio.caller import TWILIO_SAMPLE_RATE_HZ, TwilioCaller
+from agents.twilio.config import TwilioAgentConfig
+from agents.webrtc.app import WebRTCAgentConfig
+from agents.webrtc.app import create_app as create_webrtc_app
+from pipecat_michi.engine.call import LocalEngine
+from pipecat_michi.serving import serve_on_loopback
+
+DEFAULT_UTTERANCE = "Hello! I would like to book a table for two people tonight, please."
+
+
+def caller_audio(wav: Path | None, text: str) -> tuple[np.ndarray, str]:
+    """The caller's voice as 8 kHz int16, and where it came from."""
+    if wav is None and shutil.which("espeak-ng"):
+        with tempfile.TemporaryDirectory() as tmp:
+            wav = Path(tmp) / "caller.wav"
+            subprocess.run(["espeak-ng", "-w", str(wav), text], check=True, capture_output=True, timeout=30)
+            return _read_8k(wav), f"espeak-ng: {text!r}"
+    if wav is None:
+        t = np.arange(int(2.5 * TWILIO_SAMPLE_RATE_HZ)) / TWILIO_SAMPLE_RATE_HZ
+        bursts = (np.sin(2 * np.pi * 2 * t) > 0) * np.sin(2 * np.pi * 300 * t) * 0.3
+        return (bursts * 32767).astype(np.int16), "tone bursts (install espeak-ng for speech)"
+    return _read_8k(wav), str(wav)
+
+
+def _read_8k(path: Path) -> np.ndarray:
+    audio, rate = soundfile.read(path, dtype="float32", always_2d=True)
+    mono = soxr.resample(audio.mean(axis=1), rate, TWILIO_SAMPLE_RATE_HZ)
+    return (np.clip(mono, -1, 1) * 32767).astype(np.int16)
+
+
+async def simulate_call(args: argparse.Namespace) -> None:
+    voice, source = caller_audio(args.wav, args.say)
+    config = TwilioAgentConfig(backend={"system_prompt": args.system, "max_call_s": None})
+    backend = LocalEngine(config.backend.engine)
+    reports: list[CallReport] = []
+
+    def observers() -> list:
+        reports.append(CallReport(printer=print))
+        return [reports[-1]]
+
+    print(f"caller: {source}, {len(voice) / TWILIO_SAMPLE_RATE_HZ:.1f} s")
+    async with serve_on_loopback(create_twilio_app(config, backend, observers)) as host:
+        caller = TwilioCaller(f"ws://{host}/ws", custom_parameters={"From": "+15550100000"})
+        await caller.connect()
+        await caller.send_audio(voice)
+        spoke_until = time.monotonic()
+        await caller.send_audio(np.zeros(int(args.listen_s * TWILIO_SAMPLE_RATE_HZ), dtype=np.int16))
+        await caller.hang_up()
+    engine = backend.engine
+    bot = np.frombuffer(bytes(caller.log.bot_audio), dtype=np.int16)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(args.out, bot, TWILIO_SAMPLE_RATE_HZ, subtype="PCM_16")
+    report = reports[0] if reports else CallReport()
+    steps = sorted(engine.stats.step_ms)
+    print("\n== call summary ==")
+    heard = report.final_transcripts or report.transcript_pieces[-1:]
+    print(f"caller transcript (as the model heard it): {' | '.join(heard)!r}")
+    print(f"bot text: {''.join(report.bot_text)!r}")
+    print(f"bot audio: {len(bot) / TWILIO_SAMPLE_RATE_HZ:.2f} s received by the caller -> {args.out}")
+    if caller.log.first_audio_at is not None:
+        print(f"first bot audio at the caller: {1000 * (caller.log.first_audio_at - caller.connected_at):.0f} ms after connect")
+    heard_after = caller.log.first_audio_after(spoke_until)
+    print(
+        "first bot audio after the caller stopped: "
+        + (f"{1000 * heard_after:.0f} ms" if heard_after is not None else "none (the bot spoke during the caller's turn)")
+    )
+    if report.ttfb_s:
+        print(f"service TTFB (end of user speech -> first bot audio): {1000 * statistics.median(report.ttfb_s):.0f} ms")
+    if steps:
+        p99 = steps[min(len(steps) - 1, int(0.99 * len(steps)))]
+        print(f"model step: p50 {statistics.median(steps):.1f} ms, p99 {p99:.1f} ms over {len(steps)} steps; "
+              f"late ticks {engine.stats.late_ticks}, filled frames {engine.stats.filled_frames}")
+    await backend.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = argparse.ArgumentParser(prog="python -m agents", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command")
+    call = sub.add_parser("call", help="a simulated phone call through the Twilio agent (default)")
+    call.add_argument("--wav", type=Path, help="caller audio (any rate); default: espeak-ng speech")
+    call.add_argument("--say", default=DEFAULT_UTTERANCE, help="what the espeak-ng caller says")
+    call.add_argument("--system", default="You are a friendly restaurant host. Keep answers short.")
+    call.add_argument("--listen-s", type=float, default=2.0, help="silence after the caller speaks")
+    call.add_argument("--out", type=Path, default=Path("artifacts/call_bot.wav"))
+    for name in ("webrtc", "twilio"):
+        serve = sub.add_parser(name, help=f"serve the {name} agent (settings from MICHI_* env)")
+        serve.add_argument("--host")
+        serve.add_argument("--port", type=int)
+    args = parser.parse_args(argv)
+    if args.command in (None, "call"):
+        if args.command is None:
+            args = parser.parse_args(["call", *(argv or sys.argv[1:])])
+        asyncio.run(simulate_call(args))
+        return
+    try:
+        config = WebRTCAgentConfig() if args.command == "webrtc" else TwilioAgentConfig()
+    except ValueError as exc:
+        sys.exit(f"invalid agent configuration: {exc}")
+    host, port = args.host or config.host, args.port or config.port
+    app = create_webrtc_app(config) if args.command == "webrtc" else create_twilio_app(config)
+    if args.command == "webrtc":
+        logger.info(f"open http://{host}:{port}/client/ in a browser")
+    uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+if __name__ == "__main__":
+    main()
