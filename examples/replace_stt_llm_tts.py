@@ -28,8 +28,8 @@ aggregators record the conversation as before, and ``LLMMessagesAppendFrame`` st
 (the new message is injected into the live call). Without a GPU worker the embedded engine runs
 the tiny preset (random weights) on CPU: the plumbing is real, the words are noise.
 
-    .venv/bin/python examples/replace_stt_llm_tts.py            # transport-free smoke run
-    .venv/bin/python examples/replace_stt_llm_tts.py --worker-url ws://HOST/v1/call --token T
+    .venv/bin/python -m examples.replace_stt_llm_tts            # transport-free smoke run
+    .venv/bin/python -m examples.replace_stt_llm_tts --worker-url ws://HOST/v1/call --token T
 """
 
 from __future__ import annotations
@@ -38,19 +38,17 @@ import argparse
 import asyncio
 import os
 
-import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from pipecat.frames.frames import EndFrame, Frame, InputAudioRawFrame, LLMRunFrame, TTSAudioRawFrame  # noqa: E402
+from pipecat.frames.frames import Frame, TTSAudioRawFrame  # noqa: E402
 from pipecat.pipeline.pipeline import Pipeline  # noqa: E402
-from pipecat.pipeline.worker import PipelineParams, PipelineWorker  # noqa: E402
 from pipecat.processors.aggregators.llm_context import LLMContext  # noqa: E402
 from pipecat.processors.aggregators.llm_response_universal import LLMContextAggregatorPair  # noqa: E402
 from pipecat.processors.filters.identity_filter import IdentityFilter  # noqa: E402
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor  # noqa: E402
-from pipecat.workers.runner import WorkerRunner  # noqa: E402
 
+from examples.smoke import run_smoke_call  # noqa: E402
 from pipecat_michi.service import MichiLLMService  # noqa: E402
 
 SYSTEM = "You are Michi, a friendly voice assistant. Keep answers short."
@@ -100,21 +98,7 @@ async def smoke(args: argparse.Namespace) -> None:
     transport = _SmokeTransport()
     context = LLMContextAggregatorPair(LLMContext([{"role": "system", "content": SYSTEM}]))
     pipeline = michi_pipeline(transport, MichiLLMService(backend), context)
-    worker = PipelineWorker(pipeline, params=PipelineParams(audio_in_sample_rate=16000), cancel_on_idle_timeout=False)
-    runner = WorkerRunner()
-    await runner.add_workers(worker)
-    running = asyncio.create_task(runner.run())
-
-    # What a WebRTC transport delivers: 20 ms chunks at 16 kHz, in real time. 2 s of a tone.
-    await worker.queue_frame(LLMRunFrame())
-    t = np.arange(320) / 16000
-    for i in range(int(args.seconds * 50)):
-        chunk = (np.sin(2 * np.pi * 220 * (t + i * 0.02)) * 6000).astype(np.int16)
-        await worker.queue_frame(InputAudioRawFrame(audio=chunk.tobytes(), sample_rate=16000, num_channels=1))
-        await asyncio.sleep(0.02)
-    await asyncio.sleep(0.5)
-    await worker.queue_frame(EndFrame())
-    await running
+    await run_smoke_call(pipeline, args.seconds)
 
     print(f"bot audio out: {transport.output().bot_audio_s:.2f} s")
     for message in context.user().context.messages:
