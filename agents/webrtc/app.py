@@ -45,6 +45,8 @@ class WebRTCAgentConfig(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=7860, ge=1, le=65535)
     max_peers: int = Field(default=16, ge=1)
+    # A peer that made an offer but is not connected by then is dropped: its call holds a model slot.
+    connect_timeout_s: float = Field(default=20.0, gt=0)
 
 
 def create_app(config: WebRTCAgentConfig, backend: DuplexBackend | None = None) -> FastAPI:
@@ -89,7 +91,10 @@ def create_app(config: WebRTCAgentConfig, backend: DuplexBackend | None = None) 
             calls[connection.pc_id] = task
             task.add_done_callback(lambda _: calls.pop(connection.pc_id, None))
 
-        answer = await handler.handle_web_request(request=offer, webrtc_connection_callback=on_connection)
+        try:
+            answer = await handler.handle_web_request(request=offer, webrtc_connection_callback=on_connection)
+        except ValueError as exc:  # aiortc's word on an SDP or type it cannot take
+            raise HTTPException(status_code=400, detail=f"invalid SDP offer: {exc}") from None
         if answer is None:
             raise HTTPException(status_code=500, detail="no SDP answer")
         return answer
@@ -145,4 +150,21 @@ async def run_peer(connection: SmallWebRTCConnection, config: WebRTCAgentConfig,
         params=TransportParams(audio_in_enabled=True, audio_out_enabled=True),
     )
     pipeline, _, _ = michi_pipeline(transport, config.backend, backend)
-    await run_call_pipeline(transport, pipeline, PipelineParams(enable_metrics=True), config.backend.max_call_s, log)
+    watchdog = asyncio.create_task(_drop_if_never_connected(connection, config.connect_timeout_s, log))
+    try:
+        await run_call_pipeline(transport, pipeline, PipelineParams(enable_metrics=True), config.backend.max_call_s, log)
+    finally:
+        watchdog.cancel()
+        await asyncio.gather(watchdog, return_exceptions=True)
+
+
+async def _drop_if_never_connected(connection: SmallWebRTCConnection, timeout_s: float, log) -> None:  # noqa: ANN001
+    """Close a peer still not connected after ``timeout_s``; closing it ends its call.
+
+    Pipecat only times out peers stuck in ICE "connecting"; one that never answers stays "new"
+    and its call would hold a model slot until the server stops.
+    """
+    await asyncio.sleep(timeout_s)  # a timer, not a synchronisation
+    if connection.pc.connectionState in ("new", "connecting"):
+        log.warning(f"peer did not connect within {timeout_s:.0f} s; dropping it")
+        await connection.disconnect()

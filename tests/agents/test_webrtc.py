@@ -1,0 +1,187 @@
+"""The WebRTC agent, driven by a real aiortc peer over loopback, as the prebuilt client drives it."""
+
+import asyncio
+import fractions
+import time
+
+import av
+import httpx
+import numpy as np
+from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+
+from agents.webrtc.app import WebRTCAgentConfig, create_app
+from pipecat_michi.engine.call import LocalEngine
+from pipecat_michi.engine.config import EngineConfig
+from tests.support import eventually, serve
+
+CALLER_RATE_HZ = 48000
+CALLER_FRAME_MS = 20
+
+
+def make_agent(**overrides) -> tuple:
+    """The agent on the tiny random model, and the engine it runs on (to watch its slots)."""
+    engine = {"preset": "tiny", "device": "cpu", "slot_capacity": 2}
+    config = WebRTCAgentConfig(backend={"engine": engine, "max_call_s": None}, **overrides)
+    backend = LocalEngine(EngineConfig(device="cpu", slot_capacity=2))
+    return create_app(config, backend=backend), backend
+
+
+class ToneTrack(MediaStreamTrack):
+    """A caller's microphone: a warbling 220 Hz tone with a little noise, 48 kHz mono, 20 ms
+    frames paced in real time (as a browser's capture track delivers them)."""
+
+    kind = "audio"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._samples_per_frame = CALLER_RATE_HZ * CALLER_FRAME_MS // 1000
+        self._pts = 0
+        self._started_at: float | None = None
+        self._rng = np.random.default_rng(0)
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self._started_at is None:
+            self._started_at = time.monotonic()
+        # Real-time pacing of the media, not a synchronisation: frame n is due at n * 20 ms.
+        due = self._started_at + self._pts / CALLER_RATE_HZ
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        t = (self._pts + np.arange(self._samples_per_frame)) / CALLER_RATE_HZ
+        voice = 0.3 * np.sin(2 * np.pi * 220 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
+        noise = 0.01 * self._rng.standard_normal(self._samples_per_frame)
+        pcm = ((voice + noise) * 32767).astype(np.int16)
+        frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = CALLER_RATE_HZ
+        frame.pts = self._pts
+        frame.time_base = fractions.Fraction(1, CALLER_RATE_HZ)
+        self._pts += self._samples_per_frame
+        return frame
+
+
+class Caller:
+    """An aiortc peer that sends ``ToneTrack`` and collects the bot's audio."""
+
+    def __init__(self) -> None:
+        self.pc = RTCPeerConnection()
+        self.pc.addTrack(ToneTrack())
+        self.bot_track: asyncio.Future[MediaStreamTrack] = asyncio.get_running_loop().create_future()
+
+        @self.pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            if track.kind == "audio" and not self.bot_track.done():
+                self.bot_track.set_result(track)
+
+    async def offer(self) -> dict:
+        # aiortc gathers its ICE candidates inside setLocalDescription: the SDP carries them.
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        return {"sdp": self.pc.localDescription.sdp, "type": self.pc.localDescription.type}
+
+    async def accept(self, answer: dict) -> None:
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+
+    async def read_bot_audio(self, seconds: float) -> np.ndarray:
+        """At least ``seconds`` of the bot's audio track, as int16 samples of all channels."""
+        track = await asyncio.wait_for(self.bot_track, 10)
+        chunks: list[np.ndarray] = []
+        duration_s = 0.0
+        async with asyncio.timeout(15):
+            while duration_s < seconds:
+                frame = await track.recv()
+                chunks.append(frame.to_ndarray().reshape(-1))
+                duration_s += frame.samples / frame.sample_rate
+        return np.concatenate(chunks)
+
+
+async def test_a_peer_hears_the_bot_and_hanging_up_frees_its_slot() -> None:
+    app, backend = make_agent()
+    async with serve(app) as host, httpx.AsyncClient(base_url=f"http://{host}", timeout=10) as http:
+        caller = Caller()
+        try:
+            response = await http.post("/api/offer", json=await caller.offer())
+            assert response.status_code == 200, response.text
+            answer = response.json()
+            assert answer["type"] == "answer" and answer["pc_id"]
+            await caller.accept(answer)
+
+            audio = await caller.read_bot_audio(seconds=1.0)
+            assert np.abs(audio).max() > 0  # the random tiny model speaks noise, but it speaks
+            assert set(app.state.calls) == {answer["pc_id"]}
+            stats = backend.engine.stats
+            assert stats.ticks > stats.filled_frames  # the engine stepped the caller's own frames
+            assert backend.engine.sessions_in_use == 1
+        finally:
+            await caller.pc.close()
+        await eventually(lambda: not app.state.calls, what="the call's pipeline ends after the peer leaves")
+        await eventually(lambda: backend.engine.sessions_in_use == 0, what="the call's engine slot is freed")
+
+
+async def test_the_prebuilt_client_flow_start_session_offer_and_ice_patch() -> None:
+    app, backend = make_agent()
+    async with serve(app) as host, httpx.AsyncClient(base_url=f"http://{host}", timeout=10) as http:
+        start = await http.post("/start", json={"body": {"language": "en"}})
+        assert start.status_code == 200
+        session = f"/sessions/{start.json()['sessionId']}/api/offer"
+
+        caller = Caller()
+        try:
+            response = await http.post(session, json=await caller.offer())
+            assert response.status_code == 200, response.text
+            pc_id = response.json()["pc_id"]
+            await caller.accept(response.json())
+
+            # The prebuilt client trickles candidates with PATCH; an empty list, the end-of-candidates
+            # marker (an empty candidate string) and a real host candidate are all accepted.
+            candidate = "candidate:1 1 udp 2130706431 127.0.0.1 9 typ host"
+            for candidates in (
+                [],
+                [{"candidate": "", "sdp_mid": "0", "sdp_mline_index": 0}],
+                [{"candidate": candidate, "sdp_mid": "0", "sdp_mline_index": 0}],
+            ):
+                patch = await http.patch(session, json={"pc_id": pc_id, "candidates": candidates})
+                assert (patch.status_code, patch.json()) == (200, {"status": "success"}), patch.text
+            plain = await http.patch("/api/offer", json={"pc_id": pc_id, "candidates": []})
+            assert (plain.status_code, plain.json()) == (200, {"status": "success"})
+
+            await asyncio.wait_for(caller.bot_track, 10)
+            await eventually(lambda: backend.engine.stats.ticks > 0, what="the engine steps the caller's audio")
+            assert set(app.state.calls) == {pc_id}
+        finally:
+            await caller.pc.close()
+        await eventually(lambda: not app.state.calls, what="the call's pipeline ends after the peer leaves")
+        await eventually(lambda: backend.engine.sessions_in_use == 0, what="the call's engine slot is freed")
+
+
+async def test_bad_signalling_requests_are_refused() -> None:
+    app, _ = make_agent()
+    async with serve(app) as host, httpx.AsyncClient(base_url=f"http://{host}", timeout=10) as http:
+        session = f"/sessions/{(await http.post('/start', json={})).json()['sessionId']}/api/offer"
+        unknown = await http.post("/sessions/no-such-session/api/offer", json={"sdp": "v=0", "type": "offer"})
+        not_json = await http.post(session, content=b"{not json", headers={"content-type": "application/json"})
+        not_object = await http.post(session, json=["sdp"])
+        no_sdp = await http.post(session, json={"type": "offer"})
+        bad_type = await http.post("/api/offer", json={"sdp": "v=0", "type": "hello"})
+        bad_patch = await http.patch(session, json={"candidates": []})
+        unknown_peer = await http.patch(session, json={"pc_id": "SmallWebRTCConnection#0-nobody", "candidates": []})
+        start_not_json = await http.post("/start", content=b"{", headers={"content-type": "application/json"})
+        assert unknown.status_code == 404
+        assert [not_json.status_code, not_object.status_code, no_sdp.status_code, bad_type.status_code] == [400] * 4
+        assert [bad_patch.status_code, unknown_peer.status_code] == [400, 404]
+        assert start_not_json.status_code == 400
+        assert not app.state.calls
+
+
+async def test_a_peer_that_never_connects_is_dropped_and_frees_its_slot() -> None:
+    app, backend = make_agent(connect_timeout_s=1.0)
+    async with serve(app) as host, httpx.AsyncClient(base_url=f"http://{host}", timeout=10) as http:
+        caller = Caller()
+        try:
+            # It offers, then never takes the answer: no ICE, the server's side stays "new".
+            response = await http.post("/api/offer", json=await caller.offer())
+            assert response.status_code == 200, response.text
+            await eventually(lambda: backend.engine.sessions_in_use == 1, what="the call opens its engine slot")
+            await eventually(lambda: not app.state.calls, timeout_s=10, what="the unconnected peer is dropped")
+            await eventually(lambda: backend.engine.sessions_in_use == 0, what="its engine slot is freed")
+        finally:
+            await caller.pc.close()
