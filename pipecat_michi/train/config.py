@@ -1,0 +1,45 @@
+"""What one training run does, as data (every ``michi-train`` flag maps to a field here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TrainConfig(BaseModel):
+    """One stage's run. ``out_dir`` becomes a MichiAI checkpoint directory (loadable by
+    ``EngineConfig(checkpoint=...)``) plus ``train_state.pt``, ``losses.jsonl`` and
+    ``loss_curves.png``.
+
+    The model comes from, in order: ``out_dir`` when resuming, ``init`` (the previous stage's
+    checkpoint), or ``preset`` with random weights (and a GGUF backbone if ``backbone_gguf``).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    stage: Literal["codec", "listening", "speaking", "joint"]
+    manifest: Path
+    out_dir: Path
+    preset: str = "tiny"
+    init: Path | None = None
+    backbone_gguf: Path | None = None
+    resume: bool = False
+    steps: int = Field(default=100, ge=1)
+    batch_size: int = Field(default=4, ge=1)
+    # Longest crop per example, in 80 ms frames (the codec stage uses codec_frames instead:
+    # short crops are enough to learn reconstruction and keep the HiFi-GAN decoder cheap).
+    max_frames: int = Field(default=96, ge=1)
+    codec_frames: int = Field(default=6, ge=1)
+    lr: float = Field(default=3e-4, gt=0)
+    warmup_steps: int = Field(default=10, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    grad_clip: float = Field(default=1.0, gt=0)
+    mel_weight: float = Field(default=1.0, ge=0)
+    # Text-only LM batches mixed into the speaking/joint stages (0 turns them off).
+    text_lm_weight: float = Field(default=0.5, ge=0)
+    text_batch_size: int = Field(default=4, ge=1)
+    text_tokens: int = Field(default=64, ge=2)
+    checkpoint_every: int = Field(default=50, ge=1)
+    seed: int = 0

@@ -1,0 +1,69 @@
+"""Quality measures of a (partly) trained model: codec reconstruction and forced-TTS WER.
+
+Forced TTS: the bot's inner monologue is injected frame by frame (as the text channel it was
+trained on), the model speaks it over a silent user channel, and the listening head
+transcribes the model's own speech; the word error rate against the injected text says whether
+speaking and listening agree.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipecat_michi.model.codec import multi_resolution_stft_loss
+from pipecat_michi.model.michi import MichiModel
+from pipecat_michi.model.tokenizer import Tokenizer
+from pipecat_michi.train.features import mel_cepstral_distance
+
+
+@torch.no_grad()
+def codec_quality(model: MichiModel, wav: torch.Tensor) -> dict[str, float]:
+    """Reconstruct ``wav [B, F * frame_samples]``; STFT loss and mel-cepstral distance (dB)."""
+    recon = model.codec.decode(model.codec.encode(wav))
+    return {
+        "stft_loss": float(multi_resolution_stft_loss(recon, wav)),
+        "mcd_db": mel_cepstral_distance(recon, wav, model.config.sample_rate_hz),
+    }
+
+
+@torch.no_grad()
+def forced_speech(model: MichiModel, frame_text: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Speak ``frame_text [F]`` (one inner-monologue token per frame) -> ``wav [F * frame_samples]``.
+
+    The duplex step with its text channel forced and speaking always on; the user is silent.
+    """
+    frames = frame_text.shape[0]
+    cache = model.new_cache(1, capacity=max(frames, 16))
+    silence = torch.zeros(1, frames * model.config.frame_samples, device=model.device, dtype=model.dtype)
+    listen_embeds = model.listening(silence)[0]
+    prev_latent = torch.zeros(1, model.config.codec.latent_dim, device=model.device, dtype=model.dtype)
+    prev_text = torch.tensor([model.config.tokens.pad_id], device=model.device)
+    latents = []
+    for t in range(frames):
+        embeds = listen_embeds[:, t] + model.latent_in(prev_latent) + model.backbone.embed_tokens(prev_text)
+        hidden = model.backbone.forward_cached(embeds[:, None], cache, slice(0, 1))[:, 0]
+        noise = torch.randn(1, model.config.codec.latent_dim, generator=generator).to(model.device, model.dtype)
+        prev_latent = model.flow.sample(hidden, noise)
+        latents.append(prev_latent)
+        prev_text = frame_text[t: t + 1].to(model.device)
+    return model.codec.decode(torch.stack(latents, dim=1))[0]
+
+
+@torch.no_grad()
+def transcribe(model: MichiModel, tokenizer: Tokenizer, wav: torch.Tensor) -> str:
+    """The listening head's streaming transcript of ``wav [F * frame_samples]``, PADs dropped."""
+    ids = model.listening(wav[None].to(model.device, model.dtype))[1].argmax(dim=-1)[0].tolist()
+    specials = {tokenizer.tokens.pad_id, tokenizer.tokens.bos_id, tokenizer.tokens.eos_id}
+    return tokenizer.decode([i for i in ids if i not in specials])
+
+
+def word_error_rate(hypothesis: str, reference: str) -> float:
+    """Word-level Levenshtein distance over the reference's length (case-insensitive)."""
+    hyp, ref = hypothesis.lower().split(), reference.lower().split()
+    previous = list(range(len(hyp) + 1))
+    for i, ref_word in enumerate(ref, start=1):
+        current = [i]
+        for j, hyp_word in enumerate(hyp, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref_word != hyp_word)))
+        previous = current
+    return previous[-1] / max(len(ref), 1)

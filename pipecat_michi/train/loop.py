@@ -1,0 +1,164 @@
+"""The training loop: one stage, resumable bit for bit, with progress bar and loss curves.
+
+Resuming restores the weights, the optimizer, the step, the loss history and the state of the
+one generator that draws all of training's randomness (batches, crops, flow noise and times),
+so a resumed run computes the same next loss as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from loguru import logger
+from tqdm import tqdm
+
+from pipecat_michi.model.checkpoint import (
+    load_checkpoint,
+    load_gguf_backbone,
+    save_checkpoint,
+    save_gguf_tokenizer,
+)
+from pipecat_michi.model.config import MichiConfig
+from pipecat_michi.model.michi import MichiModel
+from pipecat_michi.model.tokenizer import Tokenizer, load_tokenizer
+from pipecat_michi.train.config import TrainConfig
+from pipecat_michi.train.data import ExampleBuilder, sample_batch, split_entries
+from pipecat_michi.train.manifest import read_manifest
+from pipecat_michi.train.plot import plot_losses
+from pipecat_michi.train.stages import STAGES, LossWeights, set_trainable
+
+TRAIN_STATE_FILE = "train_state.pt"
+LOSSES_FILE = "losses.jsonl"
+CURVES_FILE = "loss_curves.png"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class TextStream:
+    """Plain text for the LM batches that keep the backbone's text ability: the corpus's
+    sentences, end-of-text separated, read as random windows."""
+
+    def __init__(self, texts: list[str], tokenizer: Tokenizer) -> None:
+        ids: list[int] = []
+        for text in texts:
+            ids += tokenizer.encode(text) + [tokenizer.tokens.eos_id]
+        self.ids = torch.tensor(ids, dtype=torch.long)
+
+    def sample(self, batch_size: int, length: int, generator: torch.Generator) -> torch.Tensor:
+        ids = self.ids.repeat(-(-(length + 1) // len(self.ids)))  # a short corpus wraps around
+        starts = torch.randint(len(ids) - length + 1, (batch_size,), generator=generator)
+        return torch.stack([ids[s: s + length] for s in starts.tolist()])
+
+
+def build_model(config: TrainConfig) -> tuple[MichiModel, Path | None]:
+    """The model to train and the folder it came from (where an ``hf`` tokenizer lies)."""
+    if config.resume and (config.out_dir / TRAIN_STATE_FILE).is_file():
+        return load_checkpoint(config.out_dir), config.out_dir
+    if config.init is not None:
+        logger.info(f"initialising from checkpoint {config.init}")
+        return load_checkpoint(config.init), config.init
+    torch.manual_seed(config.seed)
+    model = MichiModel(MichiConfig.preset(config.preset))
+    if config.backbone_gguf is None:
+        return model, None
+    logger.info(f"loading backbone weights from {config.backbone_gguf}")
+    load_gguf_backbone(model, config.backbone_gguf)
+    save_gguf_tokenizer(config.backbone_gguf, config.out_dir)
+    return model, config.out_dir
+
+
+class Trainer:
+    """Runs ``config.steps`` optimiser steps of one stage, checkpointing into ``config.out_dir``."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        config.out_dir.mkdir(parents=True, exist_ok=True)
+        self.model, model_dir = build_model(config)
+        model_config = self.model.config
+        self.tokenizer = load_tokenizer(model_config, model_dir)
+        # Where the checkpoint's tokenizer.json comes from; the byte tokenizer needs no file.
+        self.tokenizer_dir = model_dir if model_config.tokenizer == "hf" else None
+        self.stage = STAGES[config.stage]
+        entries = read_manifest(config.manifest)
+        builder = ExampleBuilder(self.tokenizer, model_config.frame_samples, model_config.sample_rate_hz)
+        self.examples = self.stage.examples(builder, *split_entries(entries))
+        if not self.examples:
+            raise ValueError(f"manifest {config.manifest} has no examples for the {config.stage} stage")
+        use_text = self.stage.uses_text_lm and config.text_lm_weight > 0
+        self.text = TextStream([e.text for e in entries], self.tokenizer) if use_text else None
+        self.weights = LossWeights(mel=config.mel_weight, text_lm=config.text_lm_weight)
+        self.optimizer = torch.optim.AdamW(
+            set_trainable(self.model, self.stage), lr=config.lr, weight_decay=config.weight_decay
+        )
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        if config.resume and (config.out_dir / TRAIN_STATE_FILE).is_file():
+            self._load_state()
+
+    def train(self) -> list[dict[str, float]]:
+        """Train up to ``config.steps``; return the loss history (all steps, resumed ones too)."""
+        self.model.train()
+        cfg = self.config
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=cfg.stage, dynamic_ncols=True)
+        while self.step < cfg.steps:
+            row = self.train_step()
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k != "step"})
+            if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                self.save()
+        bar.close()
+        self.save()
+        return self.history
+
+    def train_step(self) -> dict[str, float]:
+        cfg = self.config
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr * min(1.0, (self.step + 1) / max(cfg.warmup_steps, 1))
+        frames = cfg.codec_frames if cfg.stage == "codec" else cfg.max_frames
+        batch = sample_batch(self.examples, cfg.batch_size, frames, self.model.config.frame_samples, self.generator)
+        text = None if self.text is None else self.text.sample(cfg.text_batch_size, cfg.text_tokens, self.generator)
+        losses = self.stage.losses(self.model, batch, text, self.generator, self.weights)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        torch.nn.utils.clip_grad_norm_(
+            [p for group in self.optimizer.param_groups for p in group["params"]], cfg.grad_clip
+        )
+        self.optimizer.step()
+        self.step += 1
+        row = {"step": self.step, **{k: float(v.detach()) for k, v in losses.items()}}
+        self.history.append(row)
+        return row
+
+    def save(self) -> Path:
+        """Write the checkpoint (weights + config + tokenizer), training state, losses and PNG."""
+        out = save_checkpoint(self.model, self.config.out_dir)
+        if self.tokenizer_dir is not None and self.tokenizer_dir.resolve() != out.resolve():
+            shutil.copy(self.tokenizer_dir / TOKENIZER_FILE, out / TOKENIZER_FILE)
+        torch.save(
+            {
+                "step": self.step,
+                "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "history": self.history,
+                "train_config": self.config.model_dump(mode="json"),
+            },
+            out / TRAIN_STATE_FILE,
+        )
+        (out / LOSSES_FILE).write_text("".join(json.dumps(row) + "\n" for row in self.history))
+        if self.history:
+            plot_losses(self.history, out / CURVES_FILE, f"{self.config.stage} ({self.model.config.name})")
+        logger.info(f"{self.config.stage}: step {self.step} saved to {out}")
+        return out
+
+    def _load_state(self) -> None:
+        state = torch.load(self.config.out_dir / TRAIN_STATE_FILE, weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step = state["step"]
+        self.history = state["history"]
+        logger.info(f"{self.config.stage}: resumed at step {self.step} from {self.config.out_dir}")

@@ -1,0 +1,161 @@
+"""The four training stages: which modules learn, which examples they see, and their losses.
+
+Components are pretrained separately and trained together last, as MichiAI's authors describe:
+  codec      causal autoencoder + HiFi-GAN decoder on speech (multi-resolution STFT + mel L1,
+             latents held near unit RMS; no adversarial loss yet);
+  listening  streaming transcript tokens + speak/hold labels from word timings;
+  speaking   backbone + flow head: flow matching on the bot's frozen codec latents, the inner
+             monologue's text loss, and text-only LM batches so the backbone keeps its text;
+  joint      all of it on two-channel dialogues (user -> listening head, bot -> targets).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipecat_michi.model.codec import multi_resolution_stft_loss
+from pipecat_michi.model.michi import MichiModel
+from pipecat_michi.train.data import Batch, Example, ExampleBuilder
+from pipecat_michi.train.features import log_mel
+from pipecat_michi.train.manifest import ManifestEntry
+
+StageName = Literal["codec", "listening", "speaking", "joint"]
+Losses = dict[str, torch.Tensor]
+Pairs = list[tuple[ManifestEntry, ManifestEntry]]
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    mel: float = 1.0
+    latent_rms: float = 1.0
+    text_lm: float = 0.5
+
+
+def codec_examples(builder: ExampleBuilder, singles: list[ManifestEntry], pairs: Pairs) -> list[Example]:
+    # Every channel with speech, each as a "user" view whose user_wav is that speech.
+    return [builder.as_user(e) for e in singles] + [builder.as_user(e) for pair in pairs for e in pair]
+
+
+def listening_examples(builder: ExampleBuilder, singles: list[ManifestEntry], pairs: Pairs) -> list[Example]:
+    return [builder.as_user(e) for e in singles] + [builder.dialogue(u, b) for u, b in pairs]
+
+
+def speaking_examples(builder: ExampleBuilder, singles: list[ManifestEntry], pairs: Pairs) -> list[Example]:
+    return [builder.as_bot(e) for e in singles] + [builder.dialogue(u, b) for u, b in pairs]
+
+
+def joint_examples(builder: ExampleBuilder, singles: list[ManifestEntry], pairs: Pairs) -> list[Example]:
+    if not pairs:
+        raise ValueError("the joint stage trains on two-channel dialogues; the manifest has none")
+    return [builder.dialogue(u, b) for u, b in pairs]
+
+
+def codec_losses(
+    model: MichiModel, batch: Batch, text: torch.Tensor | None, g: torch.Generator, w: LossWeights
+) -> Losses:
+    wav = batch.user_wav
+    latents = model.codec.encode(wav)
+    recon = model.codec.decode(latents)
+    rate = model.config.sample_rate_hz
+    losses = {
+        "stft": multi_resolution_stft_loss(recon, wav),
+        "mel_l1": F.l1_loss(log_mel(recon, rate), log_mel(wav, rate)),
+        # The flow head carries unit-variance noise to these latents: keep their scale near 1.
+        "latent_rms": (latents.square().mean().sqrt() - 1.0).square(),
+    }
+    losses["total"] = losses["stft"] + w.mel * losses["mel_l1"] + w.latent_rms * losses["latent_rms"]
+    return losses
+
+
+def _listening_terms(model: MichiModel, batch: Batch) -> tuple[torch.Tensor, Losses]:
+    embeds, transcript_logits, speak_logits = model.listening(batch.user_wav)
+    valid = batch.valid
+    return embeds, {
+        "transcript": F.cross_entropy(transcript_logits[valid].float(), batch.user_text[valid]),
+        "speak": F.binary_cross_entropy_with_logits(speak_logits[valid].float(), batch.speak[valid]),
+    }
+
+
+def listening_losses(
+    model: MichiModel, batch: Batch, text: torch.Tensor | None, g: torch.Generator, w: LossWeights
+) -> Losses:
+    _, losses = _listening_terms(model, batch)
+    losses["total"] = losses["transcript"] + losses["speak"]
+    return losses
+
+
+def _shift_right(x: torch.Tensor, fill: float) -> torch.Tensor:
+    """Frame t's input is frame t-1's output (teacher forcing, as the duplex step feeds back)."""
+    return torch.cat([torch.full_like(x[:, :1], fill), x[:, :-1]], dim=1)
+
+
+def _speaking_terms(
+    model: MichiModel, batch: Batch, listen_embeds: torch.Tensor, text: torch.Tensor | None, g: torch.Generator
+) -> Losses:
+    with torch.no_grad():  # the codec is frozen: its encoder defines the latent space
+        latents = model.codec.encode(batch.bot_wav)
+    # What the model hears of itself is what it played: silence (zeros) while holding.
+    played = latents * batch.speak[..., None]
+    prev_text = _shift_right(batch.bot_text, model.config.tokens.pad_id)
+    embeds = listen_embeds + model.latent_in(_shift_right(played, 0.0)) + model.backbone.embed_tokens(prev_text)
+    hidden = model.backbone(embeds)
+    valid = batch.valid
+    speaking = valid & (batch.speak > 0)
+    losses = {
+        "monologue": F.cross_entropy(model.backbone.logits(hidden[valid]).float(), batch.bot_text[valid]),
+        "flow": model.flow.loss(hidden[speaking], latents[speaking], generator=g),
+    }
+    if text is not None:
+        logits = model.backbone.logits(model.backbone(model.backbone.embed_tokens(text[:, :-1])))
+        losses["text_lm"] = F.cross_entropy(logits.flatten(0, 1).float(), text[:, 1:].flatten())
+    return losses
+
+
+def speaking_losses(
+    model: MichiModel, batch: Batch, text: torch.Tensor | None, g: torch.Generator, w: LossWeights
+) -> Losses:
+    with torch.no_grad():  # the listening head is pretrained and frozen here
+        listen_embeds = model.listening(batch.user_wav)[0]
+    losses = _speaking_terms(model, batch, listen_embeds, text, g)
+    losses["total"] = losses["monologue"] + losses["flow"] + w.text_lm * losses.get("text_lm", 0.0)
+    return losses
+
+
+def joint_losses(
+    model: MichiModel, batch: Batch, text: torch.Tensor | None, g: torch.Generator, w: LossWeights
+) -> Losses:
+    listen_embeds, losses = _listening_terms(model, batch)
+    losses.update(_speaking_terms(model, batch, listen_embeds, text, g))
+    losses["total"] = (losses["transcript"] + losses["speak"] + losses["monologue"] + losses["flow"]
+                       + w.text_lm * losses.get("text_lm", 0.0))
+    return losses
+
+
+@dataclass(frozen=True)
+class Stage:
+    trainable: tuple[str, ...]  # MichiModel attributes whose parameters learn
+    examples: Callable[..., list[Example]]
+    losses: Callable[..., Losses]
+    uses_text_lm: bool
+
+
+STAGES: dict[str, Stage] = {
+    "codec": Stage(("codec",), codec_examples, codec_losses, uses_text_lm=False),
+    "listening": Stage(("listening",), listening_examples, listening_losses, uses_text_lm=False),
+    "speaking": Stage(("backbone", "latent_in", "flow"), speaking_examples, speaking_losses, uses_text_lm=True),
+    "joint": Stage(("backbone", "latent_in", "flow", "listening"), joint_examples, joint_losses, uses_text_lm=True),
+}
+
+
+def set_trainable(model: MichiModel, stage: Stage) -> list[nn.Parameter]:
+    """Freeze everything but the stage's modules; return the parameters that learn."""
+    model.requires_grad_(False)
+    for name in stage.trainable:
+        getattr(model, name).requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
