@@ -87,6 +87,10 @@ MAX_PENDING_INJECTIONS: Final = 16
 FINAL_SEND_TIMEOUT_S: Final = 2.0
 # How long a shutting-down worker waits for its calls to say goodbye.
 SHUTDOWN_GRACE_S: Final = 3.0
+# Per-call socket send buffer: ~16 STEPs with audio, about 1.3 s of speech (see WorkerConfig).
+SEND_BUFFER_BYTES: Final = 64 * 1024
+# Default bound on one call's length: a client streaming forever would hold its slot forever.
+MAX_CALL_S: Final = 3600.0
 _MAX_TRACKED_ARRIVALS: Final = 256
 
 
@@ -105,12 +109,23 @@ class WorkerConfig(BaseSettings):
         host: Interface to bind; loopback unless told otherwise.
         port: TCP port.
         token: Bearer token every call and ``/v1/stats`` must present. ``None`` refuses to
-            start unless ``allow_unauthenticated``.
+            start unless ``allow_unauthenticated`` (or ``tenant_tokens`` are set).
+        tenant_tokens: More accepted tokens, e.g. one per customer, each counted on its own by
+            ``max_calls_per_token`` (``MICHI_WORKER_TENANT_TOKENS='["...", "..."]'``).
         allow_unauthenticated: Serve without a token (development on loopback only).
         engine: The engine's configuration (model, device, slots, clocks).
         handshake_timeout_s: Upgrade to ``hello``; then close 4002.
         idle_timeout_s: Silence from a client after ``ready``; then close 4003.
         max_message_bytes: Largest WebSocket message accepted; larger ones close with 1009.
+        send_buffer_bytes: Kernel send buffer of each call's socket (Linux doubles it). Small on
+            purpose: a call needs ~50 kB/s, and a client that stops reading should make the
+            worker drop its oldest STEPs (it gets recent audio when it recovers) after about a
+            second, not after the OS's autotuned megabytes of stale audio. ``None``: the OS's.
+        max_call_s: Longest a call may last from ``ready``; then ``ended(max_duration)`` and
+            close 1000. ``None``: no limit.
+        max_calls_per_token: Calls one bearer token (``token`` or one of ``tenant_tokens``) may
+            hold on this worker at once; one more gets a fatal ``error`` 1013 (the client tries
+            another worker). ``None``: no limit beyond the slots.
     """
 
     model_config = SettingsConfigDict(
@@ -120,11 +135,15 @@ class WorkerConfig(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8765, ge=0, le=65535)
     token: SecretStr | None = None
+    tenant_tokens: list[SecretStr] = Field(default_factory=list)
     allow_unauthenticated: bool = False
     engine: EngineConfig = EngineConfig()
     handshake_timeout_s: float = Field(default=HANDSHAKE_TIMEOUT_S, gt=0)
     idle_timeout_s: float = Field(default=IDLE_TIMEOUT_S, gt=0)
     max_message_bytes: int = Field(default=MAX_MESSAGE_BYTES, ge=1024, le=MAX_MESSAGE_BYTES)
+    send_buffer_bytes: int | None = Field(default=SEND_BUFFER_BYTES, ge=4096)
+    max_call_s: float | None = Field(default=MAX_CALL_S, gt=0)
+    max_calls_per_token: int | None = Field(default=None, ge=1)
 
 
 @dataclass(frozen=True)
@@ -166,18 +185,37 @@ class _Worker:
         self.started = False
         self.stopping = False
         self.calls: set[_CallHandler] = set()
-        token = config.token.get_secret_value() if config.token is not None else None
-        self._token = token.encode("utf-8") if token is not None else None
+        self._tokens = [
+            secret.get_secret_value().encode("utf-8")
+            for secret in (config.token, *config.tenant_tokens)
+            if secret is not None
+        ]
 
-    def authorized(self, authorization: str | None) -> bool:
-        """Whether an ``Authorization`` header carries the worker's bearer token."""
-        if self._token is None:
-            return True  # allow_unauthenticated, checked at creation
+    def token_id(self, authorization: str | None) -> int | None:
+        """Which accepted token an ``Authorization`` header carries (0: ``token``, then the
+        ``tenant_tokens`` in order), ``None`` for none. Tokens are known by this index only:
+        the secret itself is never kept with a call, logged or counted under."""
+        if not self._tokens:
+            return 0  # allow_unauthenticated, checked at creation
         scheme, _, presented = (authorization or "").partition(" ")
         if scheme.lower() != "bearer":
-            return False
-        # Constant time: the comparison must not tell an attacker how much of a guess matched.
-        return hmac.compare_digest(presented.strip().encode("utf-8"), self._token)
+            return None
+        guess = presented.strip().encode("utf-8")
+        match = None
+        # Constant time, and every token compared: the timing tells neither how much of a guess
+        # matched nor which token it was closest to.
+        for index, token in enumerate(self._tokens):
+            if hmac.compare_digest(guess, token) and match is None:
+                match = index
+        return match
+
+    def authorized(self, authorization: str | None) -> bool:
+        """Whether an ``Authorization`` header carries one of the worker's bearer tokens."""
+        return self.token_id(authorization) is not None
+
+    def admitted_calls(self, token_id: int) -> int:
+        """Calls past admission that presented token ``token_id``."""
+        return sum(1 for call in self.calls if call.admitted and call.token_id == token_id)
 
     async def end_calls(self, timeout_s: float = SHUTDOWN_GRACE_S) -> None:
         """Tell every live call the worker is going away (``ended(shutdown)``, 1001); wait
@@ -216,6 +254,8 @@ class _CallHandler:
         self._shutdown = asyncio.Event()
         self._tasks: list[asyncio.Task[_Ending]] = []
         self.finished = asyncio.Event()
+        self.admitted = False
+        self.token_id = worker.token_id(websocket.headers.get("authorization"))
         client = websocket.client
         self._log = logger.bind(call=uuid.uuid4().hex[:8], peer=f"{client.host}:{client.port}" if client else "?")
 
@@ -224,7 +264,7 @@ class _CallHandler:
         self._shutdown.set()
 
     async def handle(self) -> None:
-        if not self._worker.authorized(self._ws.headers.get("authorization")):
+        if self.token_id is None:
             # Before accept: the ASGI server answers the upgrade with HTTP 403.
             self._log.warning("Refused a call: missing or wrong bearer token")
             await self._ws.close(code=CloseCode.POLICY_VIOLATION)
@@ -260,6 +300,18 @@ class _CallHandler:
             raise _CallEnded(_Ending(CloseCode.TRY_AGAIN_LATER, "the worker's engine is not running; try later"))
         if self._engine.sessions_in_use >= self._engine.capacity:
             raise _CallEnded(self._full())
+        limit = self._config.max_calls_per_token
+        if limit is not None and self._worker.admitted_calls(self.token_id) >= limit:
+            self._worker.metrics.count_rejected_call()
+            self._log.info(f"Refused a call: token #{self.token_id} already holds {limit} call(s) here")
+            raise _CallEnded(
+                _Ending(
+                    CloseCode.TRY_AGAIN_LATER,
+                    f"this token already holds {limit} call(s) on this worker (max_calls_per_token); "
+                    "end one or try another worker",
+                )
+            )
+        self.admitted = True
         self._frame_samples = self._engine.frame_samples
 
     def _full(self) -> _Ending:
@@ -313,6 +365,8 @@ class _CallHandler:
             asyncio.create_task(self._guard(self._inject_loop()), name="michi-call-injections"),
             asyncio.create_task(self._guard(self._wait_for_shutdown()), name="michi-call-shutdown"),
         ]
+        if self._config.max_call_s is not None:
+            self._tasks.append(asyncio.create_task(self._time_limit(self._config.max_call_s), name="michi-call-limit"))
         done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
         await self._cancel_tasks()
         # Several may finish at once (a disconnect fails the writer's send too): a client that
@@ -432,6 +486,12 @@ class _CallHandler:
         await self._shutdown.wait()
         return _Ending(CloseCode.GOING_AWAY, "the worker is shutting down", ended_reason="shutdown")
 
+    async def _time_limit(self, max_call_s: float) -> _Ending:
+        await asyncio.sleep(max_call_s)
+        return _Ending(
+            CloseCode.NORMAL, f"the call reached the worker's limit of {max_call_s:g} s", ended_reason="max_duration"
+        )
+
     def _session_lost(self) -> _Ending:
         if self._worker.stopping:
             return _Ending(CloseCode.GOING_AWAY, "the worker is shutting down", ended_reason="shutdown")
@@ -526,22 +586,33 @@ def _clip(text: str, max_chars: int) -> str:
 
 
 
-def create_app(config: WorkerConfig, engine: DuplexEngine | None = None) -> FastAPI:
-    """The worker's ASGI app. Its lifespan starts ``engine`` (default: one built from
-    ``config.engine``) and stops it. Serve it with ``create_server`` (WebSocket limits, and
-    calls told ``ended(shutdown)`` before the server goes away).
+def check_config(config: WorkerConfig) -> None:
+    """Refuse a configuration no worker may serve.
 
     Raises:
         WorkerConfigError: No token and ``allow_unauthenticated`` is not set, or an empty token.
     """
-    if config.token is None and not config.allow_unauthenticated:
+    if config.token is None and not config.tenant_tokens and not config.allow_unauthenticated:
         raise WorkerConfigError(
             "no token: set MICHI_WORKER_TOKEN (or --token), or allow unauthenticated calls for local "
             "development (--allow-unauthenticated, MICHI_WORKER_ALLOW_UNAUTHENTICATED=1)"
         )
     if config.token is not None and not config.token.get_secret_value().strip():
         raise WorkerConfigError("the token is empty: set a long random MICHI_WORKER_TOKEN")
-    if config.token is None:
+    if any(not secret.get_secret_value().strip() for secret in config.tenant_tokens):
+        raise WorkerConfigError("a tenant token is empty: every one of MICHI_WORKER_TENANT_TOKENS must be long and random")
+
+
+def create_app(config: WorkerConfig, engine: DuplexEngine | None = None) -> FastAPI:
+    """The worker's ASGI app. Its lifespan starts ``engine`` (default: one built from
+    ``config.engine``) and stops it. Serve it with ``create_server`` (WebSocket limits, and
+    calls told ``ended(shutdown)`` before the server goes away).
+
+    Raises:
+        WorkerConfigError: See ``check_config``.
+    """
+    check_config(config)
+    if config.token is None and not config.tenant_tokens:
         logger.warning(
             "!!! michi-worker runs WITHOUT AUTHENTICATION: anyone who reaches "
             f"{config.host}:{config.port} can open calls. Use a token anywhere but local development. !!!"
@@ -633,6 +704,17 @@ def create_server(app: FastAPI, config: WorkerConfig, **uvicorn_options: Any) ->
     return WorkerServer(uvicorn.Config(app, **options), app)
 
 
+def bind_listener(host: str, port: int, send_buffer_bytes: int | None) -> socket.socket:
+    """The worker's listening socket. Accepted sockets inherit its send buffer size."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if send_buffer_bytes is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer_bytes)
+    sock.bind((host, port))
+    return sock
+
+
 @dataclass(frozen=True)
 class RunningWorker:
     """A worker served by ``running_worker``: where to reach it, and its parts."""
@@ -649,13 +731,11 @@ class RunningWorker:
 
 @asynccontextmanager
 async def running_worker(
-    config: WorkerConfig, engine: DuplexEngine | None = None, startup_timeout_s: float = 60.0
+    config: WorkerConfig, engine: DuplexEngine | None = None, startup_timeout_s: float = 60.0, port: int = 0
 ) -> AsyncIterator[RunningWorker]:
-    """Serve a worker in this event loop on ``config.host`` and a port the OS picks (tests,
-    embedding); shut it down (calls told ``ended(shutdown)``) on exit."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((config.host, 0))
+    """Serve a worker in this event loop on ``config.host`` and ``port`` (0: one the OS picks;
+    tests, embedding); shut it down (calls told ``ended(shutdown)``) on exit."""
+    sock = bind_listener(config.host, port, config.send_buffer_bytes)
     host, port = sock.getsockname()[:2]
     app = create_app(config, engine)
     server = create_server(app, config, log_config=None, log_level="warning")
@@ -723,7 +803,11 @@ def main(argv: list[str] | None = None) -> None:
         app = create_app(config)
     except (ValidationError, WorkerConfigError) as exc:
         raise SystemExit(f"michi-worker: {exc}") from None
-    create_server(app, config, log_level=args.log_level).run()
+    try:
+        sock = bind_listener(config.host, config.port, config.send_buffer_bytes)
+    except OSError as exc:
+        raise SystemExit(f"michi-worker: cannot listen on {config.host}:{config.port}: {exc}") from None
+    create_server(app, config, log_level=args.log_level).run(sockets=[sock])
 
 
 if __name__ == "__main__":
