@@ -97,7 +97,17 @@ class CallTrace:
     sent_s: dict[int, float]
     received_s: dict[int, float]
     filled: set[int]
+    late: set[int]  # steps whose tick overran the frame
     steps: int = 0
+
+    def round_trips_ms(self) -> list[float]:
+        """Send -> STEP back per frame, over the steps that used their frame (a filled step did
+        not wait for it)."""
+        return [
+            (self.received_s[i] - sent) * 1000.0
+            for i, sent in self.sent_s.items()
+            if i in self.received_s and i not in self.filled
+        ]
 
 
 @dataclass(frozen=True)
@@ -182,8 +192,10 @@ async def _residence_totals(http: httpx.AsyncClient) -> tuple[float, float]:
     return totals["sum"], totals["count"]
 
 
-async def _drive(call: RemoteCall, frames: np.ndarray, start_s: float) -> CallTrace:
-    trace = CallTrace(sent_s={}, received_s={}, filled=set())
+async def drive_call(call: RemoteCall, frames: np.ndarray, start_s: float) -> CallTrace:
+    """Stream ``frames`` on ``call`` in real time from ``start_s`` (perf_counter) on, one
+    every 80 ms on an absolute schedule, and record when each STEP comes back."""
+    trace = CallTrace(sent_s={}, received_s={}, filled=set(), late=set())
 
     async def send() -> None:
         for index, frame in enumerate(frames):
@@ -199,6 +211,8 @@ async def _drive(call: RemoteCall, frames: np.ndarray, start_s: float) -> CallTr
             trace.steps += 1
             if step.filled:
                 trace.filled.add(step.frame_index)
+            if step.late:
+                trace.late.add(step.frame_index)
             if step.frame_index >= last:
                 return
 
@@ -224,17 +238,12 @@ async def run_calls(
     )
     start_s = time.perf_counter() + 0.3
     offsets = [phases.uniform(0, FRAME_S) if args.phases == "random" else 0.0 for _ in range(calls)]
-    traces = await asyncio.gather(*(_drive(c, a, start_s + o) for c, a, o in zip(opened, audio, offsets)))
+    traces = await asyncio.gather(*(drive_call(c, a, start_s + o) for c, a, o in zip(opened, audio, offsets)))
     await asyncio.gather(*(call.close() for call in opened))
     after, residence_after = await _stats(http, token), await _residence_totals(http)
     residence_ms, residence_count = (a - b for a, b in zip(residence_after, residence_before))
 
-    round_trips = [
-        (trace.received_s[i] - sent) * 1000.0
-        for trace in traces
-        for i, sent in trace.sent_s.items()
-        if i in trace.received_s and i not in trace.filled
-    ]
+    round_trips = [ms for trace in traces for ms in trace.round_trips_ms()]
     steps = sum(trace.steps for trace in traces)
     ticks = after.ticks - before.ticks
     return RunResult(
