@@ -11,6 +11,7 @@ import asyncio
 import uuid
 from contextlib import asynccontextmanager
 
+from aiortc.exceptions import InvalidStateError
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import RedirectResponse
 from loguru import logger
@@ -85,6 +86,13 @@ def create_app(config: WebRTCAgentConfig, backend: DuplexBackend | None = None) 
     async def answer_offer(offer: SmallWebRTCRequest) -> dict:
         if offer.pc_id is None and len(calls) >= config.max_peers:
             raise HTTPException(status_code=503, detail=f"all {config.max_peers} peers are busy")
+        if offer.type != "offer":
+            # A browser only ever offers; aiortc fails on anything else with an internal error.
+            raise HTTPException(status_code=400, detail=f"invalid SDP offer: type must be 'offer', not {offer.type!r}")
+        if "\nm=audio " not in offer.sdp.replace("\r\n", "\n"):
+            # aiortc answers an offer without media too; that peer would hold a model slot until
+            # the connect watchdog, so a bogus offer is refused here instead.
+            raise HTTPException(status_code=400, detail="invalid SDP offer: no audio media section (m=audio)")
 
         async def on_connection(connection: SmallWebRTCConnection) -> None:
             task = asyncio.create_task(run_peer(connection, config, app.state.backend), name=f"peer-{connection.pc_id}")
@@ -93,7 +101,7 @@ def create_app(config: WebRTCAgentConfig, backend: DuplexBackend | None = None) 
 
         try:
             answer = await handler.handle_web_request(request=offer, webrtc_connection_callback=on_connection)
-        except ValueError as exc:  # aiortc's word on an SDP or type it cannot take
+        except (ValueError, InvalidStateError) as exc:  # aiortc's word on an SDP it cannot take
             raise HTTPException(status_code=400, detail=f"invalid SDP offer: {exc}") from None
         if answer is None:
             raise HTTPException(status_code=500, detail="no SDP answer")
