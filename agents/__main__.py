@@ -36,6 +36,10 @@ from agents.webrtc.app import create_app as create_webrtc_app
 from pipecat_michi.engine.call import LocalEngine
 from pipecat_michi.serving import serve_on_loopback
 
+_REPO = Path(__file__).resolve().parents[1]
+# The simulated call's default model, first found: what scripts/train_demo.sh last trained here,
+# then the demo checkpoint that ships with the repository (the same script's output, 4 MB).
+DEMO_CHECKPOINTS = (_REPO / "checkpoints" / "demo" / "joint", _REPO / "assets" / "michi-tiny-demo")
 DEFAULT_UTTERANCE = "Hello! I would like to book a table for two people tonight, please."
 
 
@@ -62,7 +66,16 @@ def _read_8k(path: Path) -> np.ndarray:
 async def simulate_call(args: argparse.Namespace) -> None:
     voice, source = caller_audio(args.wav, args.say)
     config = TwilioAgentConfig(backend={"system_prompt": args.system, "max_call_s": None})
-    backend = LocalEngine(config.backend.engine)
+    engine_config = config.backend.engine
+    checkpoint = args.checkpoint or engine_config.checkpoint
+    if checkpoint is None:
+        checkpoint = next((path for path in DEMO_CHECKPOINTS if (path / "config.json").is_file()), None)
+    if checkpoint is not None:
+        engine_config = engine_config.model_copy(update={"checkpoint": checkpoint})
+        print(f"model: checkpoint {checkpoint}")
+    else:
+        print(f"model: {engine_config.preset} preset, random weights")
+    backend = LocalEngine(engine_config)
     reports: list[CallReport] = []
 
     def observers() -> list:
@@ -115,6 +128,9 @@ def main(argv: list[str] | None = None) -> None:
     call.add_argument("--system", default="You are a friendly restaurant host. Keep answers short.")
     call.add_argument("--listen-s", type=float, default=2.0, help="silence after the caller speaks")
     call.add_argument("--out", type=Path, default=Path("artifacts/call_bot.wav"))
+    call.add_argument("--checkpoint", type=Path,
+                      help="MichiAI checkpoint directory; default: checkpoints/demo/joint when scripts/train_demo.sh "
+                      "made one, else the demo checkpoint in assets/michi-tiny-demo")
     for name in ("webrtc", "twilio"):
         serve = sub.add_parser(name, help=f"serve the {name} agent (settings from MICHI_* env)")
         serve.add_argument("--host")

@@ -41,5 +41,12 @@ class TrainConfig(BaseModel):
     text_lm_weight: float = Field(default=0.5, ge=0)
     text_batch_size: int = Field(default=4, ge=1)
     text_tokens: int = Field(default=64, ge=2)
+    # Codec stage: HiFi-GAN's multi-period discriminator, least-squares GAN and feature-matching
+    # losses on top of reconstruction (train/adversarial.py). Off by default: it doubles the step.
+    adversarial: bool = Field(default=False, description="codec stage: add the HiFi-GAN discriminator losses")
+    adversarial_start_step: int = Field(default=0, ge=0)
+    adversarial_weight: float = Field(default=1.0, ge=0)
+    feature_match_weight: float = Field(default=2.0, ge=0)
+    discriminator_channels: int = Field(default=16, ge=1)
     checkpoint_every: int = Field(default=50, ge=1)
     seed: int = 0

@@ -24,6 +24,7 @@ from pipecat_michi.model.checkpoint import (
 from pipecat_michi.model.config import MichiConfig
 from pipecat_michi.model.michi import MichiModel
 from pipecat_michi.model.tokenizer import Tokenizer, load_tokenizer
+from pipecat_michi.train.adversarial import Adversary
 from pipecat_michi.train.config import TrainConfig
 from pipecat_michi.train.data import ExampleBuilder, sample_batch, split_entries
 from pipecat_michi.train.manifest import read_manifest
@@ -92,6 +93,14 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             set_trainable(self.model, self.stage), lr=config.lr, weight_decay=config.weight_decay
         )
+        self.adversary: Adversary | None = None
+        if config.adversarial:
+            if config.stage != "codec":
+                raise ValueError("--adversarial trains the codec's decoder: use it with the codec stage")
+            self.adversary = Adversary(
+                lr=config.lr, start_step=config.adversarial_start_step, weight=config.adversarial_weight,
+                feature_weight=config.feature_match_weight, channels=config.discriminator_channels,
+            ).to(self.model.device)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step = 0
         self.history: list[dict[str, float]] = []
@@ -120,7 +129,8 @@ class Trainer:
         frames = cfg.codec_frames if cfg.stage == "codec" else cfg.max_frames
         batch = sample_batch(self.examples, cfg.batch_size, frames, self.model.config.frame_samples, self.generator)
         text = None if self.text is None else self.text.sample(cfg.text_batch_size, cfg.text_tokens, self.generator)
-        losses = self.stage.losses(self.model, batch, text, self.generator, self.weights)
+        extra = {"adversary": self.adversary, "step": self.step} if self.adversary is not None else {}
+        losses = self.stage.losses(self.model, batch, text, self.generator, self.weights, **extra)
         self.optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         torch.nn.utils.clip_grad_norm_(
@@ -145,6 +155,7 @@ class Trainer:
                 "torch_rng": torch.get_rng_state(),
                 "history": self.history,
                 "train_config": self.config.model_dump(mode="json"),
+                "adversary": self.adversary.state_dict() if self.adversary is not None else None,
             },
             out / TRAIN_STATE_FILE,
         )
@@ -161,4 +172,8 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.step = state["step"]
         self.history = state["history"]
+        if self.adversary is not None:
+            if state.get("adversary") is None:
+                raise ValueError(f"{self.config.out_dir} was trained without --adversarial; resume it the same way")
+            self.adversary.load_state_dict(state["adversary"])
         logger.info(f"{self.config.stage}: resumed at step {self.step} from {self.config.out_dir}")

@@ -2,7 +2,7 @@
 
 Components are pretrained separately and trained together last, as MichiAI's authors describe:
   codec      causal autoencoder + HiFi-GAN decoder on speech (multi-resolution STFT + mel L1,
-             latents held near unit RMS; no adversarial loss yet);
+             latents held near unit RMS; with ``adversarial``, HiFi-GAN's discriminator losses);
   listening  streaming transcript tokens + speak/hold labels from word timings;
   speaking   backbone + flow head: flow matching on the bot's frozen codec latents, the inner
              monologue's text loss, and text-only LM batches so the backbone keeps its text;
@@ -21,6 +21,7 @@ from torch import nn
 
 from pipecat_michi.model.codec import multi_resolution_stft_loss
 from pipecat_michi.model.michi import MichiModel
+from pipecat_michi.train.adversarial import Adversary
 from pipecat_michi.train.data import Batch, Example, ExampleBuilder
 from pipecat_michi.train.features import log_mel
 from pipecat_michi.train.manifest import ManifestEntry
@@ -57,7 +58,13 @@ def joint_examples(builder: ExampleBuilder, singles: list[ManifestEntry], pairs:
 
 
 def codec_losses(
-    model: MichiModel, batch: Batch, text: torch.Tensor | None, g: torch.Generator, w: LossWeights
+    model: MichiModel,
+    batch: Batch,
+    text: torch.Tensor | None,
+    g: torch.Generator,
+    w: LossWeights,
+    adversary: Adversary | None = None,
+    step: int = 0,
 ) -> Losses:
     wav = batch.user_wav
     latents = model.codec.encode(wav)
@@ -70,6 +77,10 @@ def codec_losses(
         "latent_rms": (latents.square().mean().sqrt() - 1.0).square(),
     }
     losses["total"] = losses["stft"] + w.mel * losses["mel_l1"] + w.latent_rms * losses["latent_rms"]
+    if adversary is not None:
+        losses.update(adversary.codec_losses(wav, recon, step))
+        if "adversarial" in losses:
+            losses["total"] = losses["total"] + losses["adversarial"]
     return losses
 
 

@@ -11,8 +11,8 @@ from pipecat_michi.train.loop import CURVES_FILE, LOSSES_FILE, Trainer
 
 
 def _config(manifest: Path, out_dir: Path, stage: str, steps: int, **overrides: object) -> TrainConfig:
-    return TrainConfig(stage=stage, manifest=manifest, out_dir=out_dir, steps=steps, batch_size=4,
-                       max_frames=16, codec_frames=16, lr=3e-3, warmup_steps=0, seed=0, **overrides)
+    fields = {"batch_size": 4, "max_frames": 16, "codec_frames": 16, "lr": 3e-3, "warmup_steps": 0, "seed": 0}
+    return TrainConfig(stage=stage, manifest=manifest, out_dir=out_dir, steps=steps, **{**fields, **overrides})
 
 
 @pytest.mark.parametrize("stage", ["codec", "listening", "speaking", "joint"])
@@ -43,3 +43,27 @@ def test_resume_gives_the_same_next_losses(tone_manifest: Path, tmp_path: Path) 
     for a, b in zip(straight[2:], resumed[2:]):
         for name in a:
             assert abs(a[name] - b[name]) <= 1e-6, (name, a[name], b[name])
+
+
+def test_adversarial_codec_training_adds_discriminator_losses_and_resumes_exactly(
+    tone_manifest: Path, tmp_path: Path
+) -> None:
+    adversarial = {"adversarial": True, "adversarial_start_step": 1, "discriminator_channels": 4}
+    straight = Trainer(_config(tone_manifest, tmp_path / "straight", "codec", steps=4, codec_frames=4,
+                               **adversarial)).train()
+    assert "gen_adv" not in straight[0] and "disc" in straight[0]  # before start_step: D learns alone
+    for row in straight[1:]:
+        assert row["total"] == pytest.approx(row["stft"] + row["mel_l1"] + row["latent_rms"] + row["adversarial"],
+                                             rel=1e-5)
+        assert row["feature_match"] > 0 and row["disc"] > 0
+    Trainer(_config(tone_manifest, tmp_path / "resumed", "codec", steps=2, codec_frames=4, **adversarial)).train()
+    resumed = Trainer(_config(tone_manifest, tmp_path / "resumed", "codec", steps=4, codec_frames=4, resume=True,
+                              **adversarial)).train()
+    for a, b in zip(straight[2:], resumed[2:]):  # the discriminator and its optimizer resume too
+        for name in a:
+            assert abs(a[name] - b[name]) <= 1e-6, (name, a[name], b[name])
+
+
+def test_adversarial_is_refused_outside_the_codec_stage(tone_manifest: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="codec stage"):
+        Trainer(_config(tone_manifest, tmp_path / "x", "listening", steps=1, adversarial=True))
