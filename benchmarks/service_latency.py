@@ -47,6 +47,8 @@ FRAME_S = FRAME_SAMPLES / MODEL_RATE
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="tiny", help="local engine preset (random weights)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="local engine checkpoint (wins over --preset), e.g. assets/michi-tiny-demo")
     parser.add_argument("--device", default="auto", help="local engine device")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads of the local engine (default: torch's choice)")
@@ -75,7 +77,8 @@ def make_backend(args: argparse.Namespace) -> DuplexBackend:
 
         return RemoteWorker(args.worker_url, args.token)
     return LocalEngine(
-        EngineConfig(preset=args.preset, device=args.device, seed=args.seed, torch_threads=args.threads)
+        EngineConfig(preset=args.preset, checkpoint=args.checkpoint, device=args.device, seed=args.seed,
+                     torch_threads=args.threads)
     )
 
 
@@ -244,7 +247,8 @@ async def main(args: argparse.Namespace) -> None:
         await backend.engine.start()
         threads = args.threads or "default"
         device = backend.engine.model.device
-        where = f"local engine, preset {args.preset} (random weights) on {device}, {threads} threads"
+        model = f"checkpoint {args.checkpoint}" if args.checkpoint else f"preset {args.preset} (random weights)"
+        where = f"local engine, {model} on {device}, {threads} threads"
     else:
         where = f"remote worker {args.worker_url}"
     print(f"MichiLLMService latency: {where}; caller audio {args.input_rate} Hz in {args.chunk_ms} ms chunks, "

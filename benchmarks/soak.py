@@ -26,7 +26,6 @@ import math
 import os
 import random
 import secrets
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ import numpy as np
 from loguru import logger
 
 sys.path.insert(0, str(Path(__file__).parent))
-from worker_load import FRAME_S, CallTrace, drive_call  # noqa: E402 - benchmarks are scripts, not a package
+from worker_load import FRAME_S, CallTrace, drive_call, free_port  # noqa: E402 - benchmarks are scripts, not a package
 
 from pipecat_michi.engine.settings import SessionSettings  # noqa: E402
 from pipecat_michi.worker.client import RemoteWorker, WorkerError, WorkerUnavailableError  # noqa: E402
@@ -192,12 +191,6 @@ async def soak(url: str, token: str, args: argparse.Namespace) -> None:
               f"every {args.sample_s:g} s: {series} MB")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logger.remove()
@@ -220,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     if args.device == "cpu":
         ray_options["num_cpus"] = max(os.cpu_count() or 1, args.replicas)  # logical CPUs for the replicas
-    with serving(app_args, port=_free_port(), ray_options=ray_options) as url:
+    with serving(app_args, port=free_port(), ray_options=ray_options) as url:
         asyncio.run(soak(url, token, args))
 
 

@@ -122,7 +122,8 @@ class RunResult:
     residence_mean_ms: float | None
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback TCP port free right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -131,7 +132,7 @@ def _free_port() -> int:
 @contextlib.contextmanager
 def started_worker(args: argparse.Namespace, token: str) -> Iterator[str]:
     """``michi-worker`` in a subprocess on a free loopback port; yields its call URL."""
-    port = _free_port()
+    port = free_port()
     slots = args.slots or max(args.calls)
     command = [
         sys.executable, "-m", "pipecat_michi.worker.server", "--port", str(port), "--preset", args.preset,

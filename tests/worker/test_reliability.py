@@ -16,7 +16,7 @@ from websockets.exceptions import ConnectionClosed
 from pipecat_michi.engine.settings import SessionSettings
 from pipecat_michi.worker.client import RemoteWorker, WorkerConnectionError, WorkerUnavailableError
 from pipecat_michi.worker.protocol import MAX_MESSAGE_BYTES, AudioFrame, EndedMessage, encode_message
-from pipecat_michi.worker.server import WorkerConfig, running_worker
+from pipecat_michi.worker.server import running_worker
 from tests.support import eventually
 from tests.worker.test_server import (
     FRAME,
