@@ -72,8 +72,11 @@ class FlowHead(nn.Module):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Flow-matching loss for ``target`` latents ``[B, D]`` given ``cond [B, cond_dim]``."""
-        noise = torch.randn(target.shape, generator=generator, device=target.device, dtype=target.dtype)
-        t = torch.rand(target.shape[0], generator=generator, device=target.device, dtype=target.dtype)
+        # Drawn where the generator lives (training keeps one CPU generator for resumable
+        # randomness), then moved to the target's device.
+        where = generator.device if generator is not None else target.device
+        noise = torch.randn(target.shape, generator=generator, device=where, dtype=target.dtype).to(target.device)
+        t = torch.rand(target.shape[0], generator=generator, device=where, dtype=target.dtype).to(target.device)
         x_t = (1 - t[:, None]) * noise + t[:, None] * target
         return F.mse_loss(self.velocity(x_t, t, cond), target - noise)
 

@@ -48,5 +48,7 @@ class TrainConfig(BaseModel):
     adversarial_weight: float = Field(default=1.0, ge=0)
     feature_match_weight: float = Field(default=2.0, ge=0)
     discriminator_channels: int = Field(default=16, ge=1)
+    # auto: CUDA when present, else CPU. Training stays in float32 (no mixed precision yet).
+    device: str = "auto"
     checkpoint_every: int = Field(default=50, ge=1)
     seed: int = 0

@@ -50,6 +50,9 @@ class Batch:
     speak: torch.Tensor
     valid: torch.Tensor  # [B, F] bool
 
+    def to(self, device: torch.device) -> Batch:
+        return Batch(**{name: getattr(self, name).to(device) for name in self.__dataclass_fields__})
+
 
 def frame_tokens(
     words: list[WordTiming], tokenizer: Tokenizer, num_frames: int, frame_samples: int, lead_frames: int = 0

@@ -23,6 +23,7 @@ from pipecat_michi.model.checkpoint import (
 )
 from pipecat_michi.model.config import MichiConfig
 from pipecat_michi.model.michi import MichiModel
+from pipecat_michi.model.runtime import resolve_device
 from pipecat_michi.model.tokenizer import Tokenizer, load_tokenizer
 from pipecat_michi.train.adversarial import Adversary
 from pipecat_michi.train.config import TrainConfig
@@ -77,6 +78,7 @@ class Trainer:
         self.config = config
         config.out_dir.mkdir(parents=True, exist_ok=True)
         self.model, model_dir = build_model(config)
+        self.model.to(resolve_device(config.device))
         model_config = self.model.config
         self.tokenizer = load_tokenizer(model_config, model_dir)
         # Where the checkpoint's tokenizer.json comes from; the byte tokenizer needs no file.
@@ -127,8 +129,13 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr * min(1.0, (self.step + 1) / max(cfg.warmup_steps, 1))
         frames = cfg.codec_frames if cfg.stage == "codec" else cfg.max_frames
-        batch = sample_batch(self.examples, cfg.batch_size, frames, self.model.config.frame_samples, self.generator)
+        # Drawn on the CPU by the one generator (resumable), then moved to the model's device.
+        device = self.model.device
+        batch = sample_batch(
+            self.examples, cfg.batch_size, frames, self.model.config.frame_samples, self.generator
+        ).to(device)
         text = None if self.text is None else self.text.sample(cfg.text_batch_size, cfg.text_tokens, self.generator)
+        text = None if text is None else text.to(device)
         extra = {"adversary": self.adversary, "step": self.step} if self.adversary is not None else {}
         losses = self.stage.losses(self.model, batch, text, self.generator, self.weights, **extra)
         self.optimizer.zero_grad(set_to_none=True)
@@ -166,7 +173,9 @@ class Trainer:
         return out
 
     def _load_state(self) -> None:
-        state = torch.load(self.config.out_dir / TRAIN_STATE_FILE, weights_only=False)
+        # On the CPU: the generator state must be a CPU tensor; the optimizer moves its own state
+        # to its parameters' device.
+        state = torch.load(self.config.out_dir / TRAIN_STATE_FILE, map_location="cpu", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
