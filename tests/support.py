@@ -1,7 +1,8 @@
 """Test support: real uvicorn servers on loopback ports the OS picks, and bounded waits."""
 
 import asyncio
-from collections.abc import Callable
+import inspect
+from collections.abc import Awaitable, Callable
 
 from pipecat_michi.serving import serve_on_loopback
 
@@ -10,11 +11,22 @@ from pipecat_michi.serving import serve_on_loopback
 serve = serve_on_loopback
 
 
-async def eventually(condition: Callable[[], bool], timeout_s: float = 10.0, what: str = "condition") -> None:
-    """Wait until ``condition()`` holds, checking every 10 ms; fail after ``timeout_s``."""
+async def eventually(
+    condition: Callable[[], bool | Awaitable[bool]],
+    timeout_s: float = 10.0,
+    what: str = "condition",
+    poll_s: float = 0.01,
+) -> None:
+    """Wait until ``condition()`` holds (awaited when it returns an awaitable, e.g. a question
+    to Ray), checking every ``poll_s``; fail after ``timeout_s``."""
+
+    async def holds() -> bool:
+        result = condition()
+        return await result if inspect.isawaitable(result) else result
+
     try:
         async with asyncio.timeout(timeout_s):
-            while not condition():
-                await asyncio.sleep(0.01)
+            while not await holds():
+                await asyncio.sleep(poll_s)
     except TimeoutError:
         raise AssertionError(f"{what} did not hold within {timeout_s} s") from None

@@ -48,6 +48,7 @@ from pipecat_michi.worker.protocol import (
 from pipecat_michi.worker.server import WorkerConfig, create_app as create_worker_app
 from tests.agents.test_twilio import _config as twilio_config
 from tests.agents.test_twilio import _speech_8k
+from tests.support import eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -97,12 +98,8 @@ def served_in_thread(app) -> Iterator[str]:  # noqa: ANN001 - any ASGI app
 
 
 def _wait_until(condition, timeout_s: float, what: str) -> None:  # noqa: ANN001
-    done = threading.Event()
-    for _ in range(int(timeout_s / 0.02)):
-        if condition():
-            return
-        done.wait(0.02)
-    raise AssertionError(f"{what} did not hold within {timeout_s} s")
+    """``eventually`` from a test thread (the servers' loops run in threads of their own)."""
+    asyncio.run(eventually(condition, timeout_s, what))
 
 
 async def _until_closed(ws) -> int | None:  # noqa: ANN001 - a websockets connection

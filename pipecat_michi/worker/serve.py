@@ -53,7 +53,7 @@ from ray.exceptions import RayError
 from ray.serve.deployment import Application
 
 from pipecat_michi.worker.protocol import CALL_PATH
-from pipecat_michi.worker.server import WorkerConfig, WorkerConfigError, check_config, create_app
+from pipecat_michi.worker.server import WorkerConfig, WorkerConfigError, check_config, create_app, given_flags
 
 DEPLOYMENT_NAME: Final = "MichiWorker"
 # Serve names each replica's actor "SERVE_REPLICA::<app>#<deployment>#<id>" in this namespace.
@@ -265,27 +265,16 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _build_args(args: argparse.Namespace) -> dict[str, Any]:
-    serve_args: dict[str, Any] = {
-        name: value
-        for name, value in (
-            ("min_replicas", args.min_replicas),
-            ("max_replicas", args.max_replicas),
-            ("gpus_per_replica", args.gpus_per_replica),
-            ("cpus_per_replica", args.cpus_per_replica),
-        )
-        if value is not None
-    }
-    engine = {
-        name: value
-        for name, value in (
-            ("preset", args.preset),
-            ("checkpoint", args.checkpoint),
-            ("device", args.device),
-            ("slot_capacity", args.slots),
-            ("torch_threads", args.threads),
-        )
-        if value is not None
-    }
+    serve_args = given_flags(
+        min_replicas=args.min_replicas,
+        max_replicas=args.max_replicas,
+        gpus_per_replica=args.gpus_per_replica,
+        cpus_per_replica=args.cpus_per_replica,
+    )
+    engine = given_flags(
+        preset=args.preset, checkpoint=args.checkpoint, device=args.device, slot_capacity=args.slots,
+        torch_threads=args.threads,
+    )
     if engine:
         serve_args["worker"] = {"engine": engine}  # merged with MICHI_WORKER_ENGINE__* by pydantic-settings
     return serve_args

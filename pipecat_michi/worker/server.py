@@ -775,27 +775,21 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def given_flags(**flags: Any) -> dict[str, Any]:
+    """The command-line flags that were given (not ``None``): settings overrides, so that what
+    is left out still comes from the environment."""
+    return {name: value for name, value in flags.items() if value is not None}
+
+
 def main(argv: list[str] | None = None) -> None:
     """``michi-worker``: build the config from the environment and flags, serve until stopped."""
     args = _parse_args(argv)
-    overrides: dict[str, Any] = {
-        name: value
-        for name, value in (("host", args.host), ("port", args.port), ("token", args.token))
-        if value is not None
-    }
-    if args.allow_unauthenticated:
-        overrides["allow_unauthenticated"] = True
-    engine_overrides = {
-        name: value
-        for name, value in (
-            ("preset", args.preset),
-            ("checkpoint", args.checkpoint),
-            ("device", args.device),
-            ("dtype", args.dtype),
-            ("slot_capacity", args.slots),
-        )
-        if value is not None
-    }
+    overrides = given_flags(
+        host=args.host, port=args.port, token=args.token, allow_unauthenticated=args.allow_unauthenticated or None
+    )
+    engine_overrides = given_flags(
+        preset=args.preset, checkpoint=args.checkpoint, device=args.device, dtype=args.dtype, slot_capacity=args.slots
+    )
     if engine_overrides:
         overrides["engine"] = engine_overrides  # merged with MICHI_WORKER_ENGINE__* by pydantic-settings
     try:

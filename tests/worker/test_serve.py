@@ -24,6 +24,7 @@ from pipecat.tests.utils import SleepFrame, run_test
 from pipecat_michi.service import MichiLLMService, MichiServiceParams
 from pipecat_michi.worker.client import RemoteWorker, WorkerUnavailableError
 from pipecat_michi.worker.server import WorkerConfigError
+from tests.support import eventually
 
 ray = pytest.importorskip("ray")
 from pipecat_michi.worker.serve import (  # noqa: E402
@@ -133,16 +134,6 @@ async def _slots_in_use() -> list[int]:
     return sorted(s.slots_in_use for s in await _stats())
 
 
-async def _eventually_async(condition, timeout_s: float, what: str) -> None:  # noqa: ANN001 - async predicate
-    """Wait until ``await condition()`` holds (Ray answers are awaited, so ``eventually`` won't do)."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            while not await condition():
-                await asyncio.sleep(0.1)
-    except TimeoutError:
-        raise AssertionError(f"{what} did not happen within {timeout_s} s") from None
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 async def test_calls_spread_over_replicas_stick_to_them_and_a_full_app_refuses(serve_url: str) -> None:
@@ -168,7 +159,7 @@ async def test_calls_spread_over_replicas_stick_to_them_and_a_full_app_refuses(s
     async def freed() -> bool:
         return await _slots_in_use() == [0, 0]
 
-    await _eventually_async(freed, timeout_s=10, what="slots freed on both replicas")
+    await eventually(freed, timeout_s=10, what="slots freed on both replicas", poll_s=0.1)
 
 
 class KillReplicaAfter(FrameProcessor):
@@ -232,4 +223,4 @@ async def test_a_killed_replica_gives_the_pipeline_an_error_frame_and_new_calls_
         stats = await _stats()
         return len(stats) == 2 and killer.killed not in {s.actor_name for s in stats}
 
-    await _eventually_async(healed, timeout_s=120, what="a replacement replica")
+    await eventually(healed, timeout_s=120, what="a replacement replica", poll_s=0.5)
