@@ -64,12 +64,9 @@ def format_params(count: int) -> str:
 
 def prefilled_cache(model: MichiModel, template: SlotKVCache, batch: int, extra: int) -> SlotKVCache:
     """A ``batch``-slot cache whose every slot holds a copy of ``template``'s slot 0."""
-    length = int(template.lengths[0])
-    cache = model.new_cache(batch, capacity=length + extra)
-    cache.keys[:, :, :length] = template.keys[:, :1, :length]
-    cache.values[:, :, :length] = template.values[:, :1, :length]
-    cache.lengths[:] = template.lengths[0]
-    cache.positions[:] = template.positions[0]
+    cache = model.new_cache(batch, capacity=template.host_lengths[0] + extra)
+    for slot in range(batch):
+        cache.copy_slot(template, 0, slot)
     return cache
 
 

@@ -51,25 +51,25 @@ class SlotBatch:
         self.cache.reset(slot)
 
     def kv_length(self, slot: int) -> int:
-        return int(self.cache.lengths[slot])
+        return self.cache.host_lengths[slot]
 
     def _make_room(self, slot: int, needed: int) -> None:
         """Ring eviction: drop a block of the oldest unpinned entries when ``needed`` won't fit."""
         if self.cache.free_space(slot) >= needed:
             return
-        unpinned = self.kv_length(slot) - int(self.cache.pinned[slot])
+        unpinned = self.kv_length(slot) - self.cache.pinned[slot]
         block = max(needed - self.cache.free_space(slot), int(self._evict_fraction * self.kv_capacity))
         self.cache.evict(slot, min(block, unpinned))
         if self.cache.free_space(slot) < needed:
             raise ContextTooLongError(
                 f"{needed} entries do not fit a KV window of {self.kv_capacity} "
-                f"with {int(self.cache.pinned[slot])} pinned"
+                f"with {self.cache.pinned[slot]} pinned"
             )
 
     def check_injection(self, slot: int, token_count: int, pinned: bool) -> None:
         """Refuse text that cannot fit: pinned text may fill half the KV window; unpinned text
         half of what the pinned part leaves, so the call keeps room to hear and speak."""
-        pinned_now = int(self.cache.pinned[slot])
+        pinned_now = self.cache.pinned[slot]
         if pinned and pinned_now + token_count > self.kv_capacity // 2:
             raise ContextTooLongError(
                 f"pinned context of {pinned_now + token_count} tokens exceeds half the KV window "
@@ -90,7 +90,7 @@ class SlotBatch:
     @torch.no_grad()
     def prefill_voice(self, slot: int, wav: np.ndarray) -> int:
         frames = len(wav) // self.model.config.frame_samples
-        if int(self.cache.pinned[slot]) + frames > self.kv_capacity // 2:
+        if self.cache.pinned[slot] + frames > self.kv_capacity // 2:
             raise ContextTooLongError(f"a voice prompt of {frames} frames exceeds half the KV window")
         return self.model.prefill_voice(torch.from_numpy(wav), self.cache, slot)
 
@@ -98,16 +98,17 @@ class SlotBatch:
     def step(
         self, audio: np.ndarray, active: list[bool], sampling: Sampling, noise: StepNoise
     ) -> BatchStepOutput:
-        """Step rows ``0..len(active)-1``; ``audio [n, frame_samples]`` float32 in [-1, 1]."""
+        """Step rows ``0..len(active)-1``; ``audio [n, frame_samples]`` float32 in [-1, 1].
+
+        All bookkeeping (room, eviction) reads host-side lengths: no device sync per slot.
+        """
         n = len(active)
         for slot in range(n):
             if active[slot]:
                 self._make_room(slot, 1)
-        device = self.model.device
         rows = {key: value[:n] for key, value in self.state.items()}
-        active_mask = torch.tensor(active, device=device)
         out, new_rows = self.model.step(
-            torch.from_numpy(audio).to(device), rows, self.cache, sampling, noise, active=active_mask
+            torch.from_numpy(audio).to(self.model.device), rows, self.cache, sampling, noise, active=active
         )
         for key, value in new_rows.items():
             rows[key].copy_(value)
@@ -118,5 +119,5 @@ class SlotBatch:
             speak_prob=out.speak_prob.tolist(),
             speaking=out.speaking.tolist(),
             audio_pcm16=pcm,
-            kv_lengths=self.cache.lengths[:n].tolist(),
+            kv_lengths=self.cache.host_lengths[:n],
         )

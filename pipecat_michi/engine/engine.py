@@ -476,6 +476,9 @@ class DuplexEngine:
             drawn = StepNoise.draw([session.generator], latent_noise.shape[1])
             latent_noise[slot], uniform[slot] = drawn.latent_noise[0], drawn.text_uniform[0]
         device = self.model.device
-        sampling = Sampling(temperature.to(device), top_k.to(device), threshold.to(device), flow_steps.to(device))
+        sampling = Sampling(
+            temperature.to(device), top_k.to(device), threshold.to(device), flow_steps.to(device),
+            max_flow_steps=max(s.settings.flow_steps for s in ticking),
+        )
         return sampling, StepNoise(latent_noise.to(device), uniform.to(device))
 

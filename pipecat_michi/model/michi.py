@@ -14,6 +14,7 @@ generator, so a call's output never depends on which other calls share its batch
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,9 @@ class Sampling:
     top_k: torch.Tensor  # [B] long; 0 = no limit
     speak_threshold: torch.Tensor  # [B] float in (0, 1)
     flow_steps: int | torch.Tensor = 1  # one count, or [B] long
+    # The largest of ``flow_steps`` when it is a tensor, known on the host: the flow loop's
+    # length, without reading it back from the device every step.
+    max_flow_steps: int | None = None
 
     @classmethod
     def greedy(cls, batch_size: int, speak_threshold: float = 0.5, device=None) -> Sampling:  # noqa: ANN001
@@ -109,13 +113,14 @@ class MichiModel(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    # A norm's weight says where and in what dtype the model runs: linears may be quantized.
     @property
     def device(self) -> torch.device:
-        return self.latent_in.weight.device
+        return self.backbone.norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.latent_in.weight.dtype
+        return self.backbone.norm.weight.dtype
 
     def new_cache(self, num_slots: int, capacity: int | None = None) -> SlotKVCache:
         return self.backbone.new_cache(num_slots, capacity or self.config.kv_capacity)
@@ -139,25 +144,31 @@ class MichiModel(nn.Module):
         cache: SlotKVCache,
         sampling: Sampling,
         noise: StepNoise,
-        active: torch.Tensor | None = None,
+        active: Sequence[bool] | None = None,
+        key_count: int | None = None,
     ) -> tuple[StepOutput, StreamState]:
         """One frame for cache slots ``0..B-1``: ``user_audio [B, frame_samples]`` in [-1, 1].
 
         ``state`` rows are those ``B`` calls; it is not modified, the new state is returned.
-        Rows with ``active`` False keep their old state and KV length (their outputs are junk).
+        Rows with ``active`` False (a host-side list) keep their old state and KV length (their
+        outputs are junk). ``key_count``: see ``Backbone.forward_cached``.
         """
         batch = user_audio.shape[0]
+        active_mask = None if active is None else torch.tensor(list(active), dtype=torch.bool, device=self.device)
+        # The audio stays float32: the listening head's mel front-end runs in float32.
         (listen_embedding, transcript_logits, speak_logit), listen_state = self.listening.step(
-            user_audio.to(self.dtype), _sub(state, _LISTEN)
+            user_audio.to(self.device, torch.float32), _sub(state, _LISTEN)
         )
         embeds = (
             listen_embedding
             + self.latent_in(state["prev_latent"])
             + self.backbone.embed_tokens(state["prev_text"])
         )
-        hidden = self.backbone.forward_cached(embeds[:, None], cache, slice(0, batch), active)[:, 0]
+        hidden = self.backbone.forward_cached(
+            embeds[:, None], cache, slice(0, batch), active, active_mask, key_count
+        )[:, 0]
         text_tokens = sample_tokens(self.backbone.logits(hidden), sampling, noise.text_uniform)
-        latents = self.flow.sample(hidden, noise.latent_noise, sampling.flow_steps)
+        latents = self.flow.sample(hidden, noise.latent_noise, sampling.flow_steps, sampling.max_flow_steps)
         speak_prob = torch.sigmoid(speak_logit.float())
         speaking = speak_prob > sampling.speak_threshold
         # What the model hears of itself is what it actually played: silence while holding.
@@ -167,8 +178,8 @@ class MichiModel(nn.Module):
         new_state: StreamState = {"prev_latent": played, "prev_text": text_tokens}
         new_state.update({_LISTEN + k: v for k, v in listen_state.items()})
         new_state.update({_DECODER + k: v for k, v in decoder_state.items()})
-        if active is not None:
-            new_state = {k: _keep_inactive(v, state[k], active) for k, v in new_state.items()}
+        if active_mask is not None:
+            new_state = {k: _keep_inactive(v, state[k], active_mask) for k, v in new_state.items()}
         output = StepOutput(
             text_tokens=text_tokens,
             transcript_tokens=transcript_logits.argmax(dim=-1),
@@ -187,10 +198,10 @@ class MichiModel(nn.Module):
         unpinned entry so the pinned region stays a prefix.
         """
         if not token_ids:
-            return int(cache.lengths[slot])
+            return cache.host_lengths[slot]
         ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
         self._prefill(self.backbone.embed_tokens(ids), cache, slot, pinned)
-        return int(cache.lengths[slot])
+        return cache.host_lengths[slot]
 
     @torch.no_grad()
     def prefill_voice(self, wav: torch.Tensor, cache: SlotKVCache, slot: int) -> int:
@@ -205,11 +216,11 @@ class MichiModel(nn.Module):
         return frames
 
     def _prefill(self, embeds: torch.Tensor, cache: SlotKVCache, slot: int, pinned: bool) -> None:
-        if pinned and int(cache.pinned[slot]) != int(cache.lengths[slot]):
+        if pinned and cache.pinned[slot] != cache.host_lengths[slot]:
             raise ValueError("pinned context must be prefilled before any frame or unpinned text")
         self.backbone.forward_cached(embeds, cache, slice(slot, slot + 1))
         if pinned:
-            cache.pinned[slot] = cache.lengths[slot]
+            cache.pinned[slot] = cache.host_lengths[slot]
 
 
 def _sub(state: StreamState, prefix: str) -> StreamState:
