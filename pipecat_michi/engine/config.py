@@ -36,6 +36,10 @@ class EngineConfig(BaseModel):
     # Weight quantization for serving: "int8" stores every big linear as int8 weights with
     # per-row scales (model/quantize.py), 4x fewer bytes per step than float32.
     quantize: QuantizeMode = "none"
+    # torch.compile the step (CUDA: mode reduce-overhead, i.e. CUDA graphs). Batches are padded
+    # to fixed sizes (BATCH_BUCKETS) so calls coming and going never recompile, and every size
+    # is compiled when the engine starts, before a worker reports ready.
+    compile: bool = False
     seed: int = 0
     slot_capacity: int = Field(default=8, ge=1, le=1024)
     # KV entries per slot; None takes the model config's kv_capacity.

@@ -230,18 +230,25 @@ class Backbone(nn.Module):
         cache.check_room(rows, steps)
         if active is not None and active_mask is None:
             active_mask = torch.tensor(list(active), dtype=torch.bool, device=embeds.device)
+        hidden = self.forward_kv(embeds, cache, rows, key_count or cache.max_length(rows) + steps)
+        cache.advance(rows, steps, None if active is None else list(active), active_mask)
+        return hidden
+
+    def forward_kv(self, embeds: torch.Tensor, cache: SlotKVCache, rows: slice, key_count: int) -> torch.Tensor:
+        """The device half of ``forward_cached``: write the new keys at each row's length, attend
+        over the first ``key_count`` entries. No host bookkeeping and no device sync, so a
+        compiled step can contain it; the caller checks room and advances the lengths."""
+        steps = embeds.shape[1]
         lengths, positions = cache.lengths[rows], cache.positions[rows]
         offsets = torch.arange(steps, device=embeds.device)
         write_index = lengths[:, None] + offsets
         cos, sin = self.rotary(positions[:, None] + offsets)
-        key_count = key_count or cache.max_length(rows) + steps
         key_index = torch.arange(key_count, device=embeds.device)
         mask = key_index[None, None, :] <= write_index[:, :, None]
         x = embeds
         for layer_index, layer in enumerate(self.layers):
             layer_cache = (cache.keys[layer_index, rows], cache.values[layer_index, rows], write_index)
             x = layer(x, cos, sin, mask, layer_cache)
-        cache.advance(rows, steps, None if active is None else list(active), active_mask)
         return self.norm(x)
 
     def new_cache(

@@ -14,8 +14,8 @@ generator, so a call's output never depends on which other calls share its batch
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -109,6 +109,7 @@ class MichiModel(nn.Module):
         self.latent_in = nn.Linear(config.codec.latent_dim, hidden)
         self.flow = FlowHead(config.flow, config.codec.latent_dim, hidden)
         self.codec = Codec(config.codec)
+        self._compiled_step: Callable[..., tuple[StepOutput, StreamState]] | None = None
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -154,19 +155,56 @@ class MichiModel(nn.Module):
         outputs are junk). ``key_count``: see ``Backbone.forward_cached``.
         """
         batch = user_audio.shape[0]
+        rows = slice(0, batch)
+        cache.check_room(rows, 1)
         active_mask = None if active is None else torch.tensor(list(active), dtype=torch.bool, device=self.device)
+        if sampling.max_flow_steps is None and isinstance(sampling.flow_steps, torch.Tensor):
+            sampling = replace(sampling, max_flow_steps=int(sampling.flow_steps.max()))
+        step = self._compiled_step or self._device_step
         # The audio stays float32: the listening head's mel front-end runs in float32.
+        output, new_state = step(
+            user_audio.to(self.device, torch.float32), state, cache, sampling, noise, active_mask,
+            key_count or cache.max_length(rows) + 1,
+        )
+        cache.advance(rows, 1, None if active is None else list(active), active_mask)
+        return output, new_state
+
+    @property
+    def step_is_compiled(self) -> bool:
+        return self._compiled_step is not None
+
+    def compile_step(self, mode: str | None = None, backend: str = "inductor") -> None:
+        """Run ``step``'s device half through ``torch.compile`` from now on.
+
+        Shapes are static (``dynamic=False``): one graph per batch size and ``key_count``, so a
+        caller pads batches to a few sizes and passes a fixed ``key_count`` (the engine does
+        both). ``mode="reduce-overhead"`` on CUDA replays the step as a CUDA graph.
+        """
+        # One graph per (batch bucket, flow step count) pair: more than the default limit of 8.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self._compiled_step = torch.compile(self._device_step, mode=mode, backend=backend, dynamic=False)
+
+    def _device_step(
+        self,
+        user_audio: torch.Tensor,
+        state: StreamState,
+        cache: SlotKVCache,
+        sampling: Sampling,
+        noise: StepNoise,
+        active_mask: torch.Tensor | None,
+        key_count: int,
+    ) -> tuple[StepOutput, StreamState]:
+        """The tensor work of ``step``: no host bookkeeping, no device sync (compilable)."""
+        batch = user_audio.shape[0]
         (listen_embedding, transcript_logits, speak_logit), listen_state = self.listening.step(
-            user_audio.to(self.device, torch.float32), _sub(state, _LISTEN)
+            user_audio, _sub(state, _LISTEN)
         )
         embeds = (
             listen_embedding
             + self.latent_in(state["prev_latent"])
             + self.backbone.embed_tokens(state["prev_text"])
         )
-        hidden = self.backbone.forward_cached(
-            embeds[:, None], cache, slice(0, batch), active, active_mask, key_count
-        )[:, 0]
+        hidden = self.backbone.forward_kv(embeds[:, None], cache, slice(0, batch), key_count)[:, 0]
         text_tokens = sample_tokens(self.backbone.logits(hidden), sampling, noise.text_uniform)
         latents = self.flow.sample(hidden, noise.latent_noise, sampling.flow_steps, sampling.max_flow_steps)
         speak_prob = torch.sigmoid(speak_logit.float())
