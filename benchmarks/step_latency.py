@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:1")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
     parser.add_argument("--quantize", default="none", choices=QUANTIZE_MODES, help="weight quantization")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the step (CUDA graphs on CUDA); compiling happens in the warm-up")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
@@ -109,7 +111,9 @@ def time_steps(model: MichiModel, template: SlotKVCache, batch: int, warmup: int
         noise = StepNoise.draw(generators, config.codec.latent_dim, device)
         synchronize(device)
         start = time.perf_counter()
-        _, state = model.step(user_audio, state, cache, sampling, noise)
+        # Compiled: attend over the whole cache, one shape every step (as the engine does).
+        key_count = cache.capacity if model.step_is_compiled else None
+        _, state = model.step(user_audio, state, cache, sampling, noise, key_count=key_count)
         synchronize(device)
         if index >= warmup:
             timings.append((time.perf_counter() - start) * 1000)
@@ -121,6 +125,8 @@ def bench_preset(name: str, args: argparse.Namespace, device: torch.device, dtyp
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     model = quantize_model(MichiModel(config).to(device=device, dtype=dtype).eval(), args.quantize)
+    if args.compile:
+        model.compile_step(mode="reduce-overhead" if device.type == "cuda" else None)
     parts = ", ".join(f"{part} {format_params(sum(p.numel() for p in module.parameters()))}"
                       for part, module in model.named_children())
     print(f"\n== {name}: {model.num_parameters():,} parameters ({parts}); "
@@ -170,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
     args.read_gbs = read_bandwidth_gbs(device)
     print(f"torch {torch.__version__}, device {device} ({where}), dtype {str(dtype).removeprefix('torch.')}, "
-          f"quantize {args.quantize}, {torch.get_num_threads()} threads, read bandwidth {args.read_gbs:.1f} GB/s")
+          f"quantize {args.quantize}{', compiled' if args.compile else ''}, {torch.get_num_threads()} threads, read bandwidth {args.read_gbs:.1f} GB/s")
     print("Columns: ms per duplex step (all calls of the batch together), p50/p99 over the timed steps; "
           "'x batch 1' = p50(batch B) / p50(batch 1); ms/call = p50 / B.")
     with torch.inference_mode():

@@ -141,8 +141,6 @@ class SlotBatch:
             if active[slot]:
                 self._make_room(slot, 1)
         rows = {key: value[:n] for key, value in self.state.items()}
-        if self.compiled:
-            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
         out, new_rows = self.model.step(
             torch.from_numpy(audio).to(self.model.device), rows, self.cache, sampling, noise, active=active,
             # A compiled step attends over the whole window: one shape, whatever the lengths.

@@ -161,6 +161,10 @@ class MichiModel(nn.Module):
         if sampling.max_flow_steps is None and isinstance(sampling.flow_steps, torch.Tensor):
             sampling = replace(sampling, max_flow_steps=int(sampling.flow_steps.max()))
         step = self._compiled_step or self._device_step
+        if self._compiled_step is not None:
+            # Under CUDA graphs the previous step's outputs may be overwritten now: callers copy
+            # what they keep (the engine copies the state into its slots) before the next step.
+            torch.compiler.cudagraph_mark_step_begin()
         # The audio stays float32: the listening head's mel front-end runs in float32.
         output, new_state = step(
             user_audio.to(self.device, torch.float32), state, cache, sampling, noise, active_mask,

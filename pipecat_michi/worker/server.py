@@ -771,6 +771,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", help="auto, float32, bfloat16, float16")
     parser.add_argument("--quantize", choices=QUANTIZE_MODES, help="weight quantization: none, int8")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the step (CUDA graphs on CUDA); compiles before /readyz is ready")
     parser.add_argument("--slots", type=int, help="slot capacity: concurrent calls")
     parser.add_argument("--log-level", default="info", help="uvicorn log level")
     return parser.parse_args(argv)
@@ -790,7 +792,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     engine_overrides = given_flags(
         preset=args.preset, checkpoint=args.checkpoint, device=args.device, dtype=args.dtype,
-        quantize=args.quantize, slot_capacity=args.slots,
+        quantize=args.quantize, compile=args.compile or None, slot_capacity=args.slots,
     )
     if engine_overrides:
         overrides["engine"] = engine_overrides  # merged with MICHI_WORKER_ENGINE__* by pydantic-settings

@@ -15,8 +15,9 @@ FRAME = 1920
 
 
 def _config(**overrides: object) -> EngineConfig:
-    return EngineConfig(preset="tiny", device="cpu", slot_capacity=4, kv_capacity=128, fill_after_ms=5000.0,
-                        **overrides)
+    settings: dict[str, object] = {"preset": "tiny", "device": "cpu", "slot_capacity": 4, "kv_capacity": 128,
+                                   "fill_after_ms": 5000.0}
+    return EngineConfig(**(settings | overrides))
 
 
 def _audio(seed: int, frames: int) -> np.ndarray:
