@@ -80,6 +80,7 @@ def test_batches_pad_to_the_next_size_up_to_the_slot_capacity() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # inductor compiles two batch sizes: about a minute each on 2 busy cores
 async def test_the_inductor_compiled_step_equals_eager() -> None:
     config = _config(compile=True, slot_capacity=2)
     async with DuplexEngine(config) as engine:
