@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Final
 
 import h11
 import uvicorn
+from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -120,3 +122,10 @@ async def serve_on_loopback(
             await asyncio.wait_for(serving, 30)
         finally:
             sock.close()
+
+
+def configure_production_logging(level: str = "INFO") -> None:
+    """loguru to stderr without ``diagnose``: its default handler prints local variables in
+    tracebacks, which puts tokens, prompts and callers' audio into the log of a failed call."""
+    logger.remove()
+    logger.add(sys.stderr, level=level.upper(), diagnose=False, backtrace=False)

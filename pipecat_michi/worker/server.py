@@ -51,7 +51,7 @@ from pipecat_michi.engine.engine import (
     SessionClosedError,
     StepResult,
 )
-from pipecat_michi.serving import ServerLimits
+from pipecat_michi.serving import ServerLimits, configure_production_logging
 from pipecat_michi.worker.metrics import WorkerMetrics, WorkerStats
 from pipecat_michi.worker.protocol import (
     CALL_PATH,
@@ -837,6 +837,7 @@ def given_flags(**flags: Any) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     """``michi-worker``: build the config from the environment and flags, serve until stopped."""
     args = _parse_args(argv)
+    configure_production_logging(args.log_level)
     overrides = given_flags(
         host=args.host, port=args.port, token=args.token, allow_unauthenticated=args.allow_unauthenticated or None
     )

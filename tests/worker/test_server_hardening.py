@@ -135,3 +135,27 @@ async def test_half_sent_headers_are_closed_and_health_still_answers() -> None:
             assert (await reader.read()).startswith(b"HTTP/1.1 200")
         for _, w in [*idle, (reader, writer)]:
             w.close()
+
+
+def test_production_logs_carry_no_local_variables(capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+
+    from loguru import logger
+
+    from pipecat_michi.serving import configure_production_logging
+
+    def fail(secret_token: str) -> None:
+        raise ValueError("boom")
+
+    configure_production_logging("info")
+    try:
+        try:
+            fail("s3cr3t-in-a-local")
+        except ValueError:
+            logger.exception("a call failed")
+        err = capsys.readouterr().err
+    finally:
+        logger.remove()
+        logger.add(sys.stderr)
+    assert "a call failed" in err and "ValueError: boom" in err
+    assert "s3cr3t-in-a-local" not in err
