@@ -20,7 +20,8 @@ import soxr
 import torch
 from loguru import logger
 
-from pipecat_michi.model.runtime import prepare_model_thread, resolve_device
+from pipecat_michi.model.quantize import QUANTIZE_MODES, quantize_model
+from pipecat_michi.model.runtime import prepare_model_thread, resolve_device, resolve_dtype
 from pipecat_michi.model.config import MichiConfig
 from pipecat_michi.model.michi import MichiModel, Sampling, StepNoise
 from pipecat_michi.model.tokenizer import StreamingDetokenizer, load_tokenizer
@@ -37,6 +38,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fast", action="store_true", help="step as fast as possible, not in real time")
     parser.add_argument("--device", default="cpu", help="cpu (the embedded default), auto or cuda")
     parser.add_argument("--seed", type=int, default=0, help="seeds the weights and the sampling noise")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
+    parser.add_argument("--quantize", default="none", choices=QUANTIZE_MODES, help="weight quantization")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the step (the first steps compile: use with --fast)")
     args = parser.parse_args(argv)
     if args.frames is not None and args.frames < 1:
         parser.error("--frames must be at least 1")
@@ -79,9 +84,13 @@ def main(argv: list[str] | None = None) -> None:
     prepare_model_thread()
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
-    model = MichiModel(config).to(device).eval()
+    dtype = resolve_dtype(args.dtype, device)
+    model = quantize_model(MichiModel(config).to(device, dtype).eval(), args.quantize)
+    if args.compile:
+        model.compile_step(mode="reduce-overhead" if device.type == "cuda" else None)
     tokenizer = load_tokenizer(config)
-    logger.info(f"tiny preset, {model.num_parameters():,} random parameters on {device}")
+    logger.info(f"tiny preset, {model.num_parameters():,} random parameters on {device} ({dtype}, "
+                f"quantize {args.quantize}{', compiled' if args.compile else ''})")
 
     caller = load_caller(args.wav, config.sample_rate_hz) if args.wav else synthetic_caller(config.sample_rate_hz)
     frames = to_frames(caller, config.frame_samples, args.frames)
@@ -120,7 +129,9 @@ def main(argv: list[str] | None = None) -> None:
         user_audio = torch.from_numpy(frame)[None].to(device)
         noise = StepNoise.draw([generator], config.codec.latent_dim, device)
         start = time.perf_counter()
-        out, state = model.step(user_audio, state, cache, sampling, noise)
+        # A compiled step attends over the whole window: one shape for every frame.
+        key_count = cache.capacity if args.compile else None
+        out, state = model.step(user_audio, state, cache, sampling, noise, key_count=key_count)
         bot_audio.append(out.audio[0].cpu().numpy())  # inside the timing: on CUDA this waits for the step
         step_ms.append((time.perf_counter() - start) * 1000)
         text = text_detok.push(int(out.text_tokens[0]))

@@ -282,9 +282,17 @@ class DuplexEngine:
         if self._model is None or self.tokenizer is None:
             self._model, self.tokenizer = await self._run(load_model, self.config)
         kv_capacity = self.config.kv_capacity or self._model.config.kv_capacity
+        if self.config.compile and not self._model.step_is_compiled:
+            self._model.compile_step(mode="reduce-overhead" if self._model.device.type == "cuda" else None)
         self._batch = await self._run(
-            SlotBatch, self._model, self.config.slot_capacity, kv_capacity, self.config.evict_fraction
+            SlotBatch, self._model, self.config.slot_capacity, kv_capacity, self.config.evict_fraction,
+            self.config.compile,
         )
+        if self.config.compile:
+            started = time.perf_counter()
+            await self._run(self._batch.warm_up)
+            logger.info(f"Compiled the step for batch sizes {self._batch.batch_sizes} "
+                        f"in {time.perf_counter() - started:.1f} s")
         self._tick_task = asyncio.create_task(self._tick_loop(), name="michi-engine-ticks")
         logger.info(f"Duplex engine ready: {self.config.slot_capacity} slots, KV window {kv_capacity}")
 
@@ -440,7 +448,7 @@ class DuplexEngine:
                     await session.close()
 
     async def _tick(self, ticking: list[EngineSession]) -> None:
-        rows = max(s.slot for s in ticking) + 1
+        rows = self._batch.rows_for(max(s.slot for s in ticking) + 1)
         audio = np.zeros((rows, self.frame_samples), dtype=np.float32)
         active = [False] * rows
         taken: list[tuple[EngineSession, int, bool]] = []
@@ -485,6 +493,9 @@ class DuplexEngine:
             drawn = StepNoise.draw([session.generator], latent_noise.shape[1])
             latent_noise[slot], uniform[slot] = drawn.latent_noise[0], drawn.text_uniform[0]
         device = self.model.device
-        sampling = Sampling(temperature.to(device), top_k.to(device), threshold.to(device), flow_steps.to(device))
+        sampling = Sampling(
+            temperature.to(device), top_k.to(device), threshold.to(device), flow_steps.to(device),
+            max_flow_steps=max(s.settings.flow_steps for s in ticking),
+        )
         return sampling, StepNoise(latent_noise.to(device), uniform.to(device))
 

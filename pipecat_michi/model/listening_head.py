@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipecat_michi.model.backbone import RotaryEmbedding, apply_rotary
+from pipecat_michi.model.backbone import Float32Buffers, RotaryEmbedding, apply_rotary
 from pipecat_michi.model.config import ListeningHeadConfig
 
 StreamState = dict[str, torch.Tensor]
@@ -39,8 +39,12 @@ def mel_filterbank(n_fft: int, n_mels: int, sample_rate_hz: int) -> torch.Tensor
     return filters * (2.0 / (upper - lower))  # Slaney area normalisation
 
 
-class StreamingLogMel(nn.Module):
-    """Log-mel of each frame, carrying ``n_fft - hop`` samples of history between frames."""
+class StreamingLogMel(Float32Buffers):
+    """Log-mel of each frame, carrying ``n_fft - hop`` samples of history between frames.
+
+    Computed in float32 whatever the model's dtype (``log10`` of small powers and the STFT
+    lose too much in bf16); the caller casts the features to the encoder's dtype.
+    """
 
     def __init__(self, cfg: ListeningHeadConfig, frame_samples: int, sample_rate_hz: int) -> None:
         super().__init__()
@@ -117,9 +121,16 @@ class ListeningHead(nn.Module):
         self.transcript_head = nn.Linear(cfg.d_model, vocab_size)
         self.speak_head = nn.Linear(cfg.d_model, 1)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The encoder's compute dtype (a norm's: linears may be quantized)."""
+        return self.final_norm.weight.dtype
+
     def _tokens(self, mel: torch.Tensor) -> torch.Tensor:
+        """float32 log-mel ``[B, hops, n_mels]`` -> stem tokens ``[B, frames, d_model]``."""
         batch, hops, n_mels = mel.shape
-        return self.stem(mel.reshape(batch, hops // self.mels_per_frame, self.mels_per_frame * n_mels))
+        flat = mel.reshape(batch, hops // self.mels_per_frame, self.mels_per_frame * n_mels)
+        return self.stem(flat.to(self.dtype))
 
     def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = self.final_norm(x)
@@ -131,7 +142,7 @@ class ListeningHead(nn.Module):
         if wav.shape[-1] % self.frame_samples:
             raise ValueError(f"audio length {wav.shape[-1]} is not a multiple of {self.frame_samples}")
         padded = F.pad(wav, (self.log_mel.history, 0))
-        x = self._tokens(self.log_mel.features(padded)).to(self.stem[0].weight.dtype)
+        x = self._tokens(self.log_mel.features(padded))
         frames = x.shape[1]
         positions = torch.arange(frames, device=wav.device)
         cos, sin = self.rotary(positions.expand(wav.shape[0], frames))
@@ -147,12 +158,13 @@ class ListeningHead(nn.Module):
         self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None
     ) -> StreamState:
         """Zero state = a fresh stream (silence before the call, empty attention window)."""
-        device = device or self.stem[0].weight.device
-        dtype = dtype or self.stem[0].weight.dtype
+        device = device or self.final_norm.weight.device
+        dtype = dtype or self.dtype
         window, heads = self.config.context_frames, self.config.num_heads
         head_dim = self.config.d_model // heads
         state: StreamState = {
-            "mel_history": torch.zeros(batch_size, self.log_mel.history, device=device),
+            # Raw audio for the float32 mel front-end, whatever the encoder's dtype.
+            "mel_history": torch.zeros(batch_size, self.log_mel.history, device=device, dtype=torch.float32),
             "frames_seen": torch.zeros(batch_size, dtype=torch.long, device=device),
         }
         for i in range(len(self.layers)):
@@ -166,7 +178,7 @@ class ListeningHead(nn.Module):
         """One frame ``[B, frame_samples]`` -> (embedding ``[B, H]``, transcript logits ``[B, V]``,
         speak logit ``[B]``) and the new state (the given one is not modified)."""
         padded = torch.cat([state["mel_history"], frame.float()], dim=-1)
-        x = self._tokens(self.log_mel.features(padded)).to(self.stem[0].weight.dtype)
+        x = self._tokens(self.log_mel.features(padded))
         seen = state["frames_seen"]
         window = self.config.context_frames
         cos, sin = self.rotary(seen[:, None])

@@ -14,7 +14,8 @@ generator, so a call's output never depends on which other calls share its batch
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -40,6 +41,9 @@ class Sampling:
     top_k: torch.Tensor  # [B] long; 0 = no limit
     speak_threshold: torch.Tensor  # [B] float in (0, 1)
     flow_steps: int | torch.Tensor = 1  # one count, or [B] long
+    # The largest of ``flow_steps`` when it is a tensor, known on the host: the flow loop's
+    # length, without reading it back from the device every step.
+    max_flow_steps: int | None = None
 
     @classmethod
     def greedy(cls, batch_size: int, speak_threshold: float = 0.5, device=None) -> Sampling:  # noqa: ANN001
@@ -105,17 +109,19 @@ class MichiModel(nn.Module):
         self.latent_in = nn.Linear(config.codec.latent_dim, hidden)
         self.flow = FlowHead(config.flow, config.codec.latent_dim, hidden)
         self.codec = Codec(config.codec)
+        self._compiled_step: Callable[..., tuple[StepOutput, StreamState]] | None = None
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    # A norm's weight says where and in what dtype the model runs: linears may be quantized.
     @property
     def device(self) -> torch.device:
-        return self.latent_in.weight.device
+        return self.backbone.norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.latent_in.weight.dtype
+        return self.backbone.norm.weight.dtype
 
     def new_cache(self, num_slots: int, capacity: int | None = None) -> SlotKVCache:
         return self.backbone.new_cache(num_slots, capacity or self.config.kv_capacity)
@@ -139,25 +145,72 @@ class MichiModel(nn.Module):
         cache: SlotKVCache,
         sampling: Sampling,
         noise: StepNoise,
-        active: torch.Tensor | None = None,
+        active: Sequence[bool] | None = None,
+        key_count: int | None = None,
     ) -> tuple[StepOutput, StreamState]:
         """One frame for cache slots ``0..B-1``: ``user_audio [B, frame_samples]`` in [-1, 1].
 
         ``state`` rows are those ``B`` calls; it is not modified, the new state is returned.
-        Rows with ``active`` False keep their old state and KV length (their outputs are junk).
+        Rows with ``active`` False (a host-side list) keep their old state and KV length (their
+        outputs are junk). ``key_count``: see ``Backbone.forward_cached``.
         """
         batch = user_audio.shape[0]
+        rows = slice(0, batch)
+        cache.check_room(rows, 1)
+        active_mask = None if active is None else torch.tensor(list(active), dtype=torch.bool, device=self.device)
+        if sampling.max_flow_steps is None and isinstance(sampling.flow_steps, torch.Tensor):
+            sampling = replace(sampling, max_flow_steps=int(sampling.flow_steps.max()))
+        step = self._compiled_step or self._device_step
+        if self._compiled_step is not None:
+            # Under CUDA graphs the previous step's outputs may be overwritten now: callers copy
+            # what they keep (the engine copies the state into its slots) before the next step.
+            torch.compiler.cudagraph_mark_step_begin()
+        # The audio stays float32: the listening head's mel front-end runs in float32.
+        output, new_state = step(
+            user_audio.to(self.device, torch.float32), state, cache, sampling, noise, active_mask,
+            key_count or cache.max_length(rows) + 1,
+        )
+        cache.advance(rows, 1, None if active is None else list(active), active_mask)
+        return output, new_state
+
+    @property
+    def step_is_compiled(self) -> bool:
+        return self._compiled_step is not None
+
+    def compile_step(self, mode: str | None = None, backend: str = "inductor") -> None:
+        """Run ``step``'s device half through ``torch.compile`` from now on.
+
+        Shapes are static (``dynamic=False``): one graph per batch size and ``key_count``, so a
+        caller pads batches to a few sizes and passes a fixed ``key_count`` (the engine does
+        both). ``mode="reduce-overhead"`` on CUDA replays the step as a CUDA graph.
+        """
+        # One graph per (batch bucket, flow step count) pair: more than the default limit of 8.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self._compiled_step = torch.compile(self._device_step, mode=mode, backend=backend, dynamic=False)
+
+    def _device_step(
+        self,
+        user_audio: torch.Tensor,
+        state: StreamState,
+        cache: SlotKVCache,
+        sampling: Sampling,
+        noise: StepNoise,
+        active_mask: torch.Tensor | None,
+        key_count: int,
+    ) -> tuple[StepOutput, StreamState]:
+        """The tensor work of ``step``: no host bookkeeping, no device sync (compilable)."""
+        batch = user_audio.shape[0]
         (listen_embedding, transcript_logits, speak_logit), listen_state = self.listening.step(
-            user_audio.to(self.dtype), _sub(state, _LISTEN)
+            user_audio, _sub(state, _LISTEN)
         )
         embeds = (
             listen_embedding
             + self.latent_in(state["prev_latent"])
             + self.backbone.embed_tokens(state["prev_text"])
         )
-        hidden = self.backbone.forward_cached(embeds[:, None], cache, slice(0, batch), active)[:, 0]
+        hidden = self.backbone.forward_kv(embeds[:, None], cache, slice(0, batch), key_count)[:, 0]
         text_tokens = sample_tokens(self.backbone.logits(hidden), sampling, noise.text_uniform)
-        latents = self.flow.sample(hidden, noise.latent_noise, sampling.flow_steps)
+        latents = self.flow.sample(hidden, noise.latent_noise, sampling.flow_steps, sampling.max_flow_steps)
         speak_prob = torch.sigmoid(speak_logit.float())
         speaking = speak_prob > sampling.speak_threshold
         # What the model hears of itself is what it actually played: silence while holding.
@@ -167,8 +220,8 @@ class MichiModel(nn.Module):
         new_state: StreamState = {"prev_latent": played, "prev_text": text_tokens}
         new_state.update({_LISTEN + k: v for k, v in listen_state.items()})
         new_state.update({_DECODER + k: v for k, v in decoder_state.items()})
-        if active is not None:
-            new_state = {k: _keep_inactive(v, state[k], active) for k, v in new_state.items()}
+        if active_mask is not None:
+            new_state = {k: _keep_inactive(v, state[k], active_mask) for k, v in new_state.items()}
         output = StepOutput(
             text_tokens=text_tokens,
             transcript_tokens=transcript_logits.argmax(dim=-1),
@@ -187,10 +240,10 @@ class MichiModel(nn.Module):
         unpinned entry so the pinned region stays a prefix.
         """
         if not token_ids:
-            return int(cache.lengths[slot])
+            return cache.host_lengths[slot]
         ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
         self._prefill(self.backbone.embed_tokens(ids), cache, slot, pinned)
-        return int(cache.lengths[slot])
+        return cache.host_lengths[slot]
 
     @torch.no_grad()
     def prefill_voice(self, wav: torch.Tensor, cache: SlotKVCache, slot: int) -> int:
@@ -214,11 +267,11 @@ class MichiModel(nn.Module):
         self._prefill(embeds, cache, slot, pinned=True)
 
     def _prefill(self, embeds: torch.Tensor, cache: SlotKVCache, slot: int, pinned: bool) -> None:
-        if pinned and int(cache.pinned[slot]) != int(cache.lengths[slot]):
+        if pinned and cache.pinned[slot] != cache.host_lengths[slot]:
             raise ValueError("pinned context must be prefilled before any frame or unpinned text")
         self.backbone.forward_cached(embeds, cache, slice(slot, slot + 1))
         if pinned:
-            cache.pinned[slot] = cache.lengths[slot]
+            cache.pinned[slot] = cache.host_lengths[slot]
 
 
 def _sub(state: StreamState, prefix: str) -> StreamState:

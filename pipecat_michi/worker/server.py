@@ -42,7 +42,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.websockets import WebSocketDisconnect
 
 from pipecat_michi.engine.batch import ContextTooLongError
-from pipecat_michi.engine.config import EngineConfig
+from pipecat_michi.engine.config import QUANTIZE_MODES, EngineConfig
 from pipecat_michi.engine.engine import (
     DuplexEngine,
     EngineFullError,
@@ -823,6 +823,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", type=Path, help="MichiAI checkpoint directory (wins over --preset)")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", help="auto, float32, bfloat16, float16")
+    parser.add_argument("--quantize", choices=QUANTIZE_MODES, help="weight quantization: none, int8")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the step (CUDA graphs on CUDA); compiles before /readyz is ready")
     parser.add_argument("--slots", type=int, help="slot capacity: concurrent calls")
     parser.add_argument("--log-level", default="info", help="uvicorn log level")
     return parser.parse_args(argv)
@@ -842,7 +845,8 @@ def main(argv: list[str] | None = None) -> None:
         host=args.host, port=args.port, token=args.token, allow_unauthenticated=args.allow_unauthenticated or None
     )
     engine_overrides = given_flags(
-        preset=args.preset, checkpoint=args.checkpoint, device=args.device, dtype=args.dtype, slot_capacity=args.slots
+        preset=args.preset, checkpoint=args.checkpoint, device=args.device, dtype=args.dtype,
+        quantize=args.quantize, compile=args.compile or None, slot_capacity=args.slots,
     )
     if engine_overrides:
         overrides["engine"] = engine_overrides  # merged with MICHI_WORKER_ENGINE__* by pydantic-settings

@@ -4,6 +4,7 @@ import asyncio
 
 import numpy as np
 import pytest
+import torch
 
 from pipecat_michi.engine.config import EngineConfig
 from pipecat_michi.engine.engine import (
@@ -193,3 +194,13 @@ async def test_an_injection_too_long_for_the_window_is_refused_whole() -> None:
         assert engine.kv_length(session) == 0  # no chunk of either stayed behind
         result = await session.inject_text("short", pinned=True)
         assert result.kv_length == result.token_count
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+async def test_a_call_runs_in_every_dtype(dtype: str) -> None:
+    async with DuplexEngine(_config(dtype=dtype)) as engine:
+        assert engine.model.dtype == getattr(torch, dtype)
+        results = await _call(engine, _audio(1, 5), seed=5, prompt="You are a helpful agent.")
+        assert engine._batch.cache.host_lengths[0] == 0  # the closed call's slot was reset
+    assert [r.frame_index for r in results] == list(range(5))
+    assert any(r.audio is not None for r in results) and all(r.kv_length for r in results)

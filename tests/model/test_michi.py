@@ -72,7 +72,7 @@ def test_inactive_rows_keep_state(model: MichiModel) -> None:
     cache, state = model.new_cache(2), model.init_state(2)
     noise = StepNoise.draw([torch.Generator().manual_seed(i) for i in range(2)], TINY.codec.latent_dim)
     _, new_state = model.step(torch.randn(2, FRAME) * 0.1, state, cache, Sampling.greedy(2), noise,
-                              active=torch.tensor([True, False]))
+                              active=[True, False])
     for key, value in new_state.items():
         torch.testing.assert_close(value[1], state[key][1], msg=key)
     assert cache.lengths.tolist() == [1, 0]

@@ -44,9 +44,11 @@ from pipecat.tests.utils import SleepFrame, run_test
 from service_fakes import FRAME, RATE, SILENT, ScriptedBackend, ScriptedCall, SpyBackend, Step
 
 from pipecat_michi.engine.call import DuplexBackend, LocalEngine
+from pipecat_michi.engine.engine import DuplexEngine
 from pipecat_michi.engine.settings import SessionSettingsUpdate
 from pipecat_michi.model.tokenizer import format_context
 from pipecat_michi.service import FRAME_INDEX_METADATA_KEY, MichiLLMService, MichiServiceParams, MichiSettings
+from tests.service.conftest import ENGINE_CONFIG
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -133,6 +135,20 @@ async def test_caller_audio_in_gives_bot_audio_text_and_upstream_transcripts(
     ended = index_of(up, TranscriptionFrame)  # when the bot took the floor
     assert up[ended].text == kinds(up[:ended], InterimTranscriptionFrame)[-1].text
     assert kinds(up, ProposedUserStartedSpeakingFrame) and kinds(up, ProposedUserStoppedSpeakingFrame)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+async def test_the_embedded_engine_in_half_precision_speaks(dtype: str) -> None:
+    engine = DuplexEngine(ENGINE_CONFIG.model_copy(update={"dtype": dtype}))
+    backend = LocalEngine(engine=engine)
+    await engine.start()
+    try:
+        service = MichiLLMService(backend, settings=SPEAKS, params=PATIENT)
+        down, up = await run(service, [*caller_audio(40), SleepFrame(0.3)])
+    finally:
+        await backend.close()
+    assert len(kinds(down, TTSAudioRawFrame)) >= 6 and kinds(down, TTSTextFrame)
+    assert kinds(up, InterimTranscriptionFrame)
 
 
 async def test_context_aggregators_record_both_sides_and_nothing_is_read_twice(backend: DuplexBackend) -> None:

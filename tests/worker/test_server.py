@@ -158,6 +158,15 @@ async def test_concurrent_calls_get_one_step_per_frame_in_order_equal_to_running
     assert any(r.bot_text for r in together_a + together_b)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+async def test_a_call_on_a_half_precision_worker(dtype: str) -> None:
+    async with _worker(engine={"dtype": dtype}) as worker:
+        call = await RemoteWorker(worker.url, TOKEN).open_call(SessionSettings(seed=5, speak_threshold=0.3))
+        results = await _stream(call, _audio(1, 4))
+    assert [r.frame_index for r in results] == list(range(4))
+    assert any(r.audio is not None and np.abs(r.audio).max() > 0 for r in results)
+
+
 # --- auth and admission -----------------------------------------------------------------------
 
 
