@@ -11,12 +11,21 @@ import numpy as np
 import soundfile
 import soxr
 from loguru import logger
-from pipecat.frames.frames import EndFrame, LLMRunFrame
+from pipecat.frames.frames import (
+    CancelFrame,
+    EndFrame,
+    EndWorkerFrame,
+    Frame,
+    InputAudioRawFrame,
+    LLMRunFrame,
+    StartFrame,
+)
 from pipecat.observers.base_observer import BaseObserver
 from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker, ProcessorUnusablePolicy
 from pipecat.workers.runner import WorkerRunner
 from pipecat.processors.aggregators.llm_context import LLMContext
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.processors.aggregators.llm_response_universal import LLMContextAggregatorPair
 from pipecat.transports.base_transport import BaseTransport
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
@@ -147,6 +156,49 @@ async def run_call_pipeline(
             await asyncio.gather(limit, return_exceptions=True)
         log.info("call ended")
     return caller_left
+
+
+class CallerSilenceWatchdog(FrameProcessor):
+    """Ends the call when no caller audio arrives for ``timeout_s``.
+
+    A phone line sends audio all the time (silence included), so a stream that stops sending
+    is dead or fake; without this it would hold a model slot until ``max_call_s``.
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__()
+        self._timeout_s = timeout_s
+        self._heard = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        if isinstance(frame, InputAudioRawFrame):
+            self._heard.set()
+        elif isinstance(frame, StartFrame) and self._task is None:
+            self._task = self.create_task(self._watch(), "caller-silence-watchdog")
+        elif isinstance(frame, (EndFrame, CancelFrame)):
+            await self._stop()
+        await self.push_frame(frame, direction)
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._heard.wait(), self._timeout_s)
+            except TimeoutError:
+                logger.warning(f"no caller audio for {self._timeout_s:g} s; ending the call")
+                await self.push_frame(EndWorkerFrame(), FrameDirection.UPSTREAM)
+                return
+            self._heard.clear()
+
+    async def _stop(self) -> None:
+        if self._task is not None:
+            await self.cancel_task(self._task)
+            self._task = None
+
+    async def cleanup(self) -> None:
+        await self._stop()
+        await super().cleanup()
 
 
 class RateLimitedLog:

@@ -34,7 +34,13 @@ from twilio.request_validator import RequestValidator
 from twilio.rest import Client
 from twilio.twiml.voice_response import Connect, Stream, VoiceResponse
 
-from agents.common import ObserverFactory, RateLimitedLog, michi_pipeline, run_call_pipeline
+from agents.common import (
+    CallerSilenceWatchdog,
+    ObserverFactory,
+    RateLimitedLog,
+    michi_pipeline,
+    run_call_pipeline,
+)
 from agents.twilio.config import TwilioAgentConfig
 from agents.twilio.security import (
     ACCOUNT_SID_PATTERN,
@@ -286,7 +292,8 @@ async def run_call(
             audio_in_enabled=True, audio_out_enabled=True, add_wav_header=False, serializer=serializer
         ),
     )
-    pipeline, _, _ = michi_pipeline(transport, config.backend, backend, DTMFLogger())
+    watchdog = CallerSilenceWatchdog(config.caller_silence_timeout_s)
+    pipeline, _, _ = michi_pipeline(transport, config.backend, backend, watchdog, DTMFLogger())
     params = PipelineParams(
         audio_in_sample_rate=TWILIO_SAMPLE_RATE_HZ, audio_out_sample_rate=TWILIO_SAMPLE_RATE_HZ, enable_metrics=True
     )

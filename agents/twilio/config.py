@@ -59,6 +59,8 @@ class TwilioAgentConfig(BaseSettings):
     # Calls answered and not yet streaming that are remembered (oldest forgotten first).
     max_pending_calls: int = Field(default=1024, ge=1)
     max_webhook_body_bytes: int = Field(default=MAX_WEBHOOK_BODY_BYTES, ge=1024)
+    # Twilio streams 20 ms of audio all the time; a stream silent this long is dead or fake.
+    caller_silence_timeout_s: float = Field(default=10.0, gt=0)
     server: ServerLimits = ServerLimits(max_ws_message_bytes=MAX_STREAM_MESSAGE_BYTES)
 
     @model_validator(mode="after")

@@ -252,3 +252,18 @@ async def test_barge_in_clears_twilio_playback_and_hanging_up_frees_the_call() -
         assert len(caller.log.bot_audio) > 0  # the bot had been speaking when it was cut off
         await caller.hang_up()
         await eventually(lambda: call.closed, what="the model call is closed after the caller hangs up")
+
+
+async def test_a_stream_that_stops_sending_audio_is_ended_and_hung_up() -> None:
+    """Issue 12 finding 5, the agent's side: a media stream that goes quiet (no media at all,
+    which a live phone line never does) is ended instead of holding its model slot."""
+    backend = ScriptedBackend(ScriptedCall([Step()] * 400))
+    async with twilio_rest_api() as (api_host, api_requests):
+        config = _signed_config(api_host, caller_silence_timeout_s=1.0)
+        async with serve(create_app(config, backend=backend)) as host:
+            caller = await _dial(host)
+            await caller.connect()
+            await caller.send_audio(_speech_8k(0.4))
+            await asyncio.wait_for(caller.closed.wait(), 15)  # then nothing more is sent
+            await eventually(lambda: backend.opened[0].closed, what="the model call is closed")
+    assert [path for _, path, _ in api_requests] == [f"/2010-04-01/Accounts/{ACCOUNT_SID}/Calls/{caller.call_sid}.json"]
