@@ -32,6 +32,8 @@ class ServerLimits(BaseModel):
         max_header_bytes: Largest request head; larger ones get 400.
         max_connections: Open connections plus running requests before new ones get 503
             (uvicorn's ``limit_concurrency``); keeps fds for ``/healthz`` and new calls.
+        max_ws_message_bytes: Largest WebSocket message (uvicorn's ``ws_max_size``, 1009
+            beyond); ``None`` leaves it to the caller.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -40,6 +42,7 @@ class ServerLimits(BaseModel):
     keep_alive_s: int = Field(default=5, ge=1)
     max_header_bytes: int = Field(default=MAX_HEADER_BYTES, ge=1024)
     max_connections: int = Field(default=256, ge=8)
+    max_ws_message_bytes: int | None = Field(default=None, ge=1024)
 
     def uvicorn_options(self) -> dict[str, Any]:
         """Keyword arguments for ``uvicorn.Config`` that apply these limits."""
@@ -48,12 +51,15 @@ class ServerLimits(BaseModel):
         class _Protocol(HeaderTimeoutH11Protocol):
             header_timeout_s = timeout_s
 
-        return {
+        options: dict[str, Any] = {
             "http": _Protocol,
             "timeout_keep_alive": self.keep_alive_s,
             "h11_max_incomplete_event_size": self.max_header_bytes,
             "limit_concurrency": self.max_connections,
         }
+        if self.max_ws_message_bytes is not None:
+            options["ws_max_size"] = self.max_ws_message_bytes
+        return options
 
 
 class HeaderTimeoutH11Protocol(H11Protocol):
