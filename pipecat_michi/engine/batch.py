@@ -123,10 +123,23 @@ class SlotBatch:
 
     @torch.no_grad()
     def prefill_voice(self, slot: int, wav: np.ndarray) -> int:
+        embeds = self.encode_voice(slot, wav)
+        self.prefill_voice_embeds(slot, embeds)
+        return embeds.shape[1]
+
+    @torch.no_grad()
+    def encode_voice(self, slot: int, wav: np.ndarray) -> torch.Tensor:
+        """A voice prompt's backbone inputs, checked against the window; prefill them with
+        ``prefill_voice_embeds``, in chunks between ticks."""
         frames = len(wav) // self.model.config.frame_samples
         if self.cache.pinned[slot] + frames > self.kv_capacity // 2:
             raise ContextTooLongError(f"a voice prompt of {frames} frames exceeds half the KV window")
-        return self.model.prefill_voice(torch.from_numpy(wav), self.cache, slot)
+        return self.model.encode_voice(torch.from_numpy(wav))
+
+    @torch.no_grad()
+    def prefill_voice_embeds(self, slot: int, embeds: torch.Tensor) -> int:
+        self.model.prefill_voice_embeds(embeds, self.cache, slot)
+        return self.kv_length(slot)
 
     @torch.no_grad()
     def step(

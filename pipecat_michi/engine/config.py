@@ -58,6 +58,8 @@ class EngineConfig(BaseModel):
     # Injected text is prefilled in chunks of this many tokens per tick, so a long document
     # never delays the batch by more than one chunk's prefill.
     prefill_chunk_tokens: int = Field(default=64, ge=1)
+    # Voice-prompt frames prefilled per job between ticks (a frame is one backbone position).
+    prefill_chunk_frames: int = Field(default=16, ge=1)
     # Intra-op threads of the model. None: all cores on a GPU machine; on CPU all but one, so
     # the event loop and the transports keep a core (on 2 cores, two model threads contending
     # with the loop stalled steps from ~6 ms to ~500 ms).

@@ -214,7 +214,16 @@ class EngineSession:
     async def prefill_voice(self, pcm: np.ndarray) -> int:
         """Zero-shot voice: prefill a reference clip (int16 or float32, 24 kHz). Returns frames."""
         samples = pcm.astype(np.float32) / 32768.0 if pcm.dtype == np.int16 else pcm.astype(np.float32)
-        return await self._engine._run(self._engine._batch.prefill_voice, self.slot, samples)
+        engine = self._engine
+        embeds = await engine._run(engine._batch.encode_voice, self.slot, samples)
+        # In chunks, each its own job on the model thread, like text injection: the other calls'
+        # ticks run between them, so a 30 s prompt delays them by one chunk, not the whole clip.
+        chunk = max(1, engine.config.prefill_chunk_frames)
+        for start in range(0, embeds.shape[1], chunk):
+            if self.closed:
+                raise SessionClosedError(f"session {self.session_id} closed during the voice prompt")
+            await engine._run(engine._batch.prefill_voice_embeds, self.slot, embeds[:, start : start + chunk])
+        return embeds.shape[1]
 
     def update_settings(self, update: SessionSettingsUpdate) -> None:
         self.settings = self.settings.updated(update)

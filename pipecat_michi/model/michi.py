@@ -249,13 +249,22 @@ class MichiModel(nn.Module):
     def prefill_voice(self, wav: torch.Tensor, cache: SlotKVCache, slot: int) -> int:
         """Zero-shot voice prompt: encode a reference clip (24 kHz, [-1, 1]) and prefill its
         latents, pinned, so the model continues in that voice. Returns the frames used."""
+        embeds = self.encode_voice(wav)
+        self.prefill_voice_embeds(embeds, cache, slot)
+        return embeds.shape[1]
+
+    def encode_voice(self, wav: torch.Tensor) -> torch.Tensor:
+        """The backbone inputs ``[1, frames, hidden]`` of a voice prompt (24 kHz, [-1, 1]), to
+        prefill whole or in chunks (``prefill_voice_embeds``)."""
         frames = wav.shape[-1] // self.config.frame_samples
         if frames == 0:
             raise ValueError(f"voice prompt shorter than one frame ({self.config.frame_samples} samples)")
         clip = wav[..., : frames * self.config.frame_samples].reshape(1, -1).to(self.device, self.dtype)
-        latents = self.codec.encoder(clip)
-        self._prefill(self.latent_in(latents), cache, slot, pinned=True)
-        return frames
+        return self.latent_in(self.codec.encoder(clip))
+
+    def prefill_voice_embeds(self, embeds: torch.Tensor, cache: SlotKVCache, slot: int) -> None:
+        """Prefill (pinned) consecutive frames of ``encode_voice``'s output."""
+        self._prefill(embeds, cache, slot, pinned=True)
 
     def _prefill(self, embeds: torch.Tensor, cache: SlotKVCache, slot: int, pinned: bool) -> None:
         if pinned and cache.pinned[slot] != cache.host_lengths[slot]:
