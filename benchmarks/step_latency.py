@@ -102,6 +102,8 @@ def time_steps(model: MichiModel, template: SlotKVCache, batch: int, warmup: int
         temperature=torch.full((batch,), 0.8, device=device),
         top_k=torch.full((batch,), 50, dtype=torch.long, device=device),
         speak_threshold=torch.full((batch,), config.speak_threshold, device=device),
+        # As the engine: an eager step knows every call's top_k bound, a compiled one sorts all.
+        max_top_k=None if model.step_is_compiled else 50,
     )
     generators = [torch.Generator().manual_seed(seed + row) for row in range(batch)]
     audio_generator = torch.Generator().manual_seed(seed)
