@@ -15,7 +15,7 @@ generator, so a call's output never depends on which other calls share its batch
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import nn
@@ -171,14 +171,17 @@ class MichiModel(nn.Module):
             sampling = replace(sampling, max_flow_steps=int(sampling.flow_steps.max()))
         step = self._compiled_step or self._device_step
         if self._compiled_step is not None:
-            # Under CUDA graphs the previous step's outputs may be overwritten now: callers copy
-            # what they keep (the engine copies the state into its slots) before the next step.
             torch.compiler.cudagraph_mark_step_begin()
         # The audio stays float32: the listening head's mel front-end runs in float32.
         output, new_state = step(
             user_audio.to(self.device, torch.float32), state, cache, sampling, noise, active_mask,
             key_count or cache.max_length(rows) + 1,
         )
+        if self._compiled_step is not None and self.device.type == "cuda":
+            # A CUDA graph's outputs live in its static memory, overwritten by the next replay:
+            # hand out copies, so a caller may feed this state to the next step or keep it.
+            output = StepOutput(**{f.name: getattr(output, f.name).clone() for f in fields(StepOutput)})
+            new_state = {key: value.clone() for key, value in new_state.items()}
         cache.advance(rows, 1, None if active is None else list(active), active_mask)
         return output, new_state
 
