@@ -48,6 +48,7 @@ from pipecat_michi.engine.engine import DuplexEngine
 from pipecat_michi.engine.settings import SessionSettingsUpdate
 from pipecat_michi.model.tokenizer import format_context
 from pipecat_michi.service import FRAME_INDEX_METADATA_KEY, MichiLLMService, MichiServiceParams, MichiSettings
+from pipecat_michi.service.turns import BotText
 from tests.service.conftest import ENGINE_CONFIG
 
 pytestmark = pytest.mark.timeout(60)
@@ -255,6 +256,22 @@ async def test_interruption_stops_bot_output_at_once_until_the_next_turn() -> No
     assert isinstance(down[resumed - 1], LLMFullResponseStartFrame)
     assert [f.text for f in kinds(down[resumed:], TTSTextFrame)] == ["c", "c"]
     assert len(kinds(down[resumed:], TTSAudioRawFrame)) == 2
+
+
+async def test_a_bot_text_filter_rewrites_or_drops_text_before_it_becomes_frames() -> None:
+    seen: list[BotText] = []
+
+    async def hide_calls(event: BotText) -> str:
+        seen.append(event)
+        return "" if event.text.startswith("<call>") else event.text.upper()
+
+    call = ScriptedCall([Step(True, "hi "), Step(True, "<call>x</call>"), Step(True, "there")])
+    service = MichiLLMService(ScriptedBackend(call), bot_text_filter=hide_calls)
+    down, _ = await run(service, [*model_frames(3), SleepFrame(0.2)])
+
+    assert [(e.text, e.frame_index) for e in seen] == [("hi ", 0), ("<call>x</call>", 1), ("there", 2)]
+    assert [f.text for f in kinds(down, TTSTextFrame)] == ["HI ", "THERE"]
+    assert [f.text for f in kinds(down, LLMTextFrame)] == ["HI ", "THERE"]
 
 
 async def test_model_yielding_to_the_user_broadcasts_an_interruption_and_ttfb_is_measured() -> None:
