@@ -59,14 +59,13 @@ from pipecat.services.llm_service import LLMService
 from pipecat.services.settings import LLMSettings
 from pipecat.turns.user_turn_strategies import ExternalUserTurnStrategies
 from pipecat.utils.time import time_now_iso8601
-from pipecat.utils.types import is_given
 
 from pipecat_michi.engine.call import DuplexBackend, DuplexCall, LocalEngine
 from pipecat_michi.engine.engine import InjectResult, StepResult
-from pipecat_michi.engine.settings import SessionSettings, SessionSettingsUpdate
+from pipecat_michi.engine.settings import SessionSettingsUpdate
 from pipecat_michi.service.audio import OutputResampler
 from pipecat_michi.service.context import Injection
-from pipecat_michi.service.settings import MichiServiceParams, MichiSettings
+from pipecat_michi.service.settings import SESSION_FIELDS, MichiServiceParams, MichiSettings
 from pipecat_michi.service.supervisor import CallSupervisor
 from pipecat_michi.service.turns import (
     BotAudio,
@@ -87,14 +86,6 @@ FRAME_INDEX_METADATA_KEY = "michi_frame_index"
 #: it), e.g. a tool-call parser that takes calls out of the model's text channel.
 BotTextFilter = Callable[[BotText], Awaitable[str]]
 
-# SessionSettings fields, settable through MichiSettings, with the type the engine wants.
-_SESSION_FIELDS: dict[str, type] = {
-    "temperature": float,
-    "top_k": int,
-    "flow_steps": int,
-    "speak_threshold": float,
-    "seed": int,
-}
 # LLMSettings fields LLMService itself reacts to.
 _BASE_FIELDS = {"filter_incomplete_user_turns", "user_turn_completion_config", "use_provider_thinking_default"}
 
@@ -179,23 +170,7 @@ class MichiLLMService(LLMService):
                 becomes frames and enters the context's record of what the bot said.
             **kwargs: Passed to ``LLMService``.
         """
-        defaults = SessionSettings()
-        store = MichiSettings(
-            model="michi",
-            system_instruction=system_instruction,
-            temperature=defaults.temperature,
-            max_tokens=None,
-            top_p=None,
-            top_k=defaults.top_k,
-            frequency_penalty=None,
-            presence_penalty=None,
-            seed=defaults.seed,
-            filter_incomplete_user_turns=False,
-            user_turn_completion_config=None,
-            use_provider_thinking_default=False,
-            flow_steps=defaults.flow_steps,
-            speak_threshold=defaults.speak_threshold,
-        )
+        store = MichiSettings.initial(system_instruction)
         if settings is not None:
             store.apply_update(settings)
         super().__init__(settings=store, **kwargs)
@@ -301,40 +276,30 @@ class MichiLLMService(LLMService):
         instruction = self._settings.system_instruction
         return instruction if isinstance(instruction, str) and instruction else None
 
-    def _session_settings(self) -> SessionSettings:
-        values = {}
-        for name, kind in _SESSION_FIELDS.items():
-            value = getattr(self._settings, name)
-            if is_given(value) and value is not None:
-                values[name] = kind(value)
-        return SessionSettings(**values)
+    def _session_settings(self) -> SessionSettingsUpdate:
+        return self._settings.session_update()
 
     async def _update_settings(self, delta: LLMSettings) -> dict[str, Any]:
         """Apply a settings delta; sampling fields reach the live call at once."""
         changed = await super()._update_settings(delta)
-        session_fields = [name for name in _SESSION_FIELDS if name in changed]
+        session_fields = [name for name in SESSION_FIELDS if name in changed]
         if session_fields:
             await self._update_call_settings(session_fields, changed)
         if "system_instruction" in changed and isinstance(self._settings.system_instruction, str):
             await self._supervisor.inject(Injection("system", self._settings.system_instruction))
         self._warn_unhandled_updated_settings(
-            changed.keys() - _SESSION_FIELDS.keys() - _BASE_FIELDS - {"system_instruction"}
+            changed.keys() - set(SESSION_FIELDS) - _BASE_FIELDS - {"system_instruction"}
         )
         return changed
 
     async def _update_call_settings(self, names: list[str], previous: dict[str, Any]) -> None:
-        values: dict[str, Any] = {}
         try:
-            for name in names:
-                value = getattr(self._settings, name)
-                if value is None and name != "seed":
-                    continue  # None: keep the call's value (only a null seed means "draw one")
-                values[name] = None if value is None else _SESSION_FIELDS[name](value)
-            update = SessionSettingsUpdate(**values)
-        except (TypeError, ValueError) as e:
+            update = self._settings.session_update(names)
+        except ValueError as e:
+            wanted = {name: getattr(self._settings, name) for name in names}
             for name in names:
                 setattr(self._settings, name, previous[name])
-            await self.push_error(error_msg=f"Invalid MichiAI settings {values or names}: {e}", exception=e)
+            await self.push_error(error_msg=f"Invalid MichiAI settings {wanted}: {e}", exception=e)
             return
         await self._supervisor.update_settings(update)
 

@@ -2,33 +2,80 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, fields, make_dataclass
+from typing import Any
 
 from pipecat.audio.resamplers.base_audio_resampler import SoxrQuality
 from pipecat.services.settings import LLMSettings
-from pipecat.utils.types import NOT_GIVEN, NotGiven
+from pipecat.utils.types import NOT_GIVEN, NotGiven, is_given
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipecat_michi.engine.settings import SessionSettings, SessionSettingsUpdate
 from pipecat_michi.service.audio import DEFAULT_QUALITY
 
 
+# LLMSettings already has temperature, top_k and seed; the other SessionSettings fields are
+# added here, so a new session setting is declared once, in SessionSettings.
+_LLM_FIELDS = {f.name for f in fields(LLMSettings)}
+_MichiSessionFields = make_dataclass(
+    "_MichiSessionFields",
+    [
+        (name, info.annotation | None | NotGiven, field(default_factory=lambda: NOT_GIVEN))
+        for name, info in SessionSettings.model_fields.items()
+        if name not in _LLM_FIELDS
+    ],
+    bases=(LLMSettings,),
+)
+
+#: The ``MichiSettings`` fields that are the call's ``SessionSettings``.
+SESSION_FIELDS: tuple[str, ...] = tuple(SessionSettings.model_fields)
+
+
 @dataclass
-class MichiSettings(LLMSettings):
+class MichiSettings(_MichiSessionFields):  # type: ignore[misc,valid-type]
     """Runtime-updatable settings of ``MichiLLMService``.
 
-    ``temperature``, ``top_k`` and ``seed`` (from ``LLMSettings``) and ``flow_steps``,
-    ``speak_threshold`` map onto the call's ``SessionSettings`` and change live with an
-    ``LLMUpdateSettingsFrame(delta=MichiSettings(...))``. A new ``system_instruction`` is
-    injected into the running call as a system turn. The other ``LLMSettings`` fields
-    (``max_tokens``, ``top_p``, penalties) do not apply to a duplex model and are ``None``.
-
-    Parameters:
-        flow_steps: Euler steps of the flow-matching speaking head per frame.
-        speak_threshold: Speak probability above which the model takes the turn.
+    Every ``SessionSettings`` field (``temperature``, ``top_k``, ``seed`` from ``LLMSettings``;
+    ``flow_steps``, ``speak_threshold`` and any later one added from ``SessionSettings``) maps
+    onto the call's settings and changes live with an
+    ``LLMUpdateSettingsFrame(delta=MichiSettings(...))``; ``None`` leaves the model's default
+    (a checkpoint's calibrated ``speak_threshold``). A new ``system_instruction`` is injected
+    into the running call as a system turn. The other ``LLMSettings`` fields (``max_tokens``,
+    ``top_p``, penalties) do not apply to a duplex model and are ``None``.
     """
 
-    flow_steps: int | None | NotGiven = field(default_factory=lambda: NOT_GIVEN)
-    speak_threshold: float | None | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+    @classmethod
+    def initial(cls, system_instruction: str | None) -> MichiSettings:
+        """Every field set, as Pipecat requires: session fields ``None`` (the model's defaults)."""
+        return cls(
+            model="michi",
+            system_instruction=system_instruction,
+            max_tokens=None,
+            top_p=None,
+            frequency_penalty=None,
+            presence_penalty=None,
+            filter_incomplete_user_turns=False,
+            user_turn_completion_config=None,
+            use_provider_thinking_default=False,
+            **dict.fromkeys(SESSION_FIELDS),
+        )
+
+    def session_update(self, changed: Iterable[str] | None = None) -> SessionSettingsUpdate:
+        """These settings as the call's ``SessionSettingsUpdate``. Raises ``ValueError`` when invalid.
+
+        ``changed`` ``None`` (opening a call): every field that is set; the rest take the
+        model's defaults. ``changed`` names (a live update): those fields, where ``None`` keeps
+        the call's value, except for ``seed``: ``None`` draws a new one. Validated in lax mode,
+        as ``LLMSettings`` values may be ``1`` for ``1.0``; the wire's strictness is the worker
+        protocol's business.
+        """
+        values: dict[str, Any] = {}
+        for name in SESSION_FIELDS if changed is None else changed:
+            value = getattr(self, name)
+            if is_given(value) and (value is not None or (changed is not None and name == "seed")):
+                values[name] = value
+        return SessionSettingsUpdate.model_validate(values, strict=False)
 
 
 class MichiServiceParams(BaseModel):

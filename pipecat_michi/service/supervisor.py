@@ -20,7 +20,7 @@ from pipecat.processors.aggregators.llm_context import LLMContext
 
 from pipecat_michi.engine.call import DuplexBackend, DuplexCall
 from pipecat_michi.engine.engine import InjectResult, SessionClosedError, StepResult
-from pipecat_michi.engine.settings import SessionSettings, SessionSettingsUpdate
+from pipecat_michi.engine.settings import SessionSettingsUpdate
 from pipecat_michi.service.audio import InputFramer
 from pipecat_michi.service.context import ContextSync, Injection
 from pipecat_michi.service.settings import MichiServiceParams
@@ -60,7 +60,8 @@ class CallSupervisor:
         backend: Where calls run.
         params: Timeouts, reconnect budget, held-frame bound, resampler quality.
         voice_prompt: Zero-shot voice of every call opened.
-        session_settings: The settings a new call opens with (read at each open).
+        session_settings: The settings a new call opens with, over the model's defaults (read at
+            each open).
         system_prompt: The system prompt a new call pins (read at each open).
         name: The service's name, for logs.
     """
@@ -71,7 +72,7 @@ class CallSupervisor:
         params: MichiServiceParams,
         *,
         voice_prompt: np.ndarray | None,
-        session_settings: Callable[[], SessionSettings],
+        session_settings: Callable[[], SessionSettingsUpdate],
         system_prompt: Callable[[], str | None],
         on_step: Callable[[StepResult, float | None], Awaitable[None]],
         on_call_opened: Callable[[DuplexCall], Awaitable[None]],

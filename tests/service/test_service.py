@@ -41,7 +41,7 @@ from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.aggregators.llm_response_universal import LLMContextAggregatorPair
 from pipecat.processors.frame_processor import FrameProcessor
 from pipecat.tests.utils import SleepFrame, run_test
-from service_fakes import FRAME, RATE, SILENT, ScriptedBackend, ScriptedCall, SpyBackend, Step
+from service_fakes import FRAME, RATE, SILENT, ScriptedBackend, ScriptedCall, SpyBackend, Step, model_frames
 
 from pipecat_michi.engine.call import DuplexBackend, LocalEngine
 from pipecat_michi.engine.engine import DuplexEngine
@@ -70,11 +70,6 @@ def caller_audio(chunks: int, rate: int = 16000, chunk_ms: int = 20, seed: int =
         )
         for _ in range(chunks)
     ]
-
-
-def model_frames(count: int) -> list[Frame]:
-    """Exactly one 24 kHz model frame each: one scripted step per frame."""
-    return [InputAudioRawFrame(audio=bytes(FRAME * 2), sample_rate=RATE, num_channels=1) for _ in range(count)]
 
 
 async def run(processor: FrameProcessor, frames: list[Frame], *, out_rate: int = 24000, metrics: bool = False):
