@@ -179,16 +179,9 @@ class HelloMessage(ControlMessage):
     """
 
     type: Literal["hello"] = "hello"
-<<<<<<< HEAD
     # Required, so that absent never silently means "current".
     protocol_version: ProtocolVersion
-    session: SessionSettings = SessionSettings()
-=======
-    # PROTOCOL_VERSION as a literal: another version fails validation, and the decoder then
-    # reports UNSUPPORTED_VERSION. Required, so that absent never silently means "current".
-    protocol_version: Literal[1]
     session: SessionSettingsUpdate = SessionSettingsUpdate()
->>>>>>> struct
     system_prompt: Annotated[Text, Field(max_length=MAX_TEXT_CHARS)] | None = None
     voice_prompt_pcm_b64: VoicePromptB64 | None = None
 
