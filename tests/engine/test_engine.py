@@ -15,7 +15,7 @@ from pipecat_michi.engine.engine import (
     SessionClosedError,
     StepResult,
 )
-from pipecat_michi.engine.settings import SessionSettings
+from pipecat_michi.engine.settings import SessionSettingsUpdate
 from pipecat_michi.model.michi import Sampling, StepNoise
 
 FRAME = 1920
@@ -33,7 +33,7 @@ def _config(**overrides) -> EngineConfig:
 
 
 async def _call(engine: DuplexEngine, audio: np.ndarray, seed: int, prompt: str | None = None) -> list[StepResult]:
-    session = await engine.open_session(SessionSettings(seed=seed, speak_threshold=0.3), system_prompt=prompt)
+    session = await engine.open_session(SessionSettingsUpdate(seed=seed, speak_threshold=0.3), system_prompt=prompt)
     results = []
     for index, frame in enumerate(audio):
         session.push_audio(frame, index)
