@@ -94,6 +94,8 @@ SEND_BUFFER_BYTES: Final = 64 * 1024
 MAX_CALL_S: Final = 3600.0
 _MAX_TRACKED_ARRIVALS: Final = 256
 _OPEN_RATE_WINDOW_S: Final = 60.0
+# A token anyone could guess in a few thousand tries is no token: 16 characters at least.
+MIN_TOKEN_CHARS: Final = 16
 
 
 class WorkerConfigError(ValueError):
@@ -642,17 +644,24 @@ def check_config(config: WorkerConfig) -> None:
     """Refuse a configuration no worker may serve.
 
     Raises:
-        WorkerConfigError: No token and ``allow_unauthenticated`` is not set, or an empty token.
+        WorkerConfigError: No token and ``allow_unauthenticated`` is not set, or a token shorter
+            than ``MIN_TOKEN_CHARS``.
     """
     if config.token is None and not config.tenant_tokens and not config.allow_unauthenticated:
         raise WorkerConfigError(
             "no token: set MICHI_WORKER_TOKEN (or --token), or allow unauthenticated calls for local "
             "development (--allow-unauthenticated, MICHI_WORKER_ALLOW_UNAUTHENTICATED=1)"
         )
-    if config.token is not None and not config.token.get_secret_value().strip():
-        raise WorkerConfigError("the token is empty: set a long random MICHI_WORKER_TOKEN")
-    if any(not secret.get_secret_value().strip() for secret in config.tenant_tokens):
-        raise WorkerConfigError("a tenant token is empty: every one of MICHI_WORKER_TENANT_TOKENS must be long and random")
+    if config.token is not None and len(config.token.get_secret_value().strip()) < MIN_TOKEN_CHARS:
+        raise WorkerConfigError(
+            f"the token is shorter than {MIN_TOKEN_CHARS} characters: set a long random MICHI_WORKER_TOKEN "
+            "(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )
+    if any(len(secret.get_secret_value().strip()) < MIN_TOKEN_CHARS for secret in config.tenant_tokens):
+        raise WorkerConfigError(
+            f"a tenant token is shorter than {MIN_TOKEN_CHARS} characters: every one of "
+            "MICHI_WORKER_TENANT_TOKENS must be long and random"
+        )
 
 
 def create_app(config: WorkerConfig, engine: DuplexEngine | None = None) -> FastAPI:

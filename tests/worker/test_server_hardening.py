@@ -159,3 +159,11 @@ def test_production_logs_carry_no_local_variables(capsys: pytest.CaptureFixture[
         logger.add(sys.stderr)
     assert "a call failed" in err and "ValueError: boom" in err
     assert "s3cr3t-in-a-local" not in err
+
+
+@pytest.mark.parametrize("secret", [{"token": "x"}, {"token": "short-token"}, {"tenant_tokens": ["a" * 15]}])
+def test_short_tokens_are_refused_at_start(secret: dict) -> None:
+    from pipecat_michi.worker.server import WorkerConfigError, create_app
+
+    with pytest.raises(WorkerConfigError, match="shorter than 16"):
+        create_app(WorkerConfig(engine=EngineConfig(preset="tiny", device="cpu"), **secret))
