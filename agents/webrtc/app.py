@@ -38,9 +38,9 @@ from pipecat_ai_prebuilt.frontend import PipecatPrebuiltUI
 from pydantic import Field, SecretStr, TypeAdapter, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from agents.common import BackendSettings, RateLimitedLog, michi_pipeline, run_call_pipeline
+from agents.common import BackendSettings, michi_pipeline, run_call_pipeline
 from pipecat_michi.engine.call import DuplexBackend
-from pipecat_michi.serving import ServerLimits
+from pipecat_michi.serving import RateLimitedLog, ServerLimits
 
 # Sessions opened by /start that never made an offer are forgotten after this many.
 MAX_PENDING_SESSIONS = 256

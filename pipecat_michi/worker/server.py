@@ -51,7 +51,7 @@ from pipecat_michi.engine.engine import (
     SessionClosedError,
     StepResult,
 )
-from pipecat_michi.serving import ServerLimits, configure_production_logging
+from pipecat_michi.serving import RateLimitedLog, ServerLimits, configure_production_logging
 from pipecat_michi.worker.metrics import WorkerMetrics, WorkerStats
 from pipecat_michi.worker.protocol import (
     CALL_PATH,
@@ -202,6 +202,8 @@ class _Worker:
             for secret in (config.token, *config.tenant_tokens)
             if secret is not None
         ]
+        # Refusals of strangers are logged at a bounded rate: a token-guessing run is no log flood.
+        self.refusals = RateLimitedLog()
         # Per token id: monotonic times of its recent call opens (max_call_opens_per_minute).
         self._opens: dict[int, collections.deque[float]] = {}
 
@@ -294,7 +296,7 @@ class _CallHandler:
     async def handle(self) -> None:
         if self.token_id is None:
             # Before accept: the ASGI server answers the upgrade with HTTP 403.
-            self._log.warning("Refused a call: missing or wrong bearer token")
+            self._worker.refusals.warning("Refused a call: missing or wrong bearer token")
             await self._ws.close(code=CloseCode.POLICY_VIOLATION)
             return
         await self._ws.accept()

@@ -167,3 +167,22 @@ def test_short_tokens_are_refused_at_start(secret: dict) -> None:
 
     with pytest.raises(WorkerConfigError, match="shorter than 16"):
         create_app(WorkerConfig(engine=EngineConfig(preset="tiny", device="cpu"), **secret))
+
+
+async def test_refused_strangers_are_logged_at_a_bounded_rate() -> None:
+    from loguru import logger
+
+    lines: list[str] = []
+    sink = logger.add(lambda message: lines.append(str(message)), level="WARNING")
+    try:
+        async with running_worker(_config()) as worker:
+            for _ in range(25):
+                try:
+                    async with connect(worker.url, additional_headers={"Authorization": "Bearer guess"}):
+                        pass
+                except Exception:  # noqa: BLE001 - refused at the upgrade (HTTP 403), as expected
+                    pass
+    finally:
+        logger.remove(sink)
+    refusals = [line for line in lines if "wrong bearer token" in line]
+    assert 1 <= len(refusals) <= 10
