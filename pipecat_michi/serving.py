@@ -160,3 +160,53 @@ class RateLimitedLog:
             message += f" ({self._suppressed} similar line(s) suppressed)"
             self._suppressed = 0
         logger.warning(message)
+
+
+class BodyLimitMiddleware:
+    """ASGI middleware: HTTP request bodies over ``max_bytes`` get 413 -- by ``Content-Length``
+    before the app runs, and while streaming for a body without one (the app then sees the
+    client disconnect). Frameworks read a whole body before validating it; this bounds that."""
+
+    def __init__(self, app, max_bytes: int) -> None:  # noqa: ANN001 - any ASGI app
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001 - ASGI
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self._too_large(send)
+            return
+        received = 0
+        response_started = False
+
+        async def counting_receive():  # noqa: ANN202 - ASGI
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    if not response_started:
+                        await self._too_large(send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def tracking_send(message) -> None:  # noqa: ANN001 - ASGI
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                if received > self.max_bytes:
+                    return  # the 413 went out already
+                response_started = True
+            elif received > self.max_bytes and not response_started:
+                return
+            await send(message)
+
+        await self.app(scope, counting_receive, tracking_send)
+
+    async def _too_large(self, send) -> None:  # noqa: ANN001 - ASGI
+        body = f"request body over {self.max_bytes} bytes".encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
