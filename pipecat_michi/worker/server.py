@@ -57,6 +57,7 @@ from pipecat_michi.worker.protocol import (
     CALL_PATH,
     HANDSHAKE_TIMEOUT_S,
     IDLE_TIMEOUT_S,
+    MAX_FRAME_INDEX,
     MAX_MESSAGE_BYTES,
     MAX_TEXT_CHARS,
     PROTOCOL_VERSION,
@@ -494,6 +495,12 @@ class _CallHandler:
                 result = await session.receive()
             except SessionClosedError:
                 return self._session_lost()
+            if result.frame_index > MAX_FRAME_INDEX:
+                # Only a client that started near 2**32 gets here (a real call needs 10 years).
+                return _Ending(
+                    CloseCode.UNEXPECTED_MESSAGE,
+                    f"frame indexes ran past {MAX_FRAME_INDEX}: start at 0 (docs/protocol.md)",
+                )
             await self._send_bytes(encode_message(_step_message(result)))
             self._frames_sent += 1
             self._observe_residence(result)
