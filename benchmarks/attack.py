@@ -41,6 +41,7 @@ from pipecat_michi.serving import ServerLimits, serve_on_loopback
 from pipecat_michi.worker.protocol import (
     KIND_CONTROL,
     PROTOCOL_VERSION,
+    AudioFrame,
     EndMessage,
     HelloMessage,
     InjectTextMessage,
@@ -269,6 +270,23 @@ async def webrtc_broken_sdp(t: Targets) -> tuple[str, bool]:
     return f"HTTP {codes}", all(c in (200, 400) for c in codes)
 
 
+async def webrtc_big_bodies(t: Targets) -> tuple[str, bool]:
+    body = b"{" + b" " * 1_000_000 + b"}"
+    async with httpx.AsyncClient(base_url=f"http://{t.webrtc}", timeout=20) as http:
+        codes = [(await http.post("/api/offer", content=body, headers={"content-type": "application/json"})).status_code
+                 for _ in range(30)]
+    return f"HTTP {sorted(set(codes))} x{len(codes)}", set(codes) == {413}
+
+
+async def worker_frame_index_overflow(t: Targets) -> tuple[str, bool]:
+    async with connect(t.worker.url, additional_headers={"Authorization": f"Bearer {TOKEN}"}) as ws:
+        await ws.send(encode_message(HelloMessage(protocol_version=PROTOCOL_VERSION)))
+        await ws.recv()
+        await ws.send(encode_message(AudioFrame(frame_index=0xFFFF_FFFF, pcm=np.zeros(FRAME, np.int16))))
+        code, _ = await until_closed(ws)
+    return f"closed {code}", code == 4004
+
+
 async def worker_bad_hellos(t: Targets) -> tuple[str, bool]:
     """Low: strict protocol_version; voice prompts shorter than a frame; flow_steps over the cap."""
     hellos = [
@@ -361,9 +379,11 @@ ATTACKS: list[tuple[str, str, Callable[[Targets], Awaitable[tuple[str, bool]]]]]
     ("twilio: idle + half-sent heads (x40)", "all closed", slow_headers(lambda t: t.twilio)),
     ("webrtc: 8 racing offers, 4 fake pc_id", "<= 2 admitted, 404", webrtc_offer_race),
     ("webrtc: text/plain, foreign Origin", "415, 403, no docs", webrtc_csrf_and_types),
+    ("webrtc: 1 MB signalling bodies (x30)", "HTTP 413", webrtc_big_bodies),
     ("webrtc: SDP that trips aiortc", "400 (never 500)", webrtc_broken_sdp),
     ("webrtc: idle + half-sent heads (x40)", "all closed", slow_headers(lambda t: t.webrtc)),
     ("worker: bad hellos (x4)", "close 4000", worker_bad_hellos),
+    ("worker: first frame_index 0xFFFFFFFF", "close 4004 (not 1011)", worker_frame_index_overflow),
     ("worker: inject_text x5 then end", "5 answers", worker_injections_then_end),
     ("worker: idle + half-sent heads (x40)", "all closed", slow_headers(lambda t: t.worker.http_url.removeprefix("http://"))),
     ("twilio: stream goes silent", "ended, 1 REST hang-up", silent_stream),
