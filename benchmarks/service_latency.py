@@ -36,7 +36,7 @@ from pipecat.workers.runner import WorkerRunner  # noqa: E402
 
 from pipecat_michi.engine.call import DuplexBackend, LocalEngine  # noqa: E402
 from pipecat_michi.engine.config import EngineConfig  # noqa: E402
-from pipecat_michi.engine.settings import SessionSettings  # noqa: E402
+from pipecat_michi.engine.settings import SessionSettingsUpdate  # noqa: E402
 from pipecat_michi.service import FRAME_INDEX_METADATA_KEY, MichiLLMService, MichiSettings  # noqa: E402
 
 MODEL_RATE = 24000
@@ -114,7 +114,7 @@ async def paced(count: int, period_s: float):
 
 async def bare_call(backend: DuplexBackend, args: argparse.Namespace) -> tuple[list[float], list[float]]:
     """send_audio -> receive round trips on a call, paced at one frame per 80 ms."""
-    call = await backend.open_call(SessionSettings(seed=args.seed, speak_threshold=args.speak_threshold))
+    call = await backend.open_call(SessionSettingsUpdate(seed=args.seed, speak_threshold=args.speak_threshold))
     audio = noise(int(args.seconds * MODEL_RATE), MODEL_RATE, args.seed)
     first_step = step_count(backend)
     latencies = []

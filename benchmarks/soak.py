@@ -37,7 +37,7 @@ from loguru import logger
 sys.path.insert(0, str(Path(__file__).parent))
 from worker_load import FRAME_S, CallTrace, drive_call, free_port  # noqa: E402 - benchmarks are scripts, not a package
 
-from pipecat_michi.engine.settings import SessionSettings  # noqa: E402
+from pipecat_michi.engine.settings import SessionSettingsUpdate  # noqa: E402
 from pipecat_michi.worker.client import RemoteWorker, WorkerError, WorkerUnavailableError  # noqa: E402
 from pipecat_michi.worker.serve import ReplicaStats, replica_stats, serving  # noqa: E402
 
@@ -103,7 +103,7 @@ async def _caller(backend: RemoteWorker, loop_id: int, end_s: float, args: argpa
         frames = max(2, round(rng.uniform(*args.call_seconds) / FRAME_S))
         totals.placed += 1
         try:
-            call = await backend.open_call(SessionSettings(seed=rng.randrange(2**31), speak_threshold=0.3))
+            call = await backend.open_call(SessionSettingsUpdate(seed=rng.randrange(2**31), speak_threshold=0.3))
         except WorkerUnavailableError:
             totals.refused += 1
             await asyncio.sleep(0.5)  # every replica full: a real dialer would back off too

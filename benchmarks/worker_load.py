@@ -46,7 +46,7 @@ import numpy as np
 from loguru import logger
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipecat_michi.engine.settings import SessionSettings
+from pipecat_michi.engine.settings import SessionSettingsUpdate
 from pipecat_michi.worker.client import RemoteCall, RemoteWorker
 from pipecat_michi.worker.metrics import METRIC_PREFIX, StepMsSummary, WorkerStats
 from pipecat_michi.worker.protocol import CALL_PATH
@@ -243,7 +243,7 @@ async def run_calls(
     audio = (rng.standard_normal((calls, args.frames, 1920)) * 1000).astype(np.int16)
     before, residence_before = await _stats(http, token), await _residence_totals(http)
     opened = await asyncio.gather(
-        *(backend.open_call(SessionSettings(seed=args.seed + k, speak_threshold=0.3)) for k in range(calls))
+        *(backend.open_call(SessionSettingsUpdate(seed=args.seed + k, speak_threshold=0.3)) for k in range(calls))
     )
     start_s = time.perf_counter() + 0.3
     offsets = [phases.uniform(0, FRAME_S) if args.phases == "random" else 0.0 for _ in range(calls)]

@@ -33,7 +33,7 @@ from agents.webrtc.app import create_app as create_webrtc_app
 from pipecat_michi.engine.call import LocalEngine
 from pipecat_michi.engine.config import EngineConfig
 from pipecat_michi.engine.engine import DuplexEngine
-from pipecat_michi.engine.settings import SessionSettings
+from pipecat_michi.engine.settings import SessionSettingsUpdate
 from pipecat_michi.serving import serve_on_loopback
 from pipecat_michi.worker.protocol import (
     KIND_AUDIO,
@@ -116,7 +116,7 @@ async def _until_closed(ws) -> int | None:  # noqa: ANN001 - a websockets connec
 
 _hello = st.builds(
     lambda seed, threshold: encode_message(
-        HelloMessage(protocol_version=PROTOCOL_VERSION, session=SessionSettings(seed=seed, speak_threshold=threshold))
+        HelloMessage(protocol_version=PROTOCOL_VERSION, session=SessionSettingsUpdate(seed=seed, speak_threshold=threshold))
     ),
     st.integers(0, 2**31),
     st.floats(0.01, 0.99),
@@ -180,7 +180,7 @@ def test_the_worker_still_serves_after_the_fuzzing(worker_host) -> None:
     async def call() -> None:
         from pipecat_michi.worker.client import RemoteWorker
 
-        remote = await RemoteWorker(f"ws://{host}/v1/call", TOKEN).open_call(SessionSettings(seed=0))
+        remote = await RemoteWorker(f"ws://{host}/v1/call", TOKEN).open_call(SessionSettingsUpdate(seed=0))
         await remote.send_audio(np.zeros(FRAME, dtype=np.int16), 0)
         assert (await remote.receive(timeout=10)).frame_index == 0
         await remote.close()

@@ -148,11 +148,12 @@ class SlotBatch:
         """Step rows ``0..len(active)-1``; ``audio [n, frame_samples]`` float32 in [-1, 1].
 
         All bookkeeping (room, eviction) reads host-side lengths: no device sync per slot.
+        Inactive rows get room too: their junk key is written at their length as well, and a
+        live call left full by its last step may sit out a catch-up tick.
         """
         n = len(active)
         for slot in range(n):
-            if active[slot]:
-                self._make_room(slot, 1)
+            self._make_room(slot, 1)
         rows = {key: value[:n] for key, value in self.state.items()}
         out, new_rows = self.model.step(
             torch.from_numpy(audio).to(self.model.device), rows, self.cache, sampling, noise, active=active,

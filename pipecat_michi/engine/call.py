@@ -13,7 +13,7 @@ import numpy as np
 
 from pipecat_michi.engine.config import EngineConfig
 from pipecat_michi.engine.engine import DuplexEngine, EngineSession, InjectResult, StepResult
-from pipecat_michi.engine.settings import SessionSettings, SessionSettingsUpdate
+from pipecat_michi.engine.settings import SessionSettingsUpdate
 
 
 class DuplexCall(Protocol):
@@ -46,10 +46,13 @@ class DuplexBackend(Protocol):
 
     async def open_call(
         self,
-        settings: SessionSettings | None = None,
+        settings: SessionSettingsUpdate | None = None,
         system_prompt: str | None = None,
         voice_prompt: np.ndarray | None = None,
-    ) -> DuplexCall: ...
+    ) -> DuplexCall:
+        """Open a call. ``settings`` holds what differs from the model's defaults
+        (``DuplexEngine.session_defaults``: a checkpoint's calibrated speak threshold)."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -97,7 +100,7 @@ class LocalEngine:
 
     async def open_call(
         self,
-        settings: SessionSettings | None = None,
+        settings: SessionSettingsUpdate | None = None,
         system_prompt: str | None = None,
         voice_prompt: np.ndarray | None = None,
     ) -> LocalCall:

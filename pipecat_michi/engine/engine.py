@@ -333,6 +333,11 @@ class DuplexEngine:
         return self.model.config.codec.frame_ms
 
     @property
+    def session_defaults(self) -> SessionSettings:
+        """A call's settings where its opener sets none: the checkpoint's calibrated speak threshold."""
+        return SessionSettings(speak_threshold=self.model.config.speak_threshold)
+
+    @property
     def capacity(self) -> int:
         return self.config.slot_capacity
 
@@ -347,19 +352,20 @@ class DuplexEngine:
 
     async def open_session(
         self,
-        settings: SessionSettings | None = None,
+        settings: SessionSettingsUpdate | None = None,
         system_prompt: str | None = None,
         voice_prompt: np.ndarray | None = None,
     ) -> EngineSession:
         """Take a free slot (raises ``EngineFullError`` at once when none is left), then
-        prefill the voice prompt and the system prompt, both pinned."""
+        prefill the voice prompt and the system prompt, both pinned. ``settings`` override
+        ``session_defaults``."""
         if self._tick_task is None:
             raise EngineError("the engine is not started")
         free = next((s for s in range(self.capacity) if s not in self._sessions), None)
         if free is None:
             self.stats.rejected_sessions += 1
             raise EngineFullError(f"all {self.capacity} slots are in use")
-        session = EngineSession(self, free, settings or SessionSettings())
+        session = EngineSession(self, free, self.session_defaults.updated(settings or SessionSettingsUpdate()))
         self._sessions[free] = session  # claimed before any await: no double allocation
         try:
             await self._run(self._batch.reset, free)

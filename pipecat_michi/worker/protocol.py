@@ -32,7 +32,7 @@ from pydantic import (
     model_validator,
 )
 
-from pipecat_michi.engine.settings import SessionSettings, SessionSettingsUpdate
+from pipecat_michi.engine.settings import SessionSettingsUpdate
 
 PROTOCOL_VERSION: Final = 1
 CALL_PATH: Final = "/v1/call"
@@ -174,7 +174,7 @@ class HelloMessage(ControlMessage):
 
     Parameters:
         protocol_version: Must equal ``PROTOCOL_VERSION``.
-        session: Initial sampling settings.
+        session: Sampling settings of the call; absent fields take the model's defaults.
         system_prompt: Text prefilled (pinned) before the first frame.
         voice_prompt_pcm_b64: Base64 of a PCM16 LE mono 24 kHz reference clip (at most
             ``MAX_VOICE_PROMPT_S``) whose voice the model speaks with; see ``encode_voice_prompt``.
@@ -183,7 +183,7 @@ class HelloMessage(ControlMessage):
     type: Literal["hello"] = "hello"
     # Required, so that absent never silently means "current".
     protocol_version: ProtocolVersion
-    session: SessionSettings = SessionSettings()
+    session: SessionSettingsUpdate = SessionSettingsUpdate()
     system_prompt: Annotated[Text, Field(max_length=MAX_TEXT_CHARS)] | None = None
     voice_prompt_pcm_b64: VoicePromptB64 | None = None
 

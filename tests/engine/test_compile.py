@@ -9,7 +9,7 @@ from torch._dynamo.utils import counters
 from pipecat_michi.engine.batch import SlotBatch
 from pipecat_michi.engine.config import EngineConfig, load_model
 from pipecat_michi.engine.engine import DuplexEngine, StepResult
-from pipecat_michi.engine.settings import SessionSettings
+from pipecat_michi.engine.settings import SessionSettingsUpdate
 
 FRAME = 1920
 
@@ -25,7 +25,7 @@ def _audio(seed: int, frames: int) -> np.ndarray:
 
 
 async def _calls(engine: DuplexEngine, count: int, frames: int) -> list[list[StepResult]]:
-    sessions = [await engine.open_session(SessionSettings(seed=i, speak_threshold=0.3)) for i in range(count)]
+    sessions = [await engine.open_session(SessionSettingsUpdate(seed=i, speak_threshold=0.3)) for i in range(count)]
 
     async def stream(session, audio: np.ndarray) -> list[StepResult]:  # noqa: ANN001
         results = []

@@ -9,7 +9,7 @@ import torch
 
 from pipecat_michi.engine.config import EngineConfig
 from pipecat_michi.engine.engine import DuplexEngine
-from pipecat_michi.engine.settings import SessionSettings
+from pipecat_michi.engine.settings import SessionSettingsUpdate
 from pipecat_michi.model.config import MichiConfig
 from pipecat_michi.model.michi import MichiModel
 from pipecat_michi.model.parity import compare, run_call, seeded_call_audio
@@ -49,7 +49,7 @@ async def test_a_cuda_graph_engine_gives_the_eager_engines_results() -> None:
         config = EngineConfig(preset="tiny", device="cuda", slot_capacity=4, kv_capacity=128,
                               fill_after_ms=5000.0, compile=compile_step)
         async with DuplexEngine(config) as engine:
-            session = await engine.open_session(SessionSettings(seed=3, speak_threshold=0.3))
+            session = await engine.open_session(SessionSettingsUpdate(seed=3, speak_threshold=0.3))
             results = []
             for index, frame in enumerate(audio):
                 session.push_audio(frame, index)

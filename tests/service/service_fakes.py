@@ -1,4 +1,5 @@
-"""Backends for the service tests: a scripted call (the edge cases) and a spy around a real one."""
+"""Backends for the service tests: a scripted call (the edge cases) and a spy around a real one;
+frames that each make exactly one model frame."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ import asyncio
 from dataclasses import dataclass, field
 
 import numpy as np
+from pipecat.frames.frames import Frame, InputAudioRawFrame
 
 from pipecat_michi.engine.call import DuplexBackend, DuplexCall
 from pipecat_michi.engine.engine import InjectResult, SessionClosedError, StepResult
-from pipecat_michi.engine.settings import SessionSettings, SessionSettingsUpdate
+from pipecat_michi.engine.settings import SessionSettingsUpdate
 
 FRAME = 1920
 RATE = 24000
@@ -121,10 +123,11 @@ class ScriptedBackend:
         self.pending = list(calls)
         self.opened: list[ScriptedCall] = []
         self.prompts: list[str | None] = []
+        self.settings: list[SessionSettingsUpdate | None] = []
 
     async def open_call(
         self,
-        settings: SessionSettings | None = None,
+        settings: SessionSettingsUpdate | None = None,
         system_prompt: str | None = None,
         voice_prompt: np.ndarray | None = None,
     ) -> ScriptedCall:
@@ -134,6 +137,7 @@ class ScriptedBackend:
         if isinstance(call, Exception):
             raise call
         self.prompts.append(system_prompt)
+        self.settings.append(settings)
         self.opened.append(call)
         return call
 
@@ -188,7 +192,7 @@ class SpyBackend:
 
     async def open_call(
         self,
-        settings: SessionSettings | None = None,
+        settings: SessionSettingsUpdate | None = None,
         system_prompt: str | None = None,
         voice_prompt: np.ndarray | None = None,
     ) -> SpyCall:
@@ -198,3 +202,8 @@ class SpyBackend:
 
     async def close(self) -> None:
         pass  # the fixture owns the inner backend
+
+
+def model_frames(count: int) -> list[Frame]:
+    """Exactly one 24 kHz model frame each: one scripted step per frame."""
+    return [InputAudioRawFrame(audio=bytes(FRAME * 2), sample_rate=RATE, num_channels=1) for _ in range(count)]

@@ -41,13 +41,14 @@ from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.aggregators.llm_response_universal import LLMContextAggregatorPair
 from pipecat.processors.frame_processor import FrameProcessor
 from pipecat.tests.utils import SleepFrame, run_test
-from service_fakes import FRAME, RATE, SILENT, ScriptedBackend, ScriptedCall, SpyBackend, Step
+from service_fakes import FRAME, RATE, SILENT, ScriptedBackend, ScriptedCall, SpyBackend, Step, model_frames
 
 from pipecat_michi.engine.call import DuplexBackend, LocalEngine
 from pipecat_michi.engine.engine import DuplexEngine
 from pipecat_michi.engine.settings import SessionSettingsUpdate
 from pipecat_michi.model.tokenizer import format_context
 from pipecat_michi.service import FRAME_INDEX_METADATA_KEY, MichiLLMService, MichiServiceParams, MichiSettings
+from pipecat_michi.service.turns import BotText
 from tests.service.conftest import ENGINE_CONFIG
 
 pytestmark = pytest.mark.timeout(60)
@@ -69,11 +70,6 @@ def caller_audio(chunks: int, rate: int = 16000, chunk_ms: int = 20, seed: int =
         )
         for _ in range(chunks)
     ]
-
-
-def model_frames(count: int) -> list[Frame]:
-    """Exactly one 24 kHz model frame each: one scripted step per frame."""
-    return [InputAudioRawFrame(audio=bytes(FRAME * 2), sample_rate=RATE, num_channels=1) for _ in range(count)]
 
 
 async def run(processor: FrameProcessor, frames: list[Frame], *, out_rate: int = 24000, metrics: bool = False):
@@ -255,6 +251,22 @@ async def test_interruption_stops_bot_output_at_once_until_the_next_turn() -> No
     assert isinstance(down[resumed - 1], LLMFullResponseStartFrame)
     assert [f.text for f in kinds(down[resumed:], TTSTextFrame)] == ["c", "c"]
     assert len(kinds(down[resumed:], TTSAudioRawFrame)) == 2
+
+
+async def test_a_bot_text_filter_rewrites_or_drops_text_before_it_becomes_frames() -> None:
+    seen: list[BotText] = []
+
+    async def hide_calls(event: BotText) -> str:
+        seen.append(event)
+        return "" if event.text.startswith("<call>") else event.text.upper()
+
+    call = ScriptedCall([Step(True, "hi "), Step(True, "<call>x</call>"), Step(True, "there")])
+    service = MichiLLMService(ScriptedBackend(call), bot_text_filter=hide_calls)
+    down, _ = await run(service, [*model_frames(3), SleepFrame(0.2)])
+
+    assert [(e.text, e.frame_index) for e in seen] == [("hi ", 0), ("<call>x</call>", 1), ("there", 2)]
+    assert [f.text for f in kinds(down, TTSTextFrame)] == ["HI ", "THERE"]
+    assert [f.text for f in kinds(down, LLMTextFrame)] == ["HI ", "THERE"]
 
 
 async def test_model_yielding_to_the_user_broadcasts_an_interruption_and_ttfb_is_measured() -> None:

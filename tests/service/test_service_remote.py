@@ -9,7 +9,7 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.tests.utils import SleepFrame
 
 from pipecat_michi.service import MichiLLMService
-from pipecat_michi.service.llm import MichiServiceParams
+from pipecat_michi.service import MichiServiceParams
 from pipecat_michi.worker.client import RemoteWorker
 from pipecat_michi.worker.server import WorkerConfig, running_worker
 from tests.service.conftest import ENGINE_CONFIG

@@ -13,7 +13,7 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from pipecat_michi.engine.config import EngineConfig
 from pipecat_michi.engine.engine import FrameOrderError, SessionClosedError
-from pipecat_michi.engine.settings import SessionSettings, SessionSettingsUpdate
+from pipecat_michi.engine.settings import SessionSettingsUpdate
 from pipecat_michi.worker.client import (
     RemoteWorker,
     WorkerAuthError,
@@ -123,7 +123,7 @@ async def test_a_call_streams_resets_updates_and_closes() -> None:
     async with running_worker(_config()) as worker:
         backend = RemoteWorker(worker.url, TOKEN, max_pending_steps=2)
         voice = np.zeros(2 * 1920, dtype=np.int16)  # two frames of reference voice
-        call = await backend.open_call(SessionSettings(seed=3), system_prompt="Be brief.", voice_prompt=voice)
+        call = await backend.open_call(SessionSettingsUpdate(seed=3), system_prompt="Be brief.", voice_prompt=voice)
         assert (call.frame_samples, call.sample_rate_hz) == (1920, 24000)
         with pytest.raises(ValueError, match="1920 samples"):
             await call.send_audio(SILENCE[:100])

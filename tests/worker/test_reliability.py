@@ -13,7 +13,7 @@ from loguru import logger
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from pipecat_michi.engine.settings import SessionSettings
+from pipecat_michi.engine.settings import SessionSettingsUpdate
 from pipecat_michi.worker.client import RemoteWorker, WorkerConnectionError, WorkerUnavailableError
 from pipecat_michi.worker.protocol import MAX_MESSAGE_BYTES, AudioFrame, EndedMessage, encode_message
 from pipecat_michi.worker.server import running_worker
@@ -84,7 +84,7 @@ async def test_no_token_reaches_the_logs() -> None:
 
 async def test_a_client_that_stops_reading_loses_its_oldest_steps_and_never_slows_another_call() -> None:
     # speak_threshold ~0: every STEP carries a frame of audio, so the stalled socket fills fast.
-    speaking = SessionSettings(seed=3, speak_threshold=0.001)
+    speaking = SessionSettingsUpdate(seed=3, speak_threshold=0.001)
     # The worker's small send buffer (send_buffer_bytes) and the client's fill within a few
     # dozen STEPs; then the stalled call's bounded output queue must start dropping.
     max_frames, frames_after_drops = 300, 40
@@ -147,7 +147,7 @@ async def test_a_restarted_worker_serves_new_calls_and_its_old_calls_end_with_10
     config = _config()
     backend = RemoteWorker(f"ws://127.0.0.1:{port}/v1/call", TOKEN, attempts=2, backoff_s=0.05)
     async with running_worker(config, port=port):
-        call = await backend.open_call(SessionSettings(seed=4))
+        call = await backend.open_call(SessionSettingsUpdate(seed=4))
         await call.send_audio(np.zeros(FRAME, dtype=np.int16))
         await call.receive(timeout=10)
     # The worker went away under the call: it ends with 1001, never hangs.
@@ -157,7 +157,7 @@ async def test_a_restarted_worker_serves_new_calls_and_its_old_calls_end_with_10
     with pytest.raises(WorkerUnavailableError):
         await backend.open_call()  # nothing listens on the port
     async with running_worker(config, port=port) as restarted:
-        again = await backend.open_call(SessionSettings(seed=4))  # same URL, same backend object
+        again = await backend.open_call(SessionSettingsUpdate(seed=4))  # same URL, same backend object
         await again.send_audio(np.zeros(FRAME, dtype=np.int16))
         assert (await again.receive(timeout=10)).frame_index == 0
         await again.close()

@@ -16,7 +16,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from pipecat_michi.engine.config import EngineConfig
 from pipecat_michi.engine.engine import StepResult
-from pipecat_michi.engine.settings import SessionSettings
+from pipecat_michi.engine.settings import SessionSettingsUpdate
 from pipecat_michi.model.tokenizer import format_context
 from pipecat_michi.worker.client import RemoteCall, RemoteWorker, WorkerError
 from pipecat_michi.worker.protocol import (
@@ -76,7 +76,7 @@ async def _recv(ws: ClientConnection) -> WorkerMessage:
 
 
 async def _ready(ws: ClientConnection) -> ReadyMessage:
-    await ws.send(_hello(session=SessionSettings(seed=1)))
+    await ws.send(_hello(session=SessionSettingsUpdate(seed=1)))
     ready = await _recv(ws)
     assert isinstance(ready, ReadyMessage), ready
     return ready
@@ -132,8 +132,8 @@ async def _stream(call: RemoteCall, audio: np.ndarray) -> list[StepResult]:
 
 async def test_concurrent_calls_get_one_step_per_frame_in_order_equal_to_running_alone() -> None:
     audio_a, audio_b = _audio(1, 8), _audio(2, 8)
-    settings_a = SessionSettings(seed=5, speak_threshold=0.3)
-    settings_b = SessionSettings(seed=6, speak_threshold=0.3)
+    settings_a = SessionSettingsUpdate(seed=5, speak_threshold=0.3)
+    settings_b = SessionSettingsUpdate(seed=6, speak_threshold=0.3)
     async with _worker() as worker:
         backend = RemoteWorker(worker.url, TOKEN)
         call_a = await backend.open_call(settings_a, system_prompt="You are a helpful agent.")
@@ -161,7 +161,7 @@ async def test_concurrent_calls_get_one_step_per_frame_in_order_equal_to_running
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 async def test_a_call_on_a_half_precision_worker(dtype: str) -> None:
     async with _worker(engine={"dtype": dtype}) as worker:
-        call = await RemoteWorker(worker.url, TOKEN).open_call(SessionSettings(seed=5, speak_threshold=0.3))
+        call = await RemoteWorker(worker.url, TOKEN).open_call(SessionSettingsUpdate(seed=5, speak_threshold=0.3))
         results = await _stream(call, _audio(1, 4))
     assert [r.frame_index for r in results] == list(range(4))
     assert any(r.audio is not None and np.abs(r.audio).max() > 0 for r in results)
@@ -317,7 +317,7 @@ async def test_an_abrupt_disconnect_frees_the_slot_within_a_second() -> None:
 
 async def test_injection_mid_call_grows_the_context_by_its_tokens_and_a_refusal_keeps_the_call() -> None:
     async with _worker(engine={"kv_capacity": 64}) as worker:
-        call = await RemoteWorker(worker.url, TOKEN).open_call(SessionSettings(seed=2))
+        call = await RemoteWorker(worker.url, TOKEN).open_call(SessionSettingsUpdate(seed=2))
         for frame in _audio(5, 2):
             await call.send_audio(frame)
             await call.receive(timeout=10)
