@@ -51,12 +51,13 @@ from pipecat_michi.engine.engine import (
     SessionClosedError,
     StepResult,
 )
-from pipecat_michi.serving import ServerLimits, configure_production_logging
+from pipecat_michi.serving import RateLimitedLog, ServerLimits, configure_production_logging
 from pipecat_michi.worker.metrics import WorkerMetrics, WorkerStats
 from pipecat_michi.worker.protocol import (
     CALL_PATH,
     HANDSHAKE_TIMEOUT_S,
     IDLE_TIMEOUT_S,
+    MAX_FRAME_INDEX,
     MAX_MESSAGE_BYTES,
     MAX_TEXT_CHARS,
     PROTOCOL_VERSION,
@@ -94,6 +95,8 @@ SEND_BUFFER_BYTES: Final = 64 * 1024
 MAX_CALL_S: Final = 3600.0
 _MAX_TRACKED_ARRIVALS: Final = 256
 _OPEN_RATE_WINDOW_S: Final = 60.0
+# A token anyone could guess in a few thousand tries is no token: 16 characters at least.
+MIN_TOKEN_CHARS: Final = 16
 
 
 class WorkerConfigError(ValueError):
@@ -200,6 +203,8 @@ class _Worker:
             for secret in (config.token, *config.tenant_tokens)
             if secret is not None
         ]
+        # Refusals of strangers are logged at a bounded rate: a token-guessing run is no log flood.
+        self.refusals = RateLimitedLog()
         # Per token id: monotonic times of its recent call opens (max_call_opens_per_minute).
         self._opens: dict[int, collections.deque[float]] = {}
 
@@ -292,7 +297,7 @@ class _CallHandler:
     async def handle(self) -> None:
         if self.token_id is None:
             # Before accept: the ASGI server answers the upgrade with HTTP 403.
-            self._log.warning("Refused a call: missing or wrong bearer token")
+            self._worker.refusals.warning("Refused a call: missing or wrong bearer token")
             await self._ws.close(code=CloseCode.POLICY_VIOLATION)
             return
         await self._ws.accept()
@@ -490,6 +495,12 @@ class _CallHandler:
                 result = await session.receive()
             except SessionClosedError:
                 return self._session_lost()
+            if result.frame_index > MAX_FRAME_INDEX:
+                # Only a client that started near 2**32 gets here (a real call needs 10 years).
+                return _Ending(
+                    CloseCode.UNEXPECTED_MESSAGE,
+                    f"frame indexes ran past {MAX_FRAME_INDEX}: start at 0 (docs/protocol.md)",
+                )
             await self._send_bytes(encode_message(_step_message(result)))
             self._frames_sent += 1
             self._observe_residence(result)
@@ -642,17 +653,24 @@ def check_config(config: WorkerConfig) -> None:
     """Refuse a configuration no worker may serve.
 
     Raises:
-        WorkerConfigError: No token and ``allow_unauthenticated`` is not set, or an empty token.
+        WorkerConfigError: No token and ``allow_unauthenticated`` is not set, or a token shorter
+            than ``MIN_TOKEN_CHARS``.
     """
     if config.token is None and not config.tenant_tokens and not config.allow_unauthenticated:
         raise WorkerConfigError(
             "no token: set MICHI_WORKER_TOKEN (or --token), or allow unauthenticated calls for local "
             "development (--allow-unauthenticated, MICHI_WORKER_ALLOW_UNAUTHENTICATED=1)"
         )
-    if config.token is not None and not config.token.get_secret_value().strip():
-        raise WorkerConfigError("the token is empty: set a long random MICHI_WORKER_TOKEN")
-    if any(not secret.get_secret_value().strip() for secret in config.tenant_tokens):
-        raise WorkerConfigError("a tenant token is empty: every one of MICHI_WORKER_TENANT_TOKENS must be long and random")
+    if config.token is not None and len(config.token.get_secret_value().strip()) < MIN_TOKEN_CHARS:
+        raise WorkerConfigError(
+            f"the token is shorter than {MIN_TOKEN_CHARS} characters: set a long random MICHI_WORKER_TOKEN "
+            "(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )
+    if any(len(secret.get_secret_value().strip()) < MIN_TOKEN_CHARS for secret in config.tenant_tokens):
+        raise WorkerConfigError(
+            f"a tenant token is shorter than {MIN_TOKEN_CHARS} characters: every one of "
+            "MICHI_WORKER_TENANT_TOKENS must be long and random"
+        )
 
 
 def create_app(config: WorkerConfig, engine: DuplexEngine | None = None) -> FastAPI:
