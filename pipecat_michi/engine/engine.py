@@ -48,6 +48,11 @@ class SessionClosedError(EngineError):
     """The call was closed (by its owner, or because the engine stopped)."""
 
 
+class SessionIdleError(SessionClosedError):
+    """The backend ended the call because the caller sent nothing for its idle limit: a new
+    call is worth opening only once the caller sends audio again."""
+
+
 class FrameOrderError(EngineError):
     """A frame index did not increase."""
 

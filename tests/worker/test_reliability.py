@@ -16,6 +16,7 @@ from websockets.exceptions import ConnectionClosed
 from pipecat_michi.engine.settings import SessionSettingsUpdate
 from pipecat_michi.worker.client import RemoteWorker, WorkerConnectionError, WorkerUnavailableError
 from pipecat_michi.worker.protocol import MAX_MESSAGE_BYTES, AudioFrame, EndedMessage, encode_message
+from pipecat_michi.worker.retry import RetryPolicy
 from pipecat_michi.worker.server import running_worker
 from tests.support import eventually
 from tests.worker.test_server import (
@@ -31,6 +32,7 @@ from tests.worker.test_server import (
     _worker,
 )
 
+ONCE = RetryPolicy.once()
 TENANT_A = "tenant-a-0123456789abcdef"
 TENANT_B = "tenant-b-0123456789abcdef"
 
@@ -47,11 +49,11 @@ async def test_a_call_past_max_call_s_is_ended_with_max_duration_and_frees_its_s
 async def test_each_token_holds_at_most_max_calls_per_token_and_others_are_not_counted() -> None:
     config = _config(tenant_tokens=[TENANT_A, TENANT_B], max_calls_per_token=1, engine={"slot_capacity": 4})
     async with running_worker(config) as worker:
-        tenant_a = RemoteWorker(worker.url, TENANT_A, attempts=1)
+        tenant_a = RemoteWorker(worker.url, TENANT_A, retry=ONCE)
         first = await tenant_a.open_call()
         with pytest.raises(WorkerUnavailableError, match="max_calls_per_token"):
             await tenant_a.open_call()  # a slot is free, but tenant A has its one call
-        others = [await RemoteWorker(worker.url, token, attempts=1).open_call() for token in (TENANT_B, TOKEN)]
+        others = [await RemoteWorker(worker.url, token, retry=ONCE).open_call() for token in (TENANT_B, TOKEN)]
         assert worker.engine.sessions_in_use == 3
         await first.close()
         await eventually(lambda: worker.engine.sessions_in_use == 2, timeout_s=1.0, what="slot freed")
@@ -68,7 +70,7 @@ async def test_no_token_reaches_the_logs() -> None:
         async with running_worker(_config(tenant_tokens=[TENANT_A])) as worker:
             for wrong in ("guess-" + TOKEN, TENANT_A[:-1]):
                 with pytest.raises(Exception):
-                    await RemoteWorker(worker.url, wrong, attempts=1).open_call()
+                    await RemoteWorker(worker.url, wrong, retry=ONCE).open_call()
             call = await RemoteWorker(worker.url, TENANT_A).open_call()
             await call.send_audio(_audio(0, 1)[0])
             await call.receive(timeout=10)
@@ -145,7 +147,7 @@ async def test_a_restarted_worker_serves_new_calls_and_its_old_calls_end_with_10
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     config = _config()
-    backend = RemoteWorker(f"ws://127.0.0.1:{port}/v1/call", TOKEN, attempts=2, backoff_s=0.05)
+    backend = RemoteWorker(f"ws://127.0.0.1:{port}/v1/call", TOKEN, retry=RetryPolicy(first_delay_s=0.05, budget_s=0.2))
     async with running_worker(config, port=port):
         call = await backend.open_call(SessionSettingsUpdate(seed=4))
         await call.send_audio(np.zeros(FRAME, dtype=np.int16))
