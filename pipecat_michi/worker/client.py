@@ -26,6 +26,7 @@ from websockets.uri import parse_uri
 
 from pipecat_michi.engine.engine import FrameOrderError, InjectResult, SessionClosedError, SessionIdleError, StepResult
 from pipecat_michi.engine.settings import SessionSettingsUpdate
+from pipecat_michi.pcm import float_to_pcm16
 from pipecat_michi.worker.retry import RetryPolicy
 from pipecat_michi.worker.protocol import (
     DEFAULT_FRAME_SAMPLES,
@@ -516,5 +517,5 @@ def _as_pcm16(pcm: np.ndarray, frame_samples: int | None = None) -> np.ndarray:
     if pcm.dtype == np.int16:
         return pcm
     if np.issubdtype(pcm.dtype, np.floating):
-        return (np.clip(pcm, -1.0, 1.0) * 32767.0).round().astype(np.int16)
+        return float_to_pcm16(pcm)
     raise ValueError(f"audio must be int16 or float samples, got {pcm.dtype}")
