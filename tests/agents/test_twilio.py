@@ -14,21 +14,11 @@ from agents.twilio.config import TwilioAgentConfig
 from pipecat_michi.engine.call import LocalEngine
 from pipecat_michi.engine.config import EngineConfig
 from tests.support import eventually, serve
+from tests.support import speech_8k as _speech_8k
+from tests.support import twilio_agent_config as _config
 
 AUTH_TOKEN = "test-auth-token"
 PUBLIC_HOST = "bot.example.test"
-
-
-def _config(max_call_s: float | None = None, **overrides) -> TwilioAgentConfig:
-    engine = {"preset": "tiny", "device": "cpu", "slot_capacity": 2}
-    return TwilioAgentConfig(backend={"engine": engine, "max_call_s": max_call_s}, **overrides)
-
-
-def _speech_8k(seconds: float) -> np.ndarray:
-    rng = np.random.default_rng(0)
-    t = np.arange(int(8000 * seconds)) / 8000
-    voice = 0.3 * np.sin(2 * np.pi * 220 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
-    return ((voice + 0.01 * rng.standard_normal(len(t))) * 32767).astype(np.int16)
 
 
 async def test_twiml_connects_the_call_to_the_media_stream_when_signed() -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 
-import numpy as np
 import pytest
 from pipecat.frames.frames import (
     CancelFrame,
@@ -36,12 +35,10 @@ from pipecat.frames.frames import (
 )
 from pipecat.metrics.metrics import TTFBMetricsData
 from pipecat.pipeline.pipeline import Pipeline
-from pipecat.pipeline.worker import PipelineParams
 from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.aggregators.llm_response_universal import LLMContextAggregatorPair
-from pipecat.processors.frame_processor import FrameProcessor
 from pipecat.tests.utils import SleepFrame, run_test
-from service_fakes import FRAME, RATE, SILENT, ScriptedBackend, ScriptedCall, SpyBackend, Step, model_frames
+from service_fakes import FRAME, SILENT, ScriptedBackend, ScriptedCall, SpyBackend, Step, model_frames
 
 from pipecat_michi.engine.call import DuplexBackend, LocalEngine
 from pipecat_michi.engine.engine import DuplexEngine
