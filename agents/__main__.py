@@ -35,7 +35,7 @@ from agents.webrtc.app import WebRTCAgentConfig
 from agents.webrtc.app import create_app as create_webrtc_app
 from pipecat_michi.engine.call import LocalEngine
 from pipecat_michi.pcm import float_to_pcm16
-from pipecat_michi.serving import serve_on_loopback
+from pipecat_michi.serving import configure_production_logging, serve_on_loopback
 
 _REPO = Path(__file__).resolve().parents[1]
 # The simulated call's default model, first found: what scripts/train_demo.sh last trained here,
@@ -84,8 +84,8 @@ async def simulate_call(args: argparse.Namespace) -> None:
         return [reports[-1]]
 
     print(f"caller: {source}, {len(voice) / TWILIO_SAMPLE_RATE_HZ:.1f} s")
-    async with serve_on_loopback(create_twilio_app(config, backend, observers)) as host:
-        caller = TwilioCaller(f"ws://{host}/ws", custom_parameters={"From": "+15550100000"})
+    async with serve_on_loopback(create_twilio_app(config, backend, observers), limits=config.server) as host:
+        caller = await TwilioCaller.dial(host)  # the webhook first, as Twilio does
         await caller.connect()
         await caller.send_audio(voice)
         spoke_until = time.monotonic()
@@ -136,21 +136,29 @@ def main(argv: list[str] | None = None) -> None:
         serve = sub.add_parser(name, help=f"serve the {name} agent (settings from MICHI_* env)")
         serve.add_argument("--host")
         serve.add_argument("--port", type=int)
+        serve.add_argument("--log-level", default="info")
+        if name == "twilio":
+            serve.add_argument("--insecure", action="store_true",
+                               help="serve without a Twilio auth token on a non-loopback address (anyone may call)")
     args = parser.parse_args(argv)
     if args.command in (None, "call"):
         if args.command is None:
             args = parser.parse_args(["call", *(argv or sys.argv[1:])])
         asyncio.run(simulate_call(args))
         return
+    configure_production_logging(args.log_level)
+    flags = {name: value for name, value in (("host", args.host), ("port", args.port)) if value is not None}
+    if getattr(args, "insecure", False):
+        flags["insecure"] = True
     try:
-        config = WebRTCAgentConfig() if args.command == "webrtc" else TwilioAgentConfig()
+        config = WebRTCAgentConfig(**flags) if args.command == "webrtc" else TwilioAgentConfig(**flags)
     except ValueError as exc:
         sys.exit(f"invalid agent configuration: {exc}")
-    host, port = args.host or config.host, args.port or config.port
+    host, port = config.host, config.port
     app = create_webrtc_app(config) if args.command == "webrtc" else create_twilio_app(config)
     if args.command == "webrtc":
         logger.info(f"open http://{host}:{port}/client/ in a browser")
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    uvicorn.run(app, host=host, port=port, log_level=args.log_level, **config.server.uvicorn_options())
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,12 +11,21 @@ import numpy as np
 import soundfile
 import soxr
 from loguru import logger
-from pipecat.frames.frames import EndFrame, LLMRunFrame
+from pipecat.frames.frames import (
+    CancelFrame,
+    EndFrame,
+    EndWorkerFrame,
+    Frame,
+    InputAudioRawFrame,
+    LLMRunFrame,
+    StartFrame,
+)
 from pipecat.observers.base_observer import BaseObserver
 from pipecat.pipeline.pipeline import Pipeline
-from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+from pipecat.pipeline.worker import PipelineParams, PipelineWorker, ProcessorUnusablePolicy
 from pipecat.workers.runner import WorkerRunner
 from pipecat.processors.aggregators.llm_context import LLMContext
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.processors.aggregators.llm_response_universal import LLMContextAggregatorPair
 from pipecat.transports.base_transport import BaseTransport
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
@@ -104,13 +114,19 @@ async def run_call_pipeline(
     max_call_s: float | None,
     log=logger,  # noqa: ANN001 - a bound loguru logger
     observers: list[BaseObserver] | None = None,
-) -> None:
-    """Run one call's pipeline until the caller leaves or ``max_call_s`` passes.
+) -> bool:
+    """Run one call's pipeline until the caller leaves, ``max_call_s`` passes or the model
+    becomes unusable; ``True`` when the caller left, ``False`` when the bot ended the call (the
+    agent then hangs up its side: Twilio's REST API, the peer connection).
 
-    At the time limit the bot ends the call itself (an ``EndFrame``: the Twilio serializer then
-    hangs up through Twilio's API), so no call holds a model slot forever.
+    When MichiLLMService gives up on its backend it reports itself unusable
+    (``push_error(force_treat_as_permanent=True)``); the pipeline then ends instead of keeping a
+    silent call open (Pipecat's default policy would continue).
     """
-    worker = PipelineWorker(pipeline, params=params, observers=observers)
+    worker = PipelineWorker(
+        pipeline, params=params, observers=observers, processor_unusable_policy=ProcessorUnusablePolicy.END
+    )
+    caller_left = False
 
     @transport.event_handler("on_client_connected")
     async def _on_connected(transport, client) -> None:  # noqa: ANN001 - pipecat's signature
@@ -119,6 +135,8 @@ async def run_call_pipeline(
 
     @transport.event_handler("on_client_disconnected")
     async def _on_disconnected(transport, client) -> None:  # noqa: ANN001
+        nonlocal caller_left
+        caller_left = True
         log.info("caller left")
         await worker.cancel()
 
@@ -138,3 +156,71 @@ async def run_call_pipeline(
             limit.cancel()
             await asyncio.gather(limit, return_exceptions=True)
         log.info("call ended")
+    return caller_left
+
+
+class CallerSilenceWatchdog(FrameProcessor):
+    """Ends the call when no caller audio arrives for ``timeout_s``.
+
+    A phone line sends audio all the time (silence included), so a stream that stops sending
+    is dead or fake; without this it would hold a model slot until ``max_call_s``.
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__()
+        self._timeout_s = timeout_s
+        self._heard = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        if isinstance(frame, InputAudioRawFrame):
+            self._heard.set()
+        elif isinstance(frame, StartFrame) and self._task is None:
+            self._task = self.create_task(self._watch(), "caller-silence-watchdog")
+        elif isinstance(frame, (EndFrame, CancelFrame)):
+            await self._stop()
+        await self.push_frame(frame, direction)
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._heard.wait(), self._timeout_s)
+            except TimeoutError:
+                logger.warning(f"no caller audio for {self._timeout_s:g} s; ending the call")
+                await self.push_frame(EndWorkerFrame(), FrameDirection.UPSTREAM)
+                return
+            self._heard.clear()
+
+    async def _stop(self) -> None:
+        if self._task is not None:
+            await self.cancel_task(self._task)
+            self._task = None
+
+    async def cleanup(self) -> None:
+        await self._stop()
+        await super().cleanup()
+
+
+class RateLimitedLog:
+    """At most ``burst`` lines per ``period_s``; the rest are counted and summed up in the next
+    line that gets through. Refusals of hostile requests must not become a log flood."""
+
+    def __init__(self, burst: int = 10, period_s: float = 60.0) -> None:
+        self._burst, self._period_s = burst, period_s
+        self._window_start = 0.0
+        self._in_window = 0
+        self._suppressed = 0
+
+    def warning(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self._window_start > self._period_s:
+            self._window_start, self._in_window = now, 0
+        if self._in_window >= self._burst:
+            self._suppressed += 1
+            return
+        self._in_window += 1
+        if self._suppressed:
+            message += f" ({self._suppressed} similar line(s) suppressed)"
+            self._suppressed = 0
+        logger.warning(message)

@@ -7,6 +7,11 @@ drawn beforehand); on CUDA each step is synchronised.
 
     .venv/bin/python benchmarks/step_latency.py
     .venv/bin/python benchmarks/step_latency.py --presets michi-530m --batches 1 8 32 --steps 20
+    .venv/bin/python benchmarks/step_latency.py --presets michi-530m --batches 1 --threads 2 --quantize int8
+
+Each preset also prints the bandwidth floor of a batch-1 step: the bytes of weights it must
+read (model/quantize.py ``weight_bytes``) over the read bandwidth measured here (summing a
+tensor much larger than the caches), and p50's ratio to it.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from pipecat_michi.model.runtime import prepare_model_thread, resolve_device, re
 from pipecat_michi.model.config import MichiConfig
 from pipecat_michi.model.kv_cache import SlotKVCache
 from pipecat_michi.model.michi import MichiModel, Sampling, StepNoise
+from pipecat_michi.model.quantize import QUANTIZE_MODES, quantize_model, weight_bytes
 
 DEFAULT_BATCHES = (1, 8, 32)
 # Timed steps at batch 1 on CPU; larger batches run fewer (see steps_for_batch). CUDA: 200.
@@ -43,10 +49,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
     parser.add_argument("--kv-length", type=int, default=300, help="KV entries pre-filled per call")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:1")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
+    parser.add_argument("--quantize", default="none", choices=QUANTIZE_MODES, help="weight quantization")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the step (CUDA graphs on CUDA); compiling happens in the warm-up")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
+
+
+def read_bandwidth_gbs(device: torch.device, megabytes: int = 1024, repeats: int = 5) -> float:
+    """Memory read bandwidth: the best of ``repeats`` sums of a tensor far larger than any cache."""
+    data = torch.ones(megabytes * 2**20 // 4, device=device)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first pass also faults the pages in
+        synchronize(device)
+        start = time.perf_counter()
+        data.sum()
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return data.numel() * 4 / best / 1e9
 
 
 def steps_for_batch(steps: int, batch: int) -> int:
@@ -89,7 +111,9 @@ def time_steps(model: MichiModel, template: SlotKVCache, batch: int, warmup: int
         noise = StepNoise.draw(generators, config.codec.latent_dim, device)
         synchronize(device)
         start = time.perf_counter()
-        _, state = model.step(user_audio, state, cache, sampling, noise)
+        # Compiled: attend over the whole cache, one shape every step (as the engine does).
+        key_count = cache.capacity if model.step_is_compiled else None
+        _, state = model.step(user_audio, state, cache, sampling, noise, key_count=key_count)
         synchronize(device)
         if index >= warmup:
             timings.append((time.perf_counter() - start) * 1000)
@@ -100,11 +124,16 @@ def bench_preset(name: str, args: argparse.Namespace, device: torch.device, dtyp
     config = MichiConfig.preset(name)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
-    model = MichiModel(config).to(device=device, dtype=dtype).eval()
+    model = quantize_model(MichiModel(config).to(device=device, dtype=dtype).eval(), args.quantize)
+    if args.compile:
+        model.compile_step(mode="reduce-overhead" if device.type == "cuda" else None)
     parts = ", ".join(f"{part} {format_params(sum(p.numel() for p in module.parameters()))}"
                       for part, module in model.named_children())
     print(f"\n== {name}: {model.num_parameters():,} parameters ({parts}); "
           f"built in {time.perf_counter() - start:.1f} s")
+    floor_ms = weight_bytes(model) / (args.read_gbs * 1e9) * 1000
+    print(f"weights read per step: {weight_bytes(model) / 1e6:.0f} MB (quantize {args.quantize}); "
+          f"bandwidth floor at batch 1: {floor_ms:.1f} ms at {args.read_gbs:.1f} GB/s")
 
     template = model.new_cache(1, capacity=args.kv_length)
     token_ids = torch.randint(0, config.backbone.vocab_size, (args.kv_length,),
@@ -120,7 +149,7 @@ def bench_preset(name: str, args: argparse.Namespace, device: torch.device, dtyp
     cap = CPU_MAX_DEFAULT_BATCH.get(name) if device.type == "cpu" and args.batches is None else None
     frame_ms = config.codec.frame_ms
     print(f"{'batch':>5} {'steps':>5} {'p50 ms':>8} {'p99 ms':>8} {'x batch 1':>9} "
-          f"{'ms/call':>8}  p99 <= {frame_ms:.0f} ms")
+          f"{'ms/call':>8}  p99 <= {frame_ms:.0f} ms  {'p50/floor':>9}")
     base_p50: float | None = None
     for batch in batches:
         if cap is not None and batch > cap:
@@ -132,8 +161,9 @@ def bench_preset(name: str, args: argparse.Namespace, device: torch.device, dtyp
         if batch == 1:
             base_p50 = p50
         ratio = f"{p50 / base_p50:8.2f}x" if base_p50 else f"{'-':>9}"
+        floor_ratio = f"{p50 / floor_ms:8.2f}x" if batch == 1 else f"{'':>9}"
         print(f"{batch:>5} {batch_steps:>5} {p50:8.2f} {p99:8.2f} {ratio} {p50 / batch:8.2f}  "
-              f"{'yes' if p99 <= frame_ms else 'no'}")
+              f"{'yes' if p99 <= frame_ms else 'no ':>15}  {floor_ratio}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -144,8 +174,9 @@ def main(argv: list[str] | None = None) -> None:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
+    args.read_gbs = read_bandwidth_gbs(device)
     print(f"torch {torch.__version__}, device {device} ({where}), dtype {str(dtype).removeprefix('torch.')}, "
-          f"{torch.get_num_threads()} threads")
+          f"quantize {args.quantize}{', compiled' if args.compile else ''}, {torch.get_num_threads()} threads, read bandwidth {args.read_gbs:.1f} GB/s")
     print("Columns: ms per duplex step (all calls of the batch together), p50/p99 over the timed steps; "
           "'x batch 1' = p50(batch B) / p50(batch 1); ms/call = p50 / B.")
     with torch.inference_mode():

@@ -73,6 +73,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--token", default=os.environ.get("MICHI_WORKER_TOKEN"), help="its token (or MICHI_WORKER_TOKEN)")
     parser.add_argument("--preset", default="tiny", help="started worker: model preset")
     parser.add_argument("--device", default="cpu", help="started worker: device")
+    parser.add_argument("--dtype", help="started worker: auto, float32, bfloat16, float16")
+    parser.add_argument("--quantize", choices=("none", "int8"), help="started worker: weight quantization")
+    parser.add_argument("--compile", action="store_true", help="started worker: torch.compile the step")
+    parser.add_argument("--ready-timeout-s", type=float, default=120.0,
+                        help="started worker: how long loading (and compiling) may take before /readyz")
     parser.add_argument("--slots", type=int, help="started worker: slot capacity (default: the largest N)")
     parser.add_argument(
         "--threads",
@@ -138,6 +143,9 @@ def started_worker(args: argparse.Namespace, token: str) -> Iterator[str]:
     command = [
         sys.executable, "-m", "pipecat_michi.worker.server", "--port", str(port), "--preset", args.preset,
         "--device", args.device, "--slots", str(slots), "--log-level", "warning",
+        *(["--dtype", args.dtype] if args.dtype else []),
+        *(["--quantize", args.quantize] if args.quantize else []),
+        *(["--compile"] if args.compile else []),
     ]  # fmt: skip
     env = dict(os.environ, MICHI_WORKER_TOKEN=token, LOGURU_LEVEL="WARNING")
     if args.threads:
@@ -145,7 +153,7 @@ def started_worker(args: argparse.Namespace, token: str) -> Iterator[str]:
     with tempfile.TemporaryFile("w+") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            _wait_ready(f"http://127.0.0.1:{port}", process, log)
+            _wait_ready(f"http://127.0.0.1:{port}", process, log, args.ready_timeout_s)
             yield f"ws://127.0.0.1:{port}{CALL_PATH}"
         finally:
             process.terminate()
@@ -156,8 +164,8 @@ def started_worker(args: argparse.Namespace, token: str) -> Iterator[str]:
                 process.wait()
 
 
-def _wait_ready(http_url: str, process: subprocess.Popen, log) -> None:
-    deadline = time.monotonic() + 120
+def _wait_ready(http_url: str, process: subprocess.Popen, log, timeout_s: float) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             log.seek(0)
@@ -166,7 +174,7 @@ def _wait_ready(http_url: str, process: subprocess.Popen, log) -> None:
             if httpx.get(f"{http_url}/readyz", timeout=1).status_code == 200:
                 return
         time.sleep(0.2)
-    raise SystemExit("michi-worker was not ready within 120 s")
+    raise SystemExit(f"michi-worker was not ready within {timeout_s:.0f} s (--ready-timeout-s)")
 
 
 def _http_url(call_url: str) -> str:

@@ -27,6 +27,7 @@ from pipecat_michi.engine.call import LocalCall, LocalEngine
 from pipecat_michi.engine.config import EngineConfig
 from pipecat_michi.engine.engine import DuplexEngine
 from pipecat_michi.engine.settings import SessionSettingsUpdate
+from pipecat_michi.model.quantize import QUANTIZE_MODES
 
 DEFAULT_SYSTEM = "You are Michi, a friendly voice assistant. Keep answers short."
 # A step of the tiny model takes milliseconds; this only stops a broken engine hanging the run.
@@ -42,6 +43,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fast", action="store_true", help="step as fast as possible, not in real time")
     parser.add_argument("--device", default="cpu", help="cpu (the embedded default), auto or cuda")
     parser.add_argument("--seed", type=int, default=0, help="seeds the weights and the sampling noise")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
+    parser.add_argument("--quantize", default="none", choices=QUANTIZE_MODES, help="weight quantization")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the step (the first steps compile: use with --fast)")
     args = parser.parse_args(argv)
     if args.frames is not None and args.frames < 1:
         parser.error("--frames must be at least 1")
@@ -79,7 +84,16 @@ def to_frames(audio: np.ndarray, frame_samples: int, frames: int | None) -> np.n
 
 async def simulate(args: argparse.Namespace) -> None:
     """One call on a ``LocalEngine`` (the service's embedded backend), frame by frame."""
-    engine = DuplexEngine(EngineConfig(preset="tiny", device=args.device, seed=args.seed, slot_capacity=1))
+    config = EngineConfig(
+        preset="tiny",
+        device=args.device,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        compile=args.compile,
+        seed=args.seed,
+        slot_capacity=1,
+    )
+    engine = DuplexEngine(config)
     step_ms: list[float] = []
     engine.tick_observers.append(lambda ms, calls, late: step_ms.append(ms))
     backend = LocalEngine(engine=engine)
@@ -90,7 +104,8 @@ async def simulate(args: argparse.Namespace) -> None:
         except ContextTooLongError as e:
             raise SystemExit(f"--system does not fit the call's context: {e}") from None
         logger.info(
-            f"tiny preset, {engine.model.num_parameters():,} random parameters on {engine.model.device}; "
+            f"tiny preset, {engine.model.num_parameters():,} random parameters on {engine.model.device} "
+            f"({engine.model.dtype}, quantize {args.quantize}{', compiled' if args.compile else ''}); "
             f"call open, system prompt prefilled, in {(time.perf_counter() - start) * 1000:.0f} ms"
         )
         await _run_call(args, call, engine, step_ms)

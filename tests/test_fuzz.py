@@ -227,7 +227,7 @@ def twilio_host() -> Iterator[tuple[str, LocalEngine]]:
 
 async def _fuzz_a_twilio_stream(host: str, backend: LocalEngine, messages: list, start_first: bool) -> None:
     """One stream of ``messages``; ``start_first``: after a valid start, so the pipeline is live."""
-    caller = TwilioCaller(f"ws://{host}/ws")
+    caller = await TwilioCaller.dial(host)  # the webhook first, as Twilio does
     if start_first:
         await caller.connect()  # a valid connected + start: the pipeline opens a model call
         ws = caller._ws
@@ -264,7 +264,7 @@ def test_the_twilio_agent_still_answers_a_real_call_after_the_fuzzing(twilio_hos
         _wait_until(lambda: backend.engine.sessions_in_use == 0, 10.0, "the call's slot freed")
 
     async def call() -> int:
-        async with TwilioCaller(f"ws://{host}/ws") as caller:
+        async with await TwilioCaller.dial(host) as caller:
             await caller.send_audio(speech_8k(1.0), realtime=False)
             async with asyncio.timeout(20):
                 while not caller.log.bot_audio:
@@ -279,7 +279,7 @@ def test_the_twilio_agent_still_answers_a_real_call_after_the_fuzzing(twilio_hos
 @given(form=st.dictionaries(st.text(max_size=12), st.text(max_size=30), max_size=5), signature=st.text(max_size=40))
 def test_the_twiml_webhook_rejects_every_unsigned_or_forged_request(form: dict, signature: str) -> None:
     app = create_twilio_app(
-        twilio_agent_config(public_host="bot.example.test", twilio_account_sid="AC1", twilio_auth_token="fuzz-auth"),
+        twilio_agent_config(public_host="bot.example.test", twilio_account_sid="AC" + "1" * 32, twilio_auth_token="fuzz-auth"),
         backend=LocalEngine(ENGINE),
     )
 

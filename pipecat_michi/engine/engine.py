@@ -220,7 +220,16 @@ class EngineSession:
     async def prefill_voice(self, pcm: np.ndarray) -> int:
         """Zero-shot voice: prefill a reference clip (int16 or float32, 24 kHz). Returns frames."""
         samples = pcm16_to_float(pcm) if pcm.dtype == np.int16 else pcm.astype(np.float32)
-        return await self._engine._run(self._engine._batch.prefill_voice, self.slot, samples)
+        engine = self._engine
+        embeds = await engine._run(engine._batch.encode_voice, self.slot, samples)
+        # In chunks, each its own job on the model thread, like text injection: the other calls'
+        # ticks run between them, so a 30 s prompt delays them by one chunk, not the whole clip.
+        chunk = max(1, engine.config.prefill_chunk_frames)
+        for start in range(0, embeds.shape[1], chunk):
+            if self.closed:
+                raise SessionClosedError(f"session {self.session_id} closed during the voice prompt")
+            await engine._run(engine._batch.prefill_voice_embeds, self.slot, embeds[:, start : start + chunk])
+        return embeds.shape[1]
 
     def update_settings(self, update: SessionSettingsUpdate) -> None:
         self.settings = self.settings.updated(update)
@@ -279,9 +288,17 @@ class DuplexEngine:
         if self._model is None or self.tokenizer is None:
             self._model, self.tokenizer = await self._run(load_model, self.config)
         kv_capacity = self.config.kv_capacity or self._model.config.kv_capacity
+        if self.config.compile and not self._model.step_is_compiled:
+            self._model.compile_step(mode="reduce-overhead" if self._model.device.type == "cuda" else None)
         self._batch = await self._run(
-            SlotBatch, self._model, self.config.slot_capacity, kv_capacity, self.config.evict_fraction
+            SlotBatch, self._model, self.config.slot_capacity, kv_capacity, self.config.evict_fraction,
+            self.config.compile,
         )
+        if self.config.compile:
+            started = time.perf_counter()
+            await self._run(self._batch.warm_up)
+            logger.info(f"Compiled the step for batch sizes {self._batch.batch_sizes} "
+                        f"in {time.perf_counter() - started:.1f} s")
         self._tick_task = asyncio.create_task(self._tick_loop(), name="michi-engine-ticks")
         logger.info(f"Duplex engine ready: {self.config.slot_capacity} slots, KV window {kv_capacity}")
 
@@ -443,7 +460,7 @@ class DuplexEngine:
                     await session.close()
 
     async def _tick(self, ticking: list[EngineSession]) -> None:
-        rows = max(s.slot for s in ticking) + 1
+        rows = self._batch.rows_for(max(s.slot for s in ticking) + 1)
         audio = np.zeros((rows, self.frame_samples), dtype=np.float32)
         active = [False] * rows
         taken: list[tuple[EngineSession, int, bool]] = []

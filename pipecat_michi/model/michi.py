@@ -14,8 +14,8 @@ generator, so a call's output never depends on which other calls share its batch
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -108,6 +108,7 @@ class MichiModel(nn.Module):
         self.latent_in = nn.Linear(config.codec.latent_dim, hidden)
         self.flow = FlowHead(config.flow, config.codec.latent_dim, hidden)
         self.codec = Codec(config.codec)
+        self._compiled_step: Callable[..., tuple[StepOutput, StreamState]] | None = None
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -153,19 +154,60 @@ class MichiModel(nn.Module):
         outputs are junk). ``key_count``: see ``Backbone.forward_cached``.
         """
         batch = user_audio.shape[0]
+        rows = slice(0, batch)
+        cache.check_room(rows, 1)
         active_mask = None if active is None else torch.tensor(list(active), dtype=torch.bool, device=self.device)
+        if sampling.max_flow_steps is None and isinstance(sampling.flow_steps, torch.Tensor):
+            sampling = replace(sampling, max_flow_steps=int(sampling.flow_steps.max()))
+        step = self._compiled_step or self._device_step
+        if self._compiled_step is not None:
+            # Under CUDA graphs the previous step's outputs may be overwritten now: callers copy
+            # what they keep (the engine copies the state into its slots) before the next step.
+            torch.compiler.cudagraph_mark_step_begin()
         # The audio stays float32: the listening head's mel front-end runs in float32.
+        output, new_state = step(
+            user_audio.to(self.device, torch.float32), state, cache, sampling, noise, active_mask,
+            key_count or cache.max_length(rows) + 1,
+        )
+        cache.advance(rows, 1, None if active is None else list(active), active_mask)
+        return output, new_state
+
+    @property
+    def step_is_compiled(self) -> bool:
+        return self._compiled_step is not None
+
+    def compile_step(self, mode: str | None = None, backend: str = "inductor") -> None:
+        """Run ``step``'s device half through ``torch.compile`` from now on.
+
+        Shapes are static (``dynamic=False``): one graph per batch size and ``key_count``, so a
+        caller pads batches to a few sizes and passes a fixed ``key_count`` (the engine does
+        both). ``mode="reduce-overhead"`` on CUDA replays the step as a CUDA graph.
+        """
+        # One graph per (batch bucket, flow step count) pair: more than the default limit of 8.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self._compiled_step = torch.compile(self._device_step, mode=mode, backend=backend, dynamic=False)
+
+    def _device_step(
+        self,
+        user_audio: torch.Tensor,
+        state: StreamState,
+        cache: SlotKVCache,
+        sampling: Sampling,
+        noise: StepNoise,
+        active_mask: torch.Tensor | None,
+        key_count: int,
+    ) -> tuple[StepOutput, StreamState]:
+        """The tensor work of ``step``: no host bookkeeping, no device sync (compilable)."""
+        batch = user_audio.shape[0]
         (listen_embedding, transcript_logits, speak_logit), listen_state = self.listening.step(
-            user_audio.to(self.device, torch.float32), unprefixed(_LISTEN, state)
+            user_audio, unprefixed(_LISTEN, state)
         )
         embeds = (
             listen_embedding
             + self.latent_in(state["prev_latent"])
             + self.backbone.embed_tokens(state["prev_text"])
         )
-        hidden = self.backbone.forward_cached(
-            embeds[:, None], cache, slice(0, batch), active, active_mask, key_count
-        )[:, 0]
+        hidden = self.backbone.forward_kv(embeds[:, None], cache, slice(0, batch), key_count)[:, 0]
         text_tokens = sample_tokens(self.backbone.logits(hidden), sampling, noise.text_uniform)
         latents = self.flow.sample(hidden, noise.latent_noise, sampling.flow_steps, sampling.max_flow_steps)
         speak_prob = torch.sigmoid(speak_logit.float())
@@ -206,13 +248,22 @@ class MichiModel(nn.Module):
     def prefill_voice(self, wav: torch.Tensor, cache: SlotKVCache, slot: int) -> int:
         """Zero-shot voice prompt: encode a reference clip (24 kHz, [-1, 1]) and prefill its
         latents, pinned, so the model continues in that voice. Returns the frames used."""
+        embeds = self.encode_voice(wav)
+        self.prefill_voice_embeds(embeds, cache, slot)
+        return embeds.shape[1]
+
+    def encode_voice(self, wav: torch.Tensor) -> torch.Tensor:
+        """The backbone inputs ``[1, frames, hidden]`` of a voice prompt (24 kHz, [-1, 1]), to
+        prefill whole or in chunks (``prefill_voice_embeds``)."""
         frames = wav.shape[-1] // self.config.frame_samples
         if frames == 0:
             raise ValueError(f"voice prompt shorter than one frame ({self.config.frame_samples} samples)")
         clip = wav[..., : frames * self.config.frame_samples].reshape(1, -1).to(self.device, self.dtype)
-        latents = self.codec.encoder(clip)
-        self._prefill(self.latent_in(latents), cache, slot, pinned=True)
-        return frames
+        return self.latent_in(self.codec.encoder(clip))
+
+    def prefill_voice_embeds(self, embeds: torch.Tensor, cache: SlotKVCache, slot: int) -> None:
+        """Prefill (pinned) consecutive frames of ``encode_voice``'s output."""
+        self._prefill(embeds, cache, slot, pinned=True)
 
     def _prefill(self, embeds: torch.Tensor, cache: SlotKVCache, slot: int, pinned: bool) -> None:
         if pinned and cache.pinned[slot] != cache.host_lengths[slot]:

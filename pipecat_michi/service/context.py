@@ -11,8 +11,11 @@ yet. Two sources of messages need telling apart:
 
 ``ContextSync`` keeps the fingerprints of the messages already accounted for (a common prefix
 with the new context means "nothing changed there") and a per-role ledger of the text we
-emitted. A new user/assistant message whose text (whitespace aside: the aggregators join and
-strip pieces) is found in the ledger is ours and is skipped; anything else is injected.
+emitted, as the units we emitted it in (a user transcript turn, a piece of bot text). A new
+message is ours only when its text (whitespace aside: the aggregators join and strip pieces)
+equals whole consecutive units of the ledger, in order; anything else is injected. A substring
+is not enough: an app's "yes" must not vanish because the caller said "yes, book it for seven".
+Every skip is logged.
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ from typing import Any
 from loguru import logger
 from pipecat.processors.aggregators.llm_context import LLMContextMessage, LLMSpecificMessage
 
-# Own text remembered per role, in characters of whitespace-free text. Far more than a turn:
-# only text not yet seen back in the context waits here.
+# Own text remembered per role, in characters of whitespace-free text and in units. Far more
+# than a turn: only text not yet seen back in the context waits here.
 _MAX_LEDGER_CHARS = 20_000
+_MAX_LEDGER_UNITS = 2_000
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,7 @@ class ContextSync:
 
     def __init__(self) -> None:
         self._seen: list[str] = []
-        self._own: dict[str, str] = {}
+        self._own: dict[str, list[str]] = {}
 
     def reset(self) -> None:
         """A new call: it has read nothing and said nothing."""
@@ -100,9 +104,15 @@ class ContextSync:
         self._own.clear()
 
     def record_own(self, role: str, text: str) -> None:
-        """Text the call itself produced (or was opened with) as a ``role`` turn."""
-        ledger = self._own.get(role, "") + _compact(text)
-        self._own[role] = ledger[-_MAX_LEDGER_CHARS:]
+        """Text the call itself produced (or was opened with) as a ``role`` turn, or a piece
+        of one: a unit the context may echo back alone or joined with the units after it."""
+        unit = _compact(text)
+        if not unit:
+            return
+        ledger = self._own.setdefault(role, [])
+        ledger.append(unit)
+        while len(ledger) > _MAX_LEDGER_UNITS or (len(ledger) > 1 and sum(map(len, ledger)) > _MAX_LEDGER_CHARS):
+            ledger.pop(0)
 
     def new_messages(self, messages: list[LLMContextMessage]) -> list[tuple[str, LLMContextMessage]]:
         """The messages past the prefix already accounted for, with their fingerprints.
@@ -129,14 +139,33 @@ class ContextSync:
         if injection is None:
             return None
         compact = _compact(injection.text)
-        ledger = self._own.get(injection.role, "")
-        found = ledger.find(compact)
-        if found < 0:
+        ledger = self._own.get(injection.role, [])
+        match = _whole_units(ledger, compact)
+        if match is None:
             return injection
-        # Ours. Text before the match never came back (dropped by an interruption): forget it.
-        self._own[injection.role] = ledger[found + len(compact) :]
+        start, end = match
+        if start:
+            # Ours. Units before the match never came back (dropped by an interruption).
+            logger.debug(f"forgetting {start} own {injection.role} unit(s) the context never echoed")
+        del ledger[:end]
+        logger.debug(f"skipping a {injection.role} message the call produced itself ({len(compact)} chars)")
         return None
 
     def commit(self, fingerprint: str) -> None:
         """Mark the next message as accounted for."""
         self._seen.append(fingerprint)
+
+
+def _whole_units(units: list[str], text: str) -> tuple[int, int] | None:
+    """``(start, end)`` of the first run ``units[start:end]`` whose concatenation is ``text``."""
+    for start in range(len(units)):
+        if not text.startswith(units[start]):
+            continue
+        joined = ""
+        for end in range(start, len(units)):
+            joined += units[end]
+            if joined == text:
+                return start, end + 1
+            if len(joined) >= len(text) or not text.startswith(joined):
+                break
+    return None

@@ -26,6 +26,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictInt,
     TypeAdapter,
     ValidationError,
     model_validator,
@@ -146,6 +147,10 @@ VoicePromptB64 = Annotated[
     str, Field(max_length=MAX_VOICE_PROMPT_B64_CHARS), AfterValidator(_check_voice_prompt)
 ]
 FrameIndex = Annotated[int, Field(ge=0, le=_MAX_UINT32)]
+# PROTOCOL_VERSION and nothing else: a StrictInt, because ``Literal[1]`` alone lets ``true`` and
+# ``1.0`` through (they compare equal to 1), which the strict-types rule of the spec forbids.
+# Another integer fails validation; the decoder reports that as UNSUPPORTED_VERSION.
+ProtocolVersion = Annotated[StrictInt, Field(ge=PROTOCOL_VERSION, le=PROTOCOL_VERSION)]
 
 
 # Strict: the wire has one spelling per value ("1" is not 1, 1 is not true). Frozen: a
@@ -174,9 +179,8 @@ class HelloMessage(ControlMessage):
     """
 
     type: Literal["hello"] = "hello"
-    # PROTOCOL_VERSION as a literal: another version fails validation, and the decoder then
-    # reports UNSUPPORTED_VERSION. Required, so that absent never silently means "current".
-    protocol_version: Literal[1]
+    # Required, so that absent never silently means "current".
+    protocol_version: ProtocolVersion
     session: SessionSettingsUpdate = SessionSettingsUpdate()
     system_prompt: Annotated[Text, Field(max_length=MAX_TEXT_CHARS)] | None = None
     voice_prompt_pcm_b64: VoicePromptB64 | None = None
@@ -242,7 +246,7 @@ class ReadyMessage(ControlMessage):
     """
 
     type: Literal["ready"] = "ready"
-    protocol_version: Literal[1]
+    protocol_version: ProtocolVersion
     session_id: Identifier
     frame_samples: Annotated[int, Field(ge=1, le=MAX_FRAME_SAMPLES)] = DEFAULT_FRAME_SAMPLES
     sample_rate_hz: Literal[24000] = SAMPLE_RATE_HZ

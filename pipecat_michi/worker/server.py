@@ -42,7 +42,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.websockets import WebSocketDisconnect
 
 from pipecat_michi.engine.batch import ContextTooLongError
-from pipecat_michi.engine.config import EngineConfig
+from pipecat_michi.engine.config import QUANTIZE_MODES, EngineConfig
 from pipecat_michi.engine.engine import (
     DuplexEngine,
     EngineFullError,
@@ -51,6 +51,7 @@ from pipecat_michi.engine.engine import (
     SessionClosedError,
     StepResult,
 )
+from pipecat_michi.serving import ServerLimits, configure_production_logging
 from pipecat_michi.worker.metrics import WorkerMetrics, WorkerStats
 from pipecat_michi.worker.protocol import (
     CALL_PATH,
@@ -92,6 +93,7 @@ SEND_BUFFER_BYTES: Final = 64 * 1024
 # Default bound on one call's length: a client streaming forever would hold its slot forever.
 MAX_CALL_S: Final = 3600.0
 _MAX_TRACKED_ARRIVALS: Final = 256
+_OPEN_RATE_WINDOW_S: Final = 60.0
 
 
 class WorkerConfigError(ValueError):
@@ -126,6 +128,11 @@ class WorkerConfig(BaseSettings):
         max_calls_per_token: Calls one bearer token (``token`` or one of ``tenant_tokens``) may
             hold on this worker at once; one more gets a fatal ``error`` 1013 (the client tries
             another worker). ``None``: no limit beyond the slots.
+        max_call_opens_per_minute: Calls one token may open per minute (a sliding window); more
+            get 1013. Opening a call prefills prompts, which delays every other call's ticks.
+        max_flow_steps: Most ``flow_steps`` a call may ask for: every call in the batch waits
+            for the slowest one's flow head. More is refused with 4000.
+        server: HTTP limits (header timeout, keep-alive, max connections) against slow clients.
     """
 
     model_config = SettingsConfigDict(
@@ -144,6 +151,9 @@ class WorkerConfig(BaseSettings):
     send_buffer_bytes: int | None = Field(default=SEND_BUFFER_BYTES, ge=4096)
     max_call_s: float | None = Field(default=MAX_CALL_S, gt=0)
     max_calls_per_token: int | None = Field(default=None, ge=1)
+    max_call_opens_per_minute: int | None = Field(default=120, ge=1)
+    max_flow_steps: int = Field(default=4, ge=1)
+    server: ServerLimits = ServerLimits()
 
 
 @dataclass(frozen=True)
@@ -190,6 +200,8 @@ class _Worker:
             for secret in (config.token, *config.tenant_tokens)
             if secret is not None
         ]
+        # Per token id: monotonic times of its recent call opens (max_call_opens_per_minute).
+        self._opens: dict[int, collections.deque[float]] = {}
 
     def token_id(self, authorization: str | None) -> int | None:
         """Which accepted token an ``Authorization`` header carries (0: ``token``, then the
@@ -212,6 +224,20 @@ class _Worker:
     def authorized(self, authorization: str | None) -> bool:
         """Whether an ``Authorization`` header carries one of the worker's bearer tokens."""
         return self.token_id(authorization) is not None
+
+    def may_open(self, token_id: int) -> bool:
+        """Count one call open for ``token_id``; ``False`` when it is over its per-minute rate."""
+        limit = self.config.max_call_opens_per_minute
+        if limit is None:
+            return True
+        now = time.monotonic()
+        opens = self._opens.setdefault(token_id, collections.deque(maxlen=limit))
+        while opens and now - opens[0] > _OPEN_RATE_WINDOW_S:
+            opens.popleft()
+        if len(opens) >= limit:
+            return False
+        opens.append(now)
+        return True
 
     def admitted_calls(self, token_id: int) -> int:
         """Calls past admission that presented token ``token_id``."""
@@ -311,6 +337,16 @@ class _CallHandler:
                     "end one or try another worker",
                 )
             )
+        if not self._worker.may_open(self.token_id):
+            self._worker.metrics.count_rejected_call()
+            self._log.info(f"Refused a call: token #{self.token_id} opened too many calls in the last minute")
+            raise _CallEnded(
+                _Ending(
+                    CloseCode.TRY_AGAIN_LATER,
+                    f"this token opened {self._config.max_call_opens_per_minute} calls in the last minute "
+                    "(max_call_opens_per_minute); wait or try another worker",
+                )
+            )
         self.admitted = True
         self._frame_samples = self._engine.frame_samples
 
@@ -333,15 +369,28 @@ class _CallHandler:
             )
         return message
 
-    async def _open_session(self, hello: HelloMessage) -> None:
-        try:
-            self._session = await self._engine.open_session(
-                hello.session, hello.system_prompt, hello.voice_prompt_pcm()
+    def _check_flow_steps(self, flow_steps: int | None) -> None:
+        if flow_steps is not None and flow_steps > self._config.max_flow_steps:
+            raise ProtocolError(
+                CloseCode.BAD_MESSAGE,
+                f"flow_steps {flow_steps} is over this worker's max_flow_steps {self._config.max_flow_steps}",
             )
+
+    async def _open_session(self, hello: HelloMessage) -> None:
+        self._check_flow_steps(hello.session.flow_steps)
+        voice_prompt = hello.voice_prompt_pcm()
+        if voice_prompt is not None and len(voice_prompt) < self._frame_samples:
+            # Checked here, not only in the model: a bad prompt is the client's error (4000).
+            raise ProtocolError(
+                CloseCode.BAD_MESSAGE,
+                f"voice prompt of {len(voice_prompt)} samples is shorter than one frame ({self._frame_samples})",
+            )
+        try:
+            self._session = await self._engine.open_session(hello.session, hello.system_prompt, voice_prompt)
         except EngineFullError:
             raise _CallEnded(self._full()) from None
-        except ContextTooLongError as exc:
-            raise ProtocolError(CloseCode.BAD_MESSAGE, f"the prompts do not fit the call's context: {exc}") from None
+        except ValueError as exc:  # ContextTooLongError and the model's other refusals of a prompt
+            raise ProtocolError(CloseCode.BAD_MESSAGE, f"the prompts cannot open a call: {exc}") from None
         session = self._session
         self._log = self._log.bind(session=session.session_id[:8], slot=session.slot)
         await self._send(
@@ -394,12 +443,15 @@ class _CallHandler:
             if isinstance(message, AudioFrame):
                 self._push_audio(session, message)
             elif isinstance(message, EndMessage):
+                # Every inject_text sent before ``end`` still gets its one answer (docs/protocol.md).
+                await self._injections.join()
                 return _Ending(CloseCode.NORMAL, "the client ended the call", ended_reason="client_end")
             elif isinstance(message, HelloMessage):
                 raise ProtocolError(CloseCode.UNEXPECTED_MESSAGE, "a second hello on a call that is ready")
             elif isinstance(message, InjectTextMessage):
                 await self._injections.put(message)  # prefilled in order by _inject_loop
             elif isinstance(message, UpdateSettingsMessage):
+                self._check_flow_steps(message.session.flow_steps)
                 session.update_settings(message.session)  # from the next tick on
             elif isinstance(message, ResetMessage):
                 await self._reset(session)
@@ -699,6 +751,7 @@ def create_server(app: FastAPI, config: WorkerConfig, **uvicorn_options: Any) ->
         "ws_per_message_deflate": False,
         "lifespan": "on",
         "log_level": "info",
+        **config.server.uvicorn_options(),
     }
     options.update(uvicorn_options)
     return WorkerServer(uvicorn.Config(app, **options), app)
@@ -770,6 +823,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", type=Path, help="MichiAI checkpoint directory (wins over --preset)")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", help="auto, float32, bfloat16, float16")
+    parser.add_argument("--quantize", choices=QUANTIZE_MODES, help="weight quantization: none, int8")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the step (CUDA graphs on CUDA); compiles before /readyz is ready")
     parser.add_argument("--slots", type=int, help="slot capacity: concurrent calls")
     parser.add_argument("--log-level", default="info", help="uvicorn log level")
     return parser.parse_args(argv)
@@ -784,11 +840,13 @@ def given_flags(**flags: Any) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     """``michi-worker``: build the config from the environment and flags, serve until stopped."""
     args = _parse_args(argv)
+    configure_production_logging(args.log_level)
     overrides = given_flags(
         host=args.host, port=args.port, token=args.token, allow_unauthenticated=args.allow_unauthenticated or None
     )
     engine_overrides = given_flags(
-        preset=args.preset, checkpoint=args.checkpoint, device=args.device, dtype=args.dtype, slot_capacity=args.slots
+        preset=args.preset, checkpoint=args.checkpoint, device=args.device, dtype=args.dtype,
+        quantize=args.quantize, compile=args.compile or None, slot_capacity=args.slots,
     )
     if engine_overrides:
         overrides["engine"] = engine_overrides  # merged with MICHI_WORKER_ENGINE__* by pydantic-settings

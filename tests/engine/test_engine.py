@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipecat_michi.engine.config import EngineConfig
+from pipecat_michi.engine.batch import SlotBatch
+from pipecat_michi.engine.config import EngineConfig, load_model
 from pipecat_michi.engine.engine import (
     DuplexEngine,
     EngineFullError,
@@ -15,6 +16,7 @@ from pipecat_michi.engine.engine import (
     StepResult,
 )
 from pipecat_michi.engine.settings import SessionSettingsUpdate
+from pipecat_michi.model.michi import Sampling, StepNoise
 
 FRAME = 1920
 
@@ -146,6 +148,18 @@ async def test_ring_eviction_keeps_long_calls_running_with_the_system_prompt_pin
         assert min(lengths[100:]) > pinned  # evicted in blocks, never emptied
         assert int(engine._batch.cache.pinned[session.slot]) == pinned
         assert int(engine._batch.cache.positions[session.slot]) == pinned + 150
+
+
+def test_a_full_call_sitting_out_a_tick_is_evicted_not_failed() -> None:
+    # A call whose last step filled its KV window, inactive in the next (catch-up) tick.
+    model, _ = load_model(_config())
+    batch = SlotBatch(model, slot_capacity=2, kv_capacity=64, evict_fraction=0.125)
+    batch.prefill_text(0, list(range(32)), pinned=False)
+    batch.prefill_text(0, list(range(32)), pinned=False)
+    assert batch.kv_length(0) == 64
+    sampling, noise = Sampling.greedy(2), StepNoise(torch.zeros(2, model.config.codec.latent_dim), torch.zeros(2))
+    out = batch.step(np.zeros((2, FRAME), dtype=np.float32), [False, True], sampling, noise)
+    assert out.kv_lengths == [56, 1]  # slot 0 lost its oldest eighth and did not advance
 
 
 async def test_a_stalled_reader_loses_its_oldest_outputs_not_the_others_time() -> None:
