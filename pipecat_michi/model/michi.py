@@ -108,7 +108,7 @@ class MichiModel(nn.Module):
         self.latent_in = nn.Linear(config.codec.latent_dim, hidden)
         self.flow = FlowHead(config.flow, config.codec.latent_dim, hidden)
         self.codec = Codec(config.codec)
-        self._compiled_step: Callable[..., tuple[StepOutput, StreamState]] | None = None
+        self._compiled_step: Callable[..., tuple[StepOutput, StreamingState]] | None = None
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -190,13 +190,13 @@ class MichiModel(nn.Module):
     def _device_step(
         self,
         user_audio: torch.Tensor,
-        state: StreamState,
+        state: StreamingState,
         cache: SlotKVCache,
         sampling: Sampling,
         noise: StepNoise,
         active_mask: torch.Tensor | None,
         key_count: int,
-    ) -> tuple[StepOutput, StreamState]:
+    ) -> tuple[StepOutput, StreamingState]:
         """The tensor work of ``step``: no host bookkeeping, no device sync (compilable)."""
         batch = user_audio.shape[0]
         (listen_embedding, transcript_logits, speak_logit), listen_state = self.listening.step(
