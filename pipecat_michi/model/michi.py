@@ -26,11 +26,10 @@ from pipecat_michi.model.config import MichiConfig
 from pipecat_michi.model.flow_head import FlowHead
 from pipecat_michi.model.kv_cache import SlotKVCache
 from pipecat_michi.model.listening_head import ListeningHead
+from pipecat_michi.model.streaming import StreamingState, prefixed, unprefixed
 
-StreamState = dict[str, torch.Tensor]
-
-_LISTEN = "listening."
-_DECODER = "decoder."
+_LISTEN = "listening"
+_DECODER = "decoder"
 
 
 @dataclass
@@ -118,7 +117,7 @@ class MichiModel(nn.Module):
         self.latent_in = nn.Linear(config.codec.latent_dim, hidden)
         self.flow = FlowHead(config.flow, config.codec.latent_dim, hidden)
         self.codec = Codec(config.codec)
-        self._compiled_step: Callable[..., tuple[StepOutput, StreamState]] | None = None
+        self._compiled_step: Callable[..., tuple[StepOutput, StreamingState]] | None = None
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -135,28 +134,28 @@ class MichiModel(nn.Module):
     def new_cache(self, num_slots: int, capacity: int | None = None) -> SlotKVCache:
         return self.backbone.new_cache(num_slots, capacity or self.config.kv_capacity)
 
-    def init_state(self, batch_size: int) -> StreamState:
+    def init_state(self, batch_size: int) -> StreamingState:
         """Fresh per-call streaming state (everything but the KV cache), batch as dim 0."""
         device, dtype = self.device, self.dtype
-        state: StreamState = {
+        state: StreamingState = {
             "prev_latent": torch.zeros(batch_size, self.config.codec.latent_dim, device=device, dtype=dtype),
             "prev_text": torch.full((batch_size,), self.config.tokens.pad_id, dtype=torch.long, device=device),
         }
-        state.update({_LISTEN + k: v for k, v in self.listening.init_state(batch_size, device, dtype).items()})
-        state.update({_DECODER + k: v for k, v in self.codec.decoder.init_state(batch_size, device, dtype).items()})
+        state.update(prefixed(_LISTEN, self.listening.init_state(batch_size, device, dtype)))
+        state.update(prefixed(_DECODER, self.codec.decoder.init_state(batch_size, device, dtype)))
         return state
 
     @torch.no_grad()
     def step(
         self,
         user_audio: torch.Tensor,
-        state: StreamState,
+        state: StreamingState,
         cache: SlotKVCache,
         sampling: Sampling,
         noise: StepNoise,
         active: Sequence[bool] | None = None,
         key_count: int | None = None,
-    ) -> tuple[StepOutput, StreamState]:
+    ) -> tuple[StepOutput, StreamingState]:
         """One frame for cache slots ``0..B-1``: ``user_audio [B, frame_samples]`` in [-1, 1].
 
         ``state`` rows are those ``B`` calls; it is not modified, the new state is returned.
@@ -203,17 +202,17 @@ class MichiModel(nn.Module):
     def _device_step(
         self,
         user_audio: torch.Tensor,
-        state: StreamState,
+        state: StreamingState,
         cache: SlotKVCache,
         sampling: Sampling,
         noise: StepNoise,
         active_mask: torch.Tensor | None,
         key_count: int,
-    ) -> tuple[StepOutput, StreamState]:
+    ) -> tuple[StepOutput, StreamingState]:
         """The tensor work of ``step``: no host bookkeeping, no device sync (compilable)."""
         batch = user_audio.shape[0]
         (listen_embedding, transcript_logits, speak_logit), listen_state = self.listening.step(
-            user_audio, _sub(state, _LISTEN)
+            user_audio, unprefixed(_LISTEN, state)
         )
         embeds = (
             listen_embedding
@@ -227,11 +226,11 @@ class MichiModel(nn.Module):
         speaking = speak_prob > sampling.speak_threshold
         # What the model hears of itself is what it actually played: silence while holding.
         played = latents * speaking[:, None].to(latents.dtype)
-        audio, decoder_state = self.codec.decoder.step(played, _sub(state, _DECODER))
+        audio, decoder_state = self.codec.decoder.step(played, unprefixed(_DECODER, state))
         audio = audio.float() * speaking[:, None]
-        new_state: StreamState = {"prev_latent": played, "prev_text": text_tokens}
-        new_state.update({_LISTEN + k: v for k, v in listen_state.items()})
-        new_state.update({_DECODER + k: v for k, v in decoder_state.items()})
+        new_state: StreamingState = {"prev_latent": played, "prev_text": text_tokens}
+        new_state.update(prefixed(_LISTEN, listen_state))
+        new_state.update(prefixed(_DECODER, decoder_state))
         if active_mask is not None:
             new_state = {k: _keep_inactive(v, state[k], active_mask) for k, v in new_state.items()}
         output = StepOutput(
@@ -284,10 +283,6 @@ class MichiModel(nn.Module):
         self.backbone.forward_cached(embeds, cache, slice(slot, slot + 1))
         if pinned:
             cache.pinned[slot] = cache.host_lengths[slot]
-
-
-def _sub(state: StreamState, prefix: str) -> StreamState:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def _keep_inactive(new: torch.Tensor, old: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
