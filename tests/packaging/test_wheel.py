@@ -9,6 +9,7 @@ finds it; a newer release would be a multi-GB CUDA build).
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,8 @@ import pytest
 from loguru import logger
 
 REPO = Path(__file__).resolve().parents[2]
+# Without PYTHONPATH (the test run's may name the checkout): only the venv's copy may import.
+CLEAN_ENV = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
 
 # Run from a directory outside the checkout, so only the installed wheel can be imported.
 _CORE_PROBE = """
@@ -60,7 +63,7 @@ asyncio.run(main())
 
 
 def _pip(python: Path, *args: str) -> None:
-    subprocess.run([str(python), "-m", "pip", "install", "-q", *args], check=True, timeout=900)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", *args], env=CLEAN_ENV, check=True, timeout=900)
 
 
 def _size_mb(path: Path) -> float:
@@ -86,7 +89,7 @@ def test_wheel_installs_and_calls_outside_the_checkout(tmp_path: Path) -> None:
     started = time.perf_counter()
     _pip(python, str(wheel))
     logger.info(f"core install: {time.perf_counter() - started:.0f} s, venv {_size_mb(env_dir):.0f} MB")
-    core = subprocess.run([str(python), "-c", _CORE_PROBE], cwd=outside, capture_output=True, text=True, timeout=120)
+    core = subprocess.run([str(python), "-c", _CORE_PROBE], cwd=outside, env=CLEAN_ENV, capture_output=True, text=True, timeout=120)
     assert core.returncode == 0, core.stderr
     assert "no engine: torch" in core.stdout and "core ok" in core.stdout
 
@@ -95,7 +98,7 @@ def test_wheel_installs_and_calls_outside_the_checkout(tmp_path: Path) -> None:
     started = time.perf_counter()
     _pip(python, f"{wheel}[engine]", "-c", str(constraints))
     logger.info(f"[engine] install: {time.perf_counter() - started:.0f} s, venv {_size_mb(env_dir):.0f} MB")
-    call = subprocess.run([str(python), "-c", _CALL_PROBE], cwd=outside, capture_output=True, text=True, timeout=300)
+    call = subprocess.run([str(python), "-c", _CALL_PROBE], cwd=outside, env=CLEAN_ENV, capture_output=True, text=True, timeout=300)
     assert call.returncode == 0, call.stderr
     assert "call ok" in call.stdout and str(env_dir) in call.stdout
     shutil.rmtree(env_dir)
