@@ -13,9 +13,14 @@ fi
 stamp=.venv/.pipecat-michi-installed
 wanted=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [[ ! -f $stamp || $(cat "$stamp") != "$wanted" ]]; then
-  echo "bootstrap: pip install -e '.[dev]'" >&2
+  log=.venv/bootstrap.log
+  echo "bootstrap: pip install -e '.[dev]': about 3 minutes on a first set-up (log: $log)" >&2
   # pip (never uv): the machine's pip config points it at the on-disk CPU torch wheel.
-  .venv/bin/python -m pip install -q -e '.[dev]'
+  if ! .venv/bin/python -m pip install -e '.[dev]' >"$log" 2>&1; then
+    tail -n 20 "$log" >&2
+    echo "bootstrap: pip failed; the whole log is $log" >&2
+    exit 1
+  fi
   echo "$wanted" >"$stamp"
 fi
 
