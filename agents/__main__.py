@@ -107,12 +107,12 @@ async def simulate_call(args: argparse.Namespace) -> None:
     report = reports[0] if reports else CallReport()
     report.finish_bot_turn()
     zero = caller.connected_at
-    timeline = CallTimeline.from_caller_side(
+    bot_audio = np.frombuffer(bytes(caller.log.bot_audio), dtype=np.int16)
+    per_message = len(bot_audio) // max(1, len(caller.log.audio_arrivals))  # 20 ms media messages
+    timeline = CallTimeline.from_chunks(
         TWILIO_SAMPLE_RATE_HZ,
-        voice,
-        voice_at - zero,
-        np.frombuffer(bytes(caller.log.bot_audio), dtype=np.int16),
-        [t - zero for t in caller.log.audio_arrivals],
+        [(voice_at - zero, voice)],
+        [(t - zero, bot_audio[i * per_message : (i + 1) * per_message]) for i, t in enumerate(caller.log.audio_arrivals)],
         [(u.at - zero, u.speaker, u.text) for u in report.utterances],
         caller.log.clears,
     )

@@ -101,6 +101,19 @@ class CallReport(BaseObserver):
             self.ttfb_s += [d.value for d in frame.data if isinstance(d, TTFBMetricsData)]
 
 
+def _play_out(chunks: list[tuple[float, np.ndarray]], rate_hz: int) -> np.ndarray:
+    pieces: list[tuple[int, np.ndarray]] = []
+    cursor = 0
+    for at, chunk in chunks:
+        cursor = max(cursor, int(at * rate_hz))
+        pieces.append((cursor, chunk))
+        cursor += len(chunk)
+    track = np.zeros(cursor, dtype=np.int16)
+    for start, chunk in pieces:
+        track[start : start + len(chunk)] = chunk
+    return track
+
+
 def speech_segments(pcm: np.ndarray, rate_hz: int) -> list[tuple[float, float]]:
     """``(start_s, end_s)`` of each stretch of speech in int16 audio."""
     window = int(WINDOW_S * rate_hz)
@@ -143,34 +156,21 @@ class CallTimeline:
     clears: int = 0
 
     @classmethod
-    def from_caller_side(
+    def from_chunks(
         cls,
         rate_hz: int,
-        voice: np.ndarray,
-        voice_at_s: float,
-        bot_audio: np.ndarray,
-        arrivals_s: list[float],
+        caller: list[tuple[float, np.ndarray]],
+        bot: list[tuple[float, np.ndarray]],
         utterances: list[tuple[float, str, str]],
         clears: int,
     ) -> CallTimeline:
-        """Place the caller's voice where it was sent and the bot's audio where it arrived; a
-        message that arrives while the previous one still plays waits for it (the phone's
-        playout), so bursts sent ahead of time are heard in order, not on top of each other."""
-        per_message = len(bot_audio) // max(1, len(arrivals_s))
-        end_s = max([voice_at_s + len(voice) / rate_hz, *(t + per_message / rate_hz for t in arrivals_s)], default=0.0)
-        total = int((end_s + 1.0) * rate_hz) + len(bot_audio)
-        caller = np.zeros(total, dtype=np.int16)
-        start = int(voice_at_s * rate_hz)
-        caller[start : start + len(voice)] = voice
-        bot = np.zeros(total, dtype=np.int16)
-        cursor = 0
-        for index, arrived in enumerate(arrivals_s):
-            cursor = max(cursor, int(arrived * rate_hz))
-            chunk = bot_audio[index * per_message : (index + 1) * per_message]
-            bot[cursor : cursor + len(chunk)] = chunk
-            cursor += len(chunk)
-        last = max(start + len(voice), cursor)
-        return cls(rate_hz, caller[:last], bot[:last], utterances, clears)
+        """Each side's ``(seconds, int16 chunk)`` placed where it arrived; a chunk that arrives
+        while the previous one still plays waits for it (the listener's playout), so bursts sent
+        ahead of time are heard in order, not on top of each other."""
+        tracks = [_play_out(chunks, rate_hz) for chunks in (caller, bot)]
+        length = max(len(track) for track in tracks)
+        caller_track, bot_track = (np.pad(track, (0, length - len(track))) for track in tracks)
+        return cls(rate_hz, caller_track, bot_track, utterances, clears)
 
     def figures(self) -> TurnFigures:
         caller = speech_segments(self.caller, self.rate_hz)
