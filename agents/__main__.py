@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> None:
         serve.add_argument("--log-level", default="info")
         serve.add_argument("--checkpoint", type=Path,
                            help="MichiAI checkpoint directory for the in-process engine (default: the demo checkpoint)")
+        serve.add_argument("--record", type=Path, metavar="DIR",
+                           help="write each call's report here: stereo WAV (caller left, bot right) and timeline PNG")
         if name == "twilio":
             serve.add_argument("--insecure", action="store_true",
                                help="serve without a Twilio auth token on a non-loopback address (anyone may call)")
@@ -170,8 +172,11 @@ def main(argv: list[str] | None = None) -> None:
     flags = {name: value for name, value in (("host", args.host), ("port", args.port)) if value is not None}
     if getattr(args, "insecure", False):
         flags["insecure"] = True
+    backend_flags: dict[str, object] = {"record_dir": args.record} if args.record is not None else {}
     if args.checkpoint is not None:
-        flags["backend"] = {"engine": {"checkpoint": args.checkpoint}}
+        backend_flags["engine"] = {"checkpoint": args.checkpoint}
+    if backend_flags:
+        flags["backend"] = backend_flags
     try:
         config = WebRTCAgentConfig(**flags) if args.command == "webrtc" else TwilioAgentConfig(**flags)
     except ValueError as exc:

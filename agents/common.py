@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from pipecat.processors.aggregators.llm_response_universal import LLMContextAggr
 from pipecat.transports.base_transport import BaseTransport
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from agents.report import CallRecorder
 from pipecat_michi.engine.call import DuplexBackend, LocalEngine
 from pipecat_michi.engine.config import EngineConfig
 from pipecat_michi.pcm import float_to_pcm16
@@ -55,6 +58,8 @@ class BackendSettings(BaseModel):
     voice_prompt_path: Path | None = Field(default=None, description="WAV clip of the voice to clone")
     # A call longer than this is ended by the bot (None: no limit).
     max_call_s: float | None = Field(default=1800.0, gt=0)
+    # Each call's report (stereo WAV, who-spoke-when PNG) goes here (None: no recording).
+    record_dir: Path | None = None
 
     @model_validator(mode="after")
     def _check(self) -> BackendSettings:
@@ -94,12 +99,18 @@ def michi_pipeline(
     context = LLMContext([{"role": "system", "content": settings.system_prompt}])
     aggregators = LLMContextAggregatorPair(context)
     michi = MichiLLMService(backend=backend, voice_prompt=settings.load_voice_prompt())
+    taps: tuple[list[FrameProcessor], list[FrameProcessor]] = ([], [])
+    if settings.record_dir is not None:
+        recorder = CallRecorder(settings.record_dir, f"call-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
+        taps = ([recorder.caller_tap()], [recorder.bot_tap()])
     pipeline = Pipeline(
         [
             transport.input(),
             *extra_processors,
             aggregators.user(),
+            *taps[0],
             michi,
+            *taps[1],
             transport.output(),
             aggregators.assistant(),
         ]

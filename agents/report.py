@@ -5,7 +5,8 @@ the model finalises a caller turn, ``bot: ...`` when the bot's turn ends). ``Cal
 works on the two audio tracks as the caller's side had them (caller left, bot right, one
 clock) and counts what a listener notices: turns, the bot speaking over the caller, barge-ins
 (the agent clearing the bot's audio), gaps and time to first audio after each caller turn;
-it writes the stereo WAV and a who-spoke-when PNG.
+it writes the stereo WAV and a who-spoke-when PNG. ``CallRecorder`` builds the same for a
+live call of the WebRTC or Twilio agent (``--record DIR``).
 """
 
 from __future__ import annotations
@@ -16,8 +17,16 @@ from pathlib import Path
 
 import numpy as np
 import soundfile
+import soxr
+from loguru import logger
 from pipecat.frames.frames import (
+    AudioRawFrame,
+    CancelFrame,
+    EndFrame,
+    Frame,
+    InputAudioRawFrame,
     InterimTranscriptionFrame,
+    InterruptionFrame,
     MetricsFrame,
     TranscriptionFrame,
     TTSAudioRawFrame,
@@ -27,6 +36,7 @@ from pipecat.frames.frames import (
 )
 from pipecat.metrics.metrics import TTFBMetricsData
 from pipecat.observers.base_observer import BaseObserver, FramePushed
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pydantic import BaseModel, ConfigDict
 
 from pipecat_michi.service import MichiLLMService
@@ -224,3 +234,81 @@ class CallTimeline:
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path)
         plt.close(fig)
+
+
+RECORD_RATE_HZ = 16000
+
+
+class CallRecorder:
+    """The report for a live call (``--record DIR``): two taps in the pipeline, one before the
+    service (the caller's audio down, the model's transcripts up) and one after it (the bot's
+    audio and text); when the call ends, ``DIR/<call>.wav`` and ``DIR/<call>_timeline.png``."""
+
+    def __init__(self, directory: Path, name: str) -> None:
+        self._directory = directory
+        self._name = name
+        self._zero = time.monotonic()
+        self._caller: list[tuple[float, np.ndarray]] = []
+        self._bot: list[tuple[float, np.ndarray]] = []
+        self._utterances: list[tuple[float, str, str]] = []
+        self._bot_turn: list[str] = []
+        self._interruptions = 0
+        self._written = False
+
+    def _now(self) -> float:
+        return time.monotonic() - self._zero
+
+    def _audio(self, frame: AudioRawFrame) -> np.ndarray:
+        pcm = np.frombuffer(frame.audio, dtype=np.int16)
+        if frame.num_channels > 1:
+            pcm = pcm.reshape(-1, frame.num_channels)[:, 0]
+        if frame.sample_rate != RECORD_RATE_HZ:
+            pcm = soxr.resample(pcm, frame.sample_rate, RECORD_RATE_HZ)
+        return pcm.astype(np.int16)
+
+    def caller_tap(self) -> FrameProcessor:
+        recorder = self
+
+        class CallerTap(FrameProcessor):
+            async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+                await super().process_frame(frame, direction)
+                if isinstance(frame, InputAudioRawFrame):
+                    recorder._caller.append((recorder._now(), recorder._audio(frame)))
+                elif isinstance(frame, TranscriptionFrame):
+                    recorder._utterances.append((recorder._now(), "caller", frame.text))
+                await self.push_frame(frame, direction)
+
+        return CallerTap()
+
+    def bot_tap(self) -> FrameProcessor:
+        recorder = self
+
+        class BotTap(FrameProcessor):
+            async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+                await super().process_frame(frame, direction)
+                if isinstance(frame, TTSAudioRawFrame):
+                    recorder._bot.append((recorder._now(), recorder._audio(frame)))
+                elif isinstance(frame, TTSTextFrame):
+                    recorder._bot_turn.append(frame.text)
+                elif isinstance(frame, TTSStoppedFrame) and recorder._bot_turn:
+                    recorder._utterances.append((recorder._now(), "bot", "".join(recorder._bot_turn)))
+                    recorder._bot_turn = []
+                elif isinstance(frame, InterruptionFrame):
+                    recorder._interruptions += 1
+                elif isinstance(frame, (EndFrame, CancelFrame)):
+                    recorder.write()
+                await self.push_frame(frame, direction)
+
+        return BotTap()
+
+    def write(self) -> tuple[Path, Path] | None:
+        """Write the WAV and the PNG once (the first end of the call), and log the figures."""
+        if self._written:
+            return None
+        self._written = True
+        timeline = CallTimeline.from_chunks(RECORD_RATE_HZ, self._caller, self._bot, self._utterances, self._interruptions)
+        wav, png = self._directory / f"{self._name}.wav", self._directory / f"{self._name}_timeline.png"
+        timeline.write_wav(wav)
+        timeline.write_png(png)
+        logger.info(f"call report: {timeline.figures().model_dump()}; {wav}, {png}")
+        return wav, png

@@ -55,3 +55,25 @@ def test_the_timeline_counts_what_a_listener_notices() -> None:
     assert (figures.caller_turns, figures.bot_turns, figures.bot_over_caller, figures.barge_ins) == (2, 2, 1, 1)
     assert figures.ttfa_ms[0] is not None and abs(figures.ttfa_ms[0] - 200) <= 20
     assert figures.ttfa_ms[1] is None  # the bot said nothing after the caller's second turn
+
+
+async def test_the_recorder_writes_a_live_calls_report(tmp_path) -> None:
+    from pipecat.frames.frames import EndFrame, InputAudioRawFrame, TTSAudioRawFrame
+    from pipecat.processors.frame_processor import FrameDirection
+
+    from agents.report import CallRecorder
+
+    recorder = CallRecorder(tmp_path, "call-1")
+    caller, bot = recorder.caller_tap(), recorder.bot_tap()
+    for tap in (caller, bot):
+        tap.push_frame = _swallow  # no pipeline around the taps: frames go nowhere
+    await caller.process_frame(InputAudioRawFrame(_tone(0.5).tobytes(), RATE, 1), FrameDirection.DOWNSTREAM)
+    await bot.process_frame(TTSAudioRawFrame(_tone(0.5).tobytes(), 24000, 1), FrameDirection.DOWNSTREAM)
+    await bot.process_frame(EndFrame(), FrameDirection.DOWNSTREAM)
+    audio, rate = soundfile.read(tmp_path / "call-1.wav", dtype="int16")
+    assert rate == 16000 and audio.shape[1] == 2 and np.abs(audio).max(axis=0).min() > 1000
+    assert (tmp_path / "call-1_timeline.png").is_file()
+
+
+async def _swallow(*_args, **_kwargs) -> None:  # noqa: ANN002, ANN003
+    return None
