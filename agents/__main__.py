@@ -34,6 +34,7 @@ from agents.twilio.config import TwilioAgentConfig
 from agents.webrtc.app import WebRTCAgentConfig
 from agents.webrtc.app import create_app as create_webrtc_app
 from pipecat_michi.engine.call import LocalEngine
+from pipecat_michi.pcm import float_to_pcm16
 from pipecat_michi.serving import configure_production_logging, serve_on_loopback
 
 _REPO = Path(__file__).resolve().parents[1]
@@ -53,14 +54,14 @@ def caller_audio(wav: Path | None, text: str) -> tuple[np.ndarray, str]:
     if wav is None:
         t = np.arange(int(2.5 * TWILIO_SAMPLE_RATE_HZ)) / TWILIO_SAMPLE_RATE_HZ
         bursts = (np.sin(2 * np.pi * 2 * t) > 0) * np.sin(2 * np.pi * 300 * t) * 0.3
-        return (bursts * 32767).astype(np.int16), "tone bursts (install espeak-ng for speech)"
+        return float_to_pcm16(bursts), "tone bursts (install espeak-ng for speech)"
     return _read_8k(wav), str(wav)
 
 
 def _read_8k(path: Path) -> np.ndarray:
     audio, rate = soundfile.read(path, dtype="float32", always_2d=True)
     mono = soxr.resample(audio.mean(axis=1), rate, TWILIO_SAMPLE_RATE_HZ)
-    return (np.clip(mono, -1, 1) * 32767).astype(np.int16)
+    return float_to_pcm16(mono)
 
 
 async def simulate_call(args: argparse.Namespace) -> None:

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from pipecat_michi.engine.call import DuplexBackend, LocalEngine
 from pipecat_michi.engine.config import EngineConfig
+from pipecat_michi.pcm import float_to_pcm16
 from pipecat_michi.service import MichiLLMService
 from pipecat_michi.worker.client import RemoteWorker
 
@@ -79,7 +80,7 @@ class BackendSettings(BaseModel):
         if rate != MODEL_SAMPLE_RATE_HZ:
             mono = soxr.resample(mono, rate, MODEL_SAMPLE_RATE_HZ)
         mono = mono[: MAX_VOICE_PROMPT_S * MODEL_SAMPLE_RATE_HZ]
-        return (np.clip(mono, -1.0, 1.0) * 32767).astype(np.int16)
+        return float_to_pcm16(mono)
 
 
 def michi_pipeline(

@@ -50,6 +50,7 @@ from pipecat_michi.engine.settings import SessionSettingsUpdate
 from pipecat_michi.worker.client import RemoteCall, RemoteWorker
 from pipecat_michi.worker.metrics import METRIC_PREFIX, StepMsSummary, WorkerStats
 from pipecat_michi.worker.protocol import CALL_PATH
+from pipecat_michi.worker.retry import RetryPolicy
 from pipecat_michi.worker.server import STATS_PATH
 
 FRAME_S = 0.080
@@ -306,7 +307,7 @@ def print_table(results: list[RunResult]) -> None:
 
 
 async def bench(url: str, token: str, args: argparse.Namespace) -> list[RunResult]:
-    backend = RemoteWorker(url, token, attempts=1, ready_timeout_s=60)
+    backend = RemoteWorker(url, token, retry=RetryPolicy.once(), ready_timeout_s=60)
     results = []
     async with httpx.AsyncClient(base_url=_http_url(url), timeout=10) as http:
         for calls in args.calls:

@@ -7,6 +7,7 @@ the engine in this process, the embedded CPU default; ``RemoteWorker``
 
 from __future__ import annotations
 
+import asyncio
 from typing import Protocol
 
 import numpy as np
@@ -93,10 +94,18 @@ class LocalEngine:
     """The embedded default: a ``DuplexEngine`` in this process (tiny preset on CPU unless told).
 
     Started on the first call, shared by every call of the process.
+
+    Args:
+        config: What engine to build (ignored when ``engine`` is given).
+        engine: An engine to use instead.
+        open_timeout_s: Limit on opening one call, the model load of the first call included.
     """
 
-    def __init__(self, config: EngineConfig | None = None, engine: DuplexEngine | None = None) -> None:
+    def __init__(
+        self, config: EngineConfig | None = None, engine: DuplexEngine | None = None, *, open_timeout_s: float = 60.0
+    ) -> None:
         self.engine = engine or DuplexEngine(config or EngineConfig())
+        self._open_timeout_s = open_timeout_s
 
     async def open_call(
         self,
@@ -104,8 +113,9 @@ class LocalEngine:
         system_prompt: str | None = None,
         voice_prompt: np.ndarray | None = None,
     ) -> LocalCall:
-        await self.engine.start()
-        session = await self.engine.open_session(settings, system_prompt, voice_prompt)
+        async with asyncio.timeout(self._open_timeout_s):
+            await self.engine.start()
+            session = await self.engine.open_session(settings, system_prompt, voice_prompt)
         return LocalCall(session, self.engine)
 
     async def close(self) -> None:

@@ -120,10 +120,12 @@ class MichiLLMService(LLMService):
 
     Backend loss: when receiving or sending fails (a worker connection drops, the engine
     closes the call) or no step arrives for ``step_timeout_s`` while frames are outstanding,
-    the service opens a new call with back-off, re-sends the system prompt and replays the
-    context; after ``reconnect_attempts`` failures it pushes an ``ErrorFrame`` (the service
-    becomes unusable, the pipeline's ``ProcessorUnusablePolicy`` applies) and drops audio
-    from then on. No wait is unbounded.
+    the service opens a new call, re-sends the system prompt and replays the context. The
+    backend retries that open within its own budget (``RemoteWorker``'s ``RetryPolicy`` covers a
+    worker restart); when it still fails the service pushes a permanent ``ErrorFrame`` (it
+    becomes unusable, the pipeline's ``ProcessorUnusablePolicy`` applies: the agents end the
+    call) and drops audio from then on. A call the worker closed for idleness is reopened only
+    when caller audio comes again. Every other wait is bounded.
 
     Metrics: TTFB from the end of user speech (the step of the last transcript text, or a
     ``UserStoppedSpeakingFrame`` when the model transcribed nothing) to the bot's first audio;
@@ -348,12 +350,10 @@ class MichiLLMService(LLMService):
     async def _handle_refused(self, injection: Injection, error: Exception) -> None:
         await self.push_error(error_msg=f"MichiAI refused a {injection.role} message: {error}", exception=error)
 
-    async def _handle_gave_up(self, message: str, failure: BaseException | None) -> None:
-        await self.push_error(
-            error_msg=message,
-            exception=failure if isinstance(failure, Exception) else None,
-            force_treat_as_permanent=True,
-        )
+    async def _handle_gave_up(self, message: str, failure: Exception) -> None:
+        # Permanent: the processor becomes unusable and the pipeline's ProcessorUnusablePolicy
+        # applies (the agents end the call); Pipecat deprecated ErrorFrame.fatal for this.
+        await self.push_error(error_msg=message, exception=failure, force_treat_as_permanent=True)
 
     async def _close_turns(self) -> None:
         """Close the open bot and user turns, keeping turn and response frames balanced."""

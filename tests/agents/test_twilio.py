@@ -23,15 +23,12 @@ from pipecat_michi.engine.call import LocalEngine
 from pipecat_michi.engine.config import EngineConfig
 from tests.service.service_fakes import ScriptedBackend, ScriptedCall, Step
 from tests.support import eventually, serve
+from tests.support import speech_8k as _speech_8k
+from tests.support import twilio_agent_config as _config
 
 AUTH_TOKEN = "test-auth-token"
 PUBLIC_HOST = "bot.example.test"
 ACCOUNT_SID = "AC" + "0123456789abcdef" * 2
-
-
-def _config(max_call_s: float | None = None, **overrides) -> TwilioAgentConfig:
-    engine = {"preset": "tiny", "device": "cpu", "slot_capacity": 2}
-    return TwilioAgentConfig(backend={"engine": engine, "max_call_s": max_call_s}, **overrides)
 
 
 def _signed_config(api_host: str, **overrides) -> TwilioAgentConfig:
@@ -42,13 +39,6 @@ def _signed_config(api_host: str, **overrides) -> TwilioAgentConfig:
         twilio_api_base_url=f"http://{api_host}",
         **overrides,
     )
-
-
-def _speech_8k(seconds: float) -> np.ndarray:
-    rng = np.random.default_rng(0)
-    t = np.arange(int(8000 * seconds)) / 8000
-    voice = 0.3 * np.sin(2 * np.pi * 220 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
-    return ((voice + 0.01 * rng.standard_normal(len(t))) * 32767).astype(np.int16)
 
 
 @asynccontextmanager

@@ -11,20 +11,11 @@ from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
 from agents.webrtc.app import WebRTCAgentConfig, create_app
-from pipecat_michi.engine.call import LocalEngine
-from pipecat_michi.engine.config import EngineConfig
 from tests.support import eventually, serve
+from tests.support import webrtc_agent as make_agent
 
 CALLER_RATE_HZ = 48000
 CALLER_FRAME_MS = 20
-
-
-def make_agent(**overrides) -> tuple:
-    """The agent on the tiny random model, and the engine it runs on (to watch its slots)."""
-    engine = {"preset": "tiny", "device": "cpu", "slot_capacity": 2}
-    config = WebRTCAgentConfig(backend={"engine": engine, "max_call_s": None}, **overrides)
-    backend = LocalEngine(EngineConfig(device="cpu", slot_capacity=2))
-    return create_app(config, backend=backend), backend
 
 
 class ToneTrack(MediaStreamTrack):
