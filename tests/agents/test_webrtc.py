@@ -10,6 +10,7 @@ import numpy as np
 from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
+from agents.webrtc.app import WebRTCAgentConfig, create_app
 from tests.support import eventually, serve
 from tests.support import webrtc_agent as make_agent
 

@@ -23,7 +23,8 @@ from pipecat_michi.worker.protocol import (
     EndedMessage,
     encode_message,
 )
-from pipecat_michi.worker.server import WorkerConfig, WorkerConfigError, create_app
+from pipecat_michi.worker.app import create_app
+from pipecat_michi.worker.config import WorkerConfig, WorkerConfigError
 from tests.support import (
     WORKER_TOKEN as TOKEN,
     connect_raw,

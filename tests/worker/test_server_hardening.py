@@ -26,7 +26,8 @@ from pipecat_michi.worker.protocol import (
     encode_message,
     encode_voice_prompt,
 )
-from pipecat_michi.worker.server import WorkerConfig, running_worker
+from pipecat_michi.worker.config import WorkerConfig
+from pipecat_michi.worker.harness import running_worker
 from tests.support import eventually
 
 TOKEN = "hardening-token-0123456789"
