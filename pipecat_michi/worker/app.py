@@ -15,9 +15,9 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from pipecat_michi.engine.engine import DuplexEngine
 from pipecat_michi.worker.call import CallHandler
-from pipecat_michi.worker.config import WorkerConfig, check_config
+from pipecat_michi.worker.config import WorkerConfig, WorkerConfigError, check_config
 from pipecat_michi.worker.metrics import WorkerStats
-from pipecat_michi.worker.protocol import CALL_PATH
+from pipecat_michi.worker.protocol import CALL_PATH, PROTOCOL_VERSION, SAMPLE_RATE_HZ
 from pipecat_michi.worker.state import Worker
 
 STATS_PATH: Final = "/v1/stats"
@@ -42,6 +42,12 @@ def create_app(config: WorkerConfig, engine: DuplexEngine | None = None) -> Fast
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await worker.engine.start()
+        if worker.engine.sample_rate_hz != SAMPLE_RATE_HZ:
+            await worker.engine.stop()
+            raise WorkerConfigError(
+                f"the model's codec runs at {worker.engine.sample_rate_hz} Hz; protocol version {PROTOCOL_VERSION} "
+                f"carries {SAMPLE_RATE_HZ} Hz audio"
+            )
         worker.engine.tick_observers.append(worker.metrics.observe_tick)
         worker.started, worker.stopping = True, False
         try:
