@@ -17,6 +17,9 @@ step's ``StepResult`` becomes frames:
   bot starts speaking, or the transcript stays quiet for ``user_turn_gap_frames``), bracketed by
   ``ProposedUserStarted/StoppedSpeakingFrame`` that the recommended
   ``ExternalUserTurnStrategies(enable_interruptions=False)`` resolve into turn frames.
+
+Over 400 lines: about a third is this frames contract and the class docstring; the code is a
+flat dispatch (frames in, turn events out) over ``CallSupervisor`` and ``TurnTracker``.
 """
 
 from __future__ import annotations
