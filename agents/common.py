@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -199,27 +198,3 @@ class CallerSilenceWatchdog(FrameProcessor):
     async def cleanup(self) -> None:
         await self._stop()
         await super().cleanup()
-
-
-class RateLimitedLog:
-    """At most ``burst`` lines per ``period_s``; the rest are counted and summed up in the next
-    line that gets through. Refusals of hostile requests must not become a log flood."""
-
-    def __init__(self, burst: int = 10, period_s: float = 60.0) -> None:
-        self._burst, self._period_s = burst, period_s
-        self._window_start = 0.0
-        self._in_window = 0
-        self._suppressed = 0
-
-    def warning(self, message: str) -> None:
-        now = time.monotonic()
-        if now - self._window_start > self._period_s:
-            self._window_start, self._in_window = now, 0
-        if self._in_window >= self._burst:
-            self._suppressed += 1
-            return
-        self._in_window += 1
-        if self._suppressed:
-            message += f" ({self._suppressed} similar line(s) suppressed)"
-            self._suppressed = 0
-        logger.warning(message)

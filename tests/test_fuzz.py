@@ -309,7 +309,7 @@ _offer_body = st.one_of(
 def webrtc_app():  # noqa: ANN201
     # A short connect watchdog: an offer aiortc takes but no peer follows is dropped within the wait below.
     config = WebRTCAgentConfig(backend={"engine": {"preset": "tiny", "device": "cpu"}, "max_call_s": None},
-                               connect_timeout_s=2.0)
+                               connect_timeout_s=2.0, requests_per_minute=100_000)  # fuzzing is one client
     app = create_webrtc_app(config, backend=LocalEngine(ENGINE))
     with served_in_thread(app) as host:
         yield host, app

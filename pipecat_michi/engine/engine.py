@@ -489,6 +489,13 @@ class DuplexEngine:
             session.frames_stepped += 1
             session._deliver(session._make_result(index, filled, late, out))
 
+    def _max_top_k(self, ticking: list[EngineSession]) -> int | None:
+        """The host-side top-k bound of a tick (see ``Sampling.max_top_k``). None for a compiled
+        step: its value would be baked into the graph, one recompile per distinct top_k."""
+        if self.config.compile or not all(s.settings.top_k for s in ticking):
+            return None
+        return max(s.settings.top_k for s in ticking)
+
     def _sampling_inputs(self, rows: int, ticking: list[EngineSession]) -> tuple[Sampling, StepNoise]:
         temperature = torch.zeros(rows)
         top_k = torch.zeros(rows, dtype=torch.long)
@@ -508,6 +515,7 @@ class DuplexEngine:
         sampling = Sampling(
             temperature.to(device), top_k.to(device), threshold.to(device), flow_steps.to(device),
             max_flow_steps=max(s.settings.flow_steps for s in ticking),
+            max_top_k=self._max_top_k(ticking),
         )
         return sampling, StepNoise(latent_noise.to(device), uniform.to(device))
 

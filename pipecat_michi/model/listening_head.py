@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipecat_michi.model.backbone import Float32Buffers, RotaryEmbedding, apply_rotary
+from pipecat_michi.model.backbone import Float32Buffers, RotaryEmbedding, apply_rotary, grouped_attention
 from pipecat_michi.model.config import ListeningHeadConfig
 from pipecat_michi.model.streaming import StreamingState
 
@@ -78,6 +78,10 @@ class WindowedSelfAttention(nn.Module):
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def attend(self, q, k, v, mask: torch.Tensor) -> torch.Tensor:
+        if q.shape[1] == 1:
+            # The streaming step (one query over the window): plain matmuls beat the CPU's fused
+            # SDPA kernel here, as in the backbone's decode step.
+            return self.out(grouped_attention(q, k, v, mask))
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None]
         )

@@ -15,7 +15,7 @@ generator, so a call's output never depends on which other calls share its batch
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import nn
@@ -43,6 +43,9 @@ class Sampling:
     # The largest of ``flow_steps`` when it is a tensor, known on the host: the flow loop's
     # length, without reading it back from the device every step.
     max_flow_steps: int | None = None
+    # The largest ``top_k`` when every row has one (> 0), known on the host; None when some
+    # row samples the whole vocabulary. Lets sampling take the top few instead of sorting all.
+    max_top_k: int | None = None
 
     @classmethod
     def greedy(cls, batch_size: int, speak_threshold: float = 0.5, device=None) -> Sampling:  # noqa: ANN001
@@ -84,12 +87,18 @@ def sample_tokens(logits: torch.Tensor, sampling: Sampling, uniform: torch.Tenso
     """Temperature + top-k sampling by inverse CDF of a given uniform draw (row-wise)."""
     greedy = logits.argmax(dim=-1)
     temperature = sampling.temperature.clamp(min=1e-5)[:, None]
-    sorted_logits, order = torch.sort(logits.float() / temperature, dim=-1, descending=True)
-    ranks = torch.arange(logits.shape[-1], device=logits.device)[None, :]
+    scaled = logits.float() / temperature
+    if sampling.max_top_k:
+        # Every row is limited to its top_k: only the best max_top_k can ever be drawn, and
+        # topk over them costs a fraction of sorting the vocabulary (~4 ms of a CPU step at 49k).
+        sorted_logits, order = torch.topk(scaled, min(sampling.max_top_k, logits.shape[-1]), dim=-1)
+    else:
+        sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
+    ranks = torch.arange(sorted_logits.shape[-1], device=logits.device)[None, :]
     k = torch.where(sampling.top_k > 0, sampling.top_k, logits.shape[-1])[:, None]
     sorted_logits = sorted_logits.masked_fill(ranks >= k, float("-inf"))
     cdf = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    picked = torch.searchsorted(cdf, uniform.float()[:, None].clamp(max=1 - 1e-6)).clamp(max=logits.shape[-1] - 1)
+    picked = torch.searchsorted(cdf, uniform.float()[:, None].clamp(max=1 - 1e-6)).clamp(max=sorted_logits.shape[-1] - 1)
     sampled = order.gather(-1, picked).squeeze(-1)
     return torch.where(sampling.temperature > 0, sampled, greedy)
 
@@ -161,14 +170,17 @@ class MichiModel(nn.Module):
             sampling = replace(sampling, max_flow_steps=int(sampling.flow_steps.max()))
         step = self._compiled_step or self._device_step
         if self._compiled_step is not None:
-            # Under CUDA graphs the previous step's outputs may be overwritten now: callers copy
-            # what they keep (the engine copies the state into its slots) before the next step.
             torch.compiler.cudagraph_mark_step_begin()
         # The audio stays float32: the listening head's mel front-end runs in float32.
         output, new_state = step(
             user_audio.to(self.device, torch.float32), state, cache, sampling, noise, active_mask,
             key_count or cache.max_length(rows) + 1,
         )
+        if self._compiled_step is not None and self.device.type == "cuda":
+            # A CUDA graph's outputs live in its static memory, overwritten by the next replay:
+            # hand out copies, so a caller may feed this state to the next step or keep it.
+            output = StepOutput(**{f.name: getattr(output, f.name).clone() for f in fields(StepOutput)})
+            new_state = {key: value.clone() for key, value in new_state.items()}
         cache.advance(rows, 1, None if active is None else list(active), active_mask)
         return output, new_state
 

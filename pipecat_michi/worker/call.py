@@ -40,6 +40,7 @@ from pipecat_michi.engine.engine import (
     StepResult,
 )
 from pipecat_michi.worker.protocol import (
+    MAX_FRAME_INDEX,
     MAX_TEXT_CHARS,
     PROTOCOL_VERSION,
     AudioFrame,
@@ -131,7 +132,7 @@ class CallHandler:
     async def handle(self) -> None:
         if self.token_id is None:
             # Before accept: the ASGI server answers the upgrade with HTTP 403.
-            self._log.warning("Refused a call: missing or wrong bearer token")
+            self._worker.refusals.warning("Refused a call: missing or wrong bearer token")
             await self._ws.close(code=CloseCode.POLICY_VIOLATION)
             return
         await self._ws.accept()
@@ -329,6 +330,12 @@ class CallHandler:
                 result = await session.receive()
             except SessionClosedError:
                 return self._session_lost()
+            if result.frame_index > MAX_FRAME_INDEX:
+                # Only a client that started near 2**32 gets here (a real call needs 10 years).
+                return _Ending(
+                    CloseCode.UNEXPECTED_MESSAGE,
+                    f"frame indexes ran past {MAX_FRAME_INDEX}: start at 0 (docs/protocol.md)",
+                )
             await self._send_bytes(encode_message(_step_message(result)))
             self._frames_sent += 1
             self._observe_residence(result)

@@ -17,6 +17,8 @@ from pipecat_michi.worker.protocol import HANDSHAKE_TIMEOUT_S, IDLE_TIMEOUT_S, M
 SEND_BUFFER_BYTES: Final = 64 * 1024
 # Default bound on one call's length: a client streaming forever would hold its slot forever.
 MAX_CALL_S: Final = 3600.0
+# A token anyone could guess in a few thousand tries is no token: 16 characters at least.
+MIN_TOKEN_CHARS: Final = 16
 
 
 class WorkerConfigError(ValueError):
@@ -83,17 +85,24 @@ def check_config(config: WorkerConfig) -> None:
     """Refuse a configuration no worker may serve.
 
     Raises:
-        WorkerConfigError: No token and ``allow_unauthenticated`` is not set, or an empty token.
+        WorkerConfigError: No token and ``allow_unauthenticated`` is not set, or a token shorter
+            than ``MIN_TOKEN_CHARS``.
     """
     if config.token is None and not config.tenant_tokens and not config.allow_unauthenticated:
         raise WorkerConfigError(
             "no token: set MICHI_WORKER_TOKEN (or --token), or allow unauthenticated calls for local "
             "development (--allow-unauthenticated, MICHI_WORKER_ALLOW_UNAUTHENTICATED=1)"
         )
-    if config.token is not None and not config.token.get_secret_value().strip():
-        raise WorkerConfigError("the token is empty: set a long random MICHI_WORKER_TOKEN")
-    if any(not secret.get_secret_value().strip() for secret in config.tenant_tokens):
-        raise WorkerConfigError("a tenant token is empty: every one of MICHI_WORKER_TENANT_TOKENS must be long and random")
+    if config.token is not None and len(config.token.get_secret_value().strip()) < MIN_TOKEN_CHARS:
+        raise WorkerConfigError(
+            f"the token is shorter than {MIN_TOKEN_CHARS} characters: set a long random MICHI_WORKER_TOKEN "
+            "(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )
+    if any(len(secret.get_secret_value().strip()) < MIN_TOKEN_CHARS for secret in config.tenant_tokens):
+        raise WorkerConfigError(
+            f"a tenant token is shorter than {MIN_TOKEN_CHARS} characters: every one of "
+            "MICHI_WORKER_TENANT_TOKENS must be long and random"
+        )
 
 
 def given_flags(**flags: Any) -> dict[str, Any]:

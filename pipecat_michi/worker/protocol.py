@@ -71,6 +71,8 @@ _AUDIO_HEADER: Final = struct.Struct("<I")
 _STEP_HEADER: Final = struct.Struct("<IBfHH")
 _MAX_UINT16: Final = 0xFFFF
 _MAX_UINT32: Final = 0xFFFF_FFFF
+# ``frame_index`` is a uint32 on the wire; a call whose steps would pass it ends with 4004.
+MAX_FRAME_INDEX: Final = _MAX_UINT32
 
 STEP_FLAG_SPEAKING: Final = 0x01
 STEP_FLAG_FILLED_SILENCE: Final = 0x02

@@ -8,6 +8,7 @@ from typing import Final, Protocol
 from loguru import logger
 
 from pipecat_michi.engine.engine import DuplexEngine
+from pipecat_michi.serving import RateLimitedLog
 from pipecat_michi.worker.auth import TokenAuth
 from pipecat_michi.worker.config import WorkerConfig
 from pipecat_michi.worker.metrics import WorkerMetrics
@@ -40,6 +41,8 @@ class Worker:
         self.calls: set[LiveCall] = set()
         tokens = [secret for secret in (config.token, *config.tenant_tokens) if secret is not None]
         self.auth = TokenAuth(tokens, config.max_call_opens_per_minute)
+        # Refusals of strangers are logged at a bounded rate: a token-guessing run is no log flood.
+        self.refusals = RateLimitedLog()
 
     def admitted_calls(self, token_id: int) -> int:
         """Calls past admission that presented token ``token_id``."""

@@ -257,3 +257,22 @@ async def test_a_stream_that_stops_sending_audio_is_ended_and_hung_up() -> None:
             await asyncio.wait_for(caller.closed.wait(), 15)  # then nothing more is sent
             await eventually(lambda: backend.opened[0].closed, what="the model call is closed")
     assert [path for _, path, _ in api_requests] == [f"/2010-04-01/Accounts/{ACCOUNT_SID}/Calls/{caller.call_sid}.json"]
+
+
+def test_the_call_registry_is_bounded_expiring_and_single_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agents.twilio import security
+
+    now = [1000.0]
+    monkeypatch.setattr(security.time, "monotonic", lambda: now[0])
+    registry = security.CallRegistry(max_calls=3, ttl_s=60)
+    sids = [f"CA{i:032x}" for i in range(5)]
+    for sid in sids:
+        registry.saw(sid)
+    assert len(registry) == 3 and not registry.knows(sids[0])  # bounded: oldest forgotten
+    assert registry.claim(sids[4]) is None
+    assert registry.claim(sids[4]) == "this call already has a media stream"
+    now[0] += 61
+    assert registry.claim(sids[3]) == "unknown call: the signed webhook did not answer it"  # expired
+    assert registry.knows(sids[4])  # a streaming call stays known until forgotten
+    registry.forget(sids[4])
+    assert len(registry) == 0

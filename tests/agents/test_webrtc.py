@@ -267,3 +267,17 @@ async def test_a_dead_backend_closes_the_peer_instead_of_leaving_it_silent() -> 
         finally:
             await caller.pc.close()
         await eventually(lambda: not app.state.calls, what="the call's pipeline is gone")
+
+
+async def test_big_signalling_bodies_are_refused_before_they_are_read() -> None:
+    app, _ = make_agent()
+
+    async def chunked():  # no Content-Length
+        for _ in range(200):
+            yield b" " * 1024
+
+    async with serve(app) as host, httpx.AsyncClient(base_url=f"http://{host}", timeout=10) as http:
+        declared = await http.post("/api/offer", content=b"{" + b" " * 1_000_000 + b"}",
+                                   headers={"content-type": "application/json"})
+        streamed = await http.post("/api/offer", content=chunked(), headers={"content-type": "application/json"})
+    assert [declared.status_code, streamed.status_code] == [413, 413]
