@@ -17,6 +17,9 @@ step's ``StepResult`` becomes frames:
   bot starts speaking, or the transcript stays quiet for ``user_turn_gap_frames``), bracketed by
   ``ProposedUserStarted/StoppedSpeakingFrame`` that the recommended
   ``ExternalUserTurnStrategies(enable_interruptions=False)`` resolve into turn frames.
+
+Over 400 lines: about a third is this frames contract and the class docstring; the code is a
+flat dispatch (frames in, turn events out) over ``CallSupervisor`` and ``TurnTracker``.
 """
 
 from __future__ import annotations
@@ -179,7 +182,7 @@ class MichiLLMService(LLMService):
         self._owns_backend = backend is None
         self._backend: DuplexBackend = backend if backend is not None else LocalEngine()
         self._init_sample_rate = sample_rate
-        self._out_rate = sample_rate or 24000
+        self._out_rate = sample_rate  # or the pipeline's, known at setup (before any call opens)
         self._user_id = user_id
         self._params = params or MichiServiceParams()
         self._bot_text_filter = bot_text_filter
@@ -339,7 +342,8 @@ class MichiLLMService(LLMService):
     # --- the call's callbacks ------------------------------------------------------------
 
     async def _handle_call_opened(self, call: DuplexCall) -> None:
-        self._out = OutputResampler(call.sample_rate_hz, self._out_rate, self._params.resampler_quality)
+        out_rate = self._out_rate or call.sample_rate_hz
+        self._out = OutputResampler(call.sample_rate_hz, out_rate, self._params.resampler_quality)
         await self._call_event_handler("on_call_opened", call)
 
     async def _handle_injected(self, result: InjectResult) -> None:
