@@ -34,13 +34,14 @@ from agents.twilio.config import TwilioAgentConfig
 from agents.webrtc.app import WebRTCAgentConfig
 from agents.webrtc.app import create_app as create_webrtc_app
 from pipecat_michi.engine.call import LocalEngine
+from pipecat_michi.engine.config import DEMO_CHECKPOINT
 from pipecat_michi.pcm import float_to_pcm16
 from pipecat_michi.serving import configure_production_logging, serve_on_loopback
 
 _REPO = Path(__file__).resolve().parents[1]
 # The simulated call's default model, first found: what scripts/train_demo.sh last trained here,
 # then the demo checkpoint that ships with the repository (the same script's output, 4 MB).
-DEMO_CHECKPOINTS = (_REPO / "checkpoints" / "demo" / "joint", _REPO / "assets" / "michi-tiny-demo")
+DEMO_CHECKPOINTS = (_REPO / "checkpoints" / "demo" / "joint", DEMO_CHECKPOINT)
 DEFAULT_UTTERANCE = "Hello! I would like to book a table for two people tonight, please."
 
 
@@ -68,14 +69,9 @@ async def simulate_call(args: argparse.Namespace) -> None:
     voice, source = caller_audio(args.wav, args.say)
     config = TwilioAgentConfig(backend={"system_prompt": args.system, "max_call_s": None})
     engine_config = config.backend.engine
-    checkpoint = args.checkpoint or engine_config.checkpoint
-    if checkpoint is None:
-        checkpoint = next((path for path in DEMO_CHECKPOINTS if (path / "config.json").is_file()), None)
-    if checkpoint is not None:
-        engine_config = engine_config.model_copy(update={"checkpoint": checkpoint})
-        print(f"model: checkpoint {checkpoint}")
-    else:
-        print(f"model: {engine_config.preset} preset, random weights")
+    checkpoint = args.checkpoint or next(path for path in DEMO_CHECKPOINTS if (path / "config.json").is_file())
+    engine_config = engine_config.model_copy(update={"checkpoint": checkpoint})
+    print(f"model: checkpoint {checkpoint}")
     backend = LocalEngine(engine_config)
     reports: list[CallReport] = []
 
@@ -131,12 +127,14 @@ def main(argv: list[str] | None = None) -> None:
     call.add_argument("--out", type=Path, default=Path("artifacts/call_bot.wav"))
     call.add_argument("--checkpoint", type=Path,
                       help="MichiAI checkpoint directory; default: checkpoints/demo/joint when scripts/train_demo.sh "
-                      "made one, else the demo checkpoint in assets/michi-tiny-demo")
+                      "made one, else the demo checkpoint shipped in the package")
     for name in ("webrtc", "twilio"):
         serve = sub.add_parser(name, help=f"serve the {name} agent (settings from MICHI_* env)")
         serve.add_argument("--host")
         serve.add_argument("--port", type=int)
         serve.add_argument("--log-level", default="info")
+        serve.add_argument("--checkpoint", type=Path,
+                           help="MichiAI checkpoint directory for the in-process engine (default: the demo checkpoint)")
         if name == "twilio":
             serve.add_argument("--insecure", action="store_true",
                                help="serve without a Twilio auth token on a non-loopback address (anyone may call)")
@@ -150,6 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     flags = {name: value for name, value in (("host", args.host), ("port", args.port)) if value is not None}
     if getattr(args, "insecure", False):
         flags["insecure"] = True
+    if args.checkpoint is not None:
+        flags["backend"] = {"engine": {"checkpoint": args.checkpoint}}
     try:
         config = WebRTCAgentConfig(**flags) if args.command == "webrtc" else TwilioAgentConfig(**flags)
     except ValueError as exc:

@@ -48,7 +48,8 @@ class BackendSettings(BaseModel):
 
     worker_url: str | None = None
     worker_token: SecretStr | None = None
-    engine: EngineConfig = EngineConfig()
+    # The demo checkpoint unless MICHI_BACKEND__ENGINE__* (or --checkpoint) names another.
+    engine: EngineConfig = EngineConfig(checkpoint="demo")
     system_prompt: str = "You are a friendly, concise voice assistant."
     voice_prompt_path: Path | None = Field(default=None, description="WAV clip of the voice to clone")
     # A call longer than this is ended by the bot (None: no limit).

@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="tiny", help="local engine preset (random weights)")
     parser.add_argument("--checkpoint", default=None,
-                        help="local engine checkpoint (wins over --preset), e.g. assets/michi-tiny-demo")
+                        help="local engine checkpoint (wins over --preset), e.g. pipecat_michi/assets/michi-tiny-demo")
     parser.add_argument("--device", default="auto", help="local engine device")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads of the local engine (default: torch's choice)")

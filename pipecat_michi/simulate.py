@@ -1,19 +1,18 @@
 """michi-simulate: one simulated duplex call on the embedded default model.
 
-The tiny preset with random (seeded) weights runs on the CPU in a ``LocalEngine``, the backend
+The demo checkpoint (``--checkpoint`` for another) runs on the CPU in a ``LocalEngine``, the backend
 the service embeds (the same slot, KV eviction, prompt checks and settings as a served call):
 the caller's audio (a WAV file, or a synthetic 3 s signal of tone bursts and pauses) is fed one
 80 ms frame at a time, paced in real time unless ``--fast``; each frame's step latency and
 outputs are printed, then a summary, and the bot's audio (silence while it listens) is written
-as a 24 kHz PCM16 WAV. The output is noise and random text: this checks the plumbing and the
-timing, not the voice.
+as a 24 kHz PCM16 WAV. The demo model's voice is speech-like sound and its text letters, not
+words: this checks the plumbing and the timing, not the voice.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import time
 from pathlib import Path
 
@@ -41,8 +40,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("artifacts/simulated_call.wav"), help="bot audio WAV")
     parser.add_argument("--frames", type=int, help="call length in 80 ms frames (default: the caller audio's)")
     parser.add_argument("--fast", action="store_true", help="step as fast as possible, not in real time")
+    parser.add_argument("--checkpoint", default="demo",
+                        help="MichiAI checkpoint directory, or demo (the one shipped in the package)")
     parser.add_argument("--device", default="cpu", help="cpu (the embedded default), auto or cuda")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the weights and the sampling noise")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the sampling noise")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
     parser.add_argument("--quantize", default="none", choices=QUANTIZE_MODES, help="weight quantization")
     parser.add_argument("--compile", action="store_true",
@@ -85,7 +86,7 @@ def to_frames(audio: np.ndarray, frame_samples: int, frames: int | None) -> np.n
 async def simulate(args: argparse.Namespace) -> None:
     """One call on a ``LocalEngine`` (the service's embedded backend), frame by frame."""
     config = EngineConfig(
-        preset="tiny",
+        checkpoint=args.checkpoint,
         device=args.device,
         dtype=args.dtype,
         quantize=args.quantize,
@@ -104,7 +105,7 @@ async def simulate(args: argparse.Namespace) -> None:
         except ContextTooLongError as e:
             raise SystemExit(f"--system does not fit the call's context: {e}") from None
         logger.info(
-            f"tiny preset, {engine.model.num_parameters():,} random parameters on {engine.model.device} "
+            f"{engine.model.num_parameters():,} parameters on {engine.model.device} "
             f"({engine.model.dtype}, quantize {args.quantize}{', compiled' if args.compile else ''}); "
             f"call open, system prompt prefilled, in {(time.perf_counter() - start) * 1000:.0f} ms"
         )
@@ -156,7 +157,6 @@ async def _run_call(args: argparse.Namespace, call: LocalCall, engine: DuplexEng
 
 
 def main(argv: list[str] | None = None) -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub download must fail fast, never hang
     asyncio.run(simulate(parse_args(argv)))
 
 

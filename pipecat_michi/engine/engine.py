@@ -26,6 +26,15 @@ import numpy as np
 import torch
 from loguru import logger
 
+from pipecat_michi.contract import (  # re-exported: the contract's old home
+    EngineError,
+    EngineFullError,
+    FrameOrderError,
+    InjectResult,
+    SessionClosedError,
+    SessionIdleError,
+    StepResult,
+)
 from pipecat_michi.engine.batch import BatchStepOutput, SlotBatch
 from pipecat_michi.engine.config import EngineConfig, load_model
 from pipecat_michi.model.runtime import prepare_model_thread
@@ -35,48 +44,6 @@ from pipecat_michi.pcm import pcm16_to_float
 from pipecat_michi.model.tokenizer import StreamingDetokenizer, Tokenizer, format_context
 
 T = TypeVar("T")
-
-
-class EngineError(RuntimeError):
-    """Base of the engine's errors."""
-
-
-class EngineFullError(EngineError):
-    """Every slot is taken; try another worker."""
-
-
-class SessionClosedError(EngineError):
-    """The call was closed (by its owner, or because the engine stopped)."""
-
-
-class SessionIdleError(SessionClosedError):
-    """The backend ended the call because the caller sent nothing for its idle limit: a new
-    call is worth opening only once the caller sends audio again."""
-
-
-class FrameOrderError(EngineError):
-    """A frame index did not increase."""
-
-
-@dataclass(frozen=True)
-class StepResult:
-    """The model's output for one frame of one call."""
-
-    frame_index: int
-    filled: bool  # the input frame was missing and silence was used instead
-    late: bool  # the tick took longer than one frame
-    speaking: bool
-    speak_prob: float
-    bot_text: str
-    transcript: str
-    audio: np.ndarray | None  # int16 [frame_samples] when speaking
-    kv_length: int | None  # None when the engine is remote (the worker protocol does not carry it)
-
-
-@dataclass(frozen=True)
-class InjectResult:
-    token_count: int
-    kv_length: int
 
 
 @dataclass

@@ -63,8 +63,7 @@ from pipecat.services.settings import LLMSettings
 from pipecat.turns.user_turn_strategies import ExternalUserTurnStrategies
 from pipecat.utils.time import time_now_iso8601
 
-from pipecat_michi.engine.call import DuplexBackend, DuplexCall, LocalEngine
-from pipecat_michi.engine.engine import InjectResult, StepResult
+from pipecat_michi.contract import DuplexBackend, DuplexCall, InjectResult, StepResult
 from pipecat_michi.engine.settings import SessionSettingsUpdate
 from pipecat_michi.service.audio import OutputResampler
 from pipecat_michi.service.context import Injection
@@ -163,7 +162,7 @@ class MichiLLMService(LLMService):
 
         Args:
             backend: Where calls run: ``RemoteWorker(url, token)`` or ``LocalEngine(...)``.
-                ``None`` embeds ``LocalEngine()`` (tiny preset, CPU), owned and closed by
+                ``None`` embeds ``LocalEngine()`` (the demo checkpoint, CPU), owned and closed by
                 this service; a backend passed in is shared and left open.
             settings: Settings delta over the defaults (those of ``SessionSettings``).
             system_instruction: System prompt, pinned in the call's context.
@@ -180,7 +179,12 @@ class MichiLLMService(LLMService):
             store.apply_update(settings)
         super().__init__(settings=store, **kwargs)
         self._owns_backend = backend is None
-        self._backend: DuplexBackend = backend if backend is not None else LocalEngine()
+        if backend is None:
+            # Imported here: the engine needs torch (the [engine] extra); a RemoteWorker does not.
+            from pipecat_michi.engine.call import LocalEngine
+
+            backend = LocalEngine()
+        self._backend: DuplexBackend = backend
         self._init_sample_rate = sample_rate
         self._out_rate = sample_rate  # or the pipeline's, known at setup (before any call opens)
         self._user_id = user_id

@@ -24,8 +24,7 @@ import numpy as np
 from loguru import logger
 from pipecat.processors.aggregators.llm_context import LLMContext
 
-from pipecat_michi.engine.call import DuplexBackend, DuplexCall
-from pipecat_michi.engine.engine import InjectResult, SessionClosedError, SessionIdleError, StepResult
+from pipecat_michi.contract import DuplexBackend, DuplexCall, InjectResult, SessionClosedError, SessionIdleError, StepResult
 from pipecat_michi.engine.settings import SessionSettingsUpdate
 from pipecat_michi.service.audio import InputFramer
 from pipecat_michi.service.context import ContextSync, Injection

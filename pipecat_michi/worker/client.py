@@ -24,7 +24,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.uri import parse_uri
 
-from pipecat_michi.engine.engine import FrameOrderError, InjectResult, SessionClosedError, SessionIdleError, StepResult
+from pipecat_michi.contract import FrameOrderError, InjectResult, SessionClosedError, SessionIdleError, StepResult
 from pipecat_michi.engine.settings import SessionSettingsUpdate
 from pipecat_michi.pcm import float_to_pcm16
 from pipecat_michi.worker.retry import RetryPolicy
