@@ -27,6 +27,8 @@ from typing import Any
 from loguru import logger
 from pipecat.processors.aggregators.llm_context import LLMContextMessage, LLMSpecificMessage
 
+from pipecat_michi.service.tools import PENDING_TOOL_RESULT, render_tool_result
+
 # Own text remembered per role, in characters of whitespace-free text and in units. Far more
 # than a turn: only text not yet seen back in the context waits here.
 _MAX_LEDGER_CHARS = 20_000
@@ -60,8 +62,9 @@ def _content_text(content: Any) -> str:
 def message_injection(message: LLMContextMessage) -> Injection | None:
     """The text a context message contributes to the call, or ``None`` when it has none.
 
-    Tool calls an assistant message carries are rendered as text (the model cannot call tools,
-    but it should know what was called); provider-specific messages are skipped.
+    Tool calls an assistant message carries are rendered as text (calls the model wrote itself
+    are recorded as its own and skipped); a tool result becomes the backbone's
+    ``<tool_response>`` turn; provider-specific messages are skipped.
     """
     if isinstance(message, LLMSpecificMessage) or not isinstance(message, dict):
         logger.debug(f"skipping a provider-specific context message: {message!r}")
@@ -77,7 +80,14 @@ def message_injection(message: LLMContextMessage) -> Injection | None:
         text = "\n".join([text, *(f"called {c}" for c in calls)]).strip()
     if not text.strip():
         return None
+    if role == "tool":
+        text = render_tool_result(text)
     return Injection(role=role, text=text)
+
+
+def is_pending_tool_result(message: LLMContextMessage) -> bool:
+    """A tool message whose call still runs: Pipecat's aggregator fills its result in later."""
+    return isinstance(message, dict) and message.get("role") == "tool" and message.get("content") == PENDING_TOOL_RESULT
 
 
 def _fingerprint(message: LLMContextMessage) -> str:

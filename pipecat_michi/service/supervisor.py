@@ -22,7 +22,7 @@ from pipecat_michi.engine.call import DuplexBackend, DuplexCall
 from pipecat_michi.engine.engine import InjectResult, SessionClosedError, StepResult
 from pipecat_michi.engine.settings import SessionSettingsUpdate
 from pipecat_michi.service.audio import InputFramer
-from pipecat_michi.service.context import ContextSync, Injection
+from pipecat_michi.service.context import ContextSync, Injection, is_pending_tool_result
 from pipecat_michi.service.settings import MichiServiceParams
 
 # Frames the engine dropped as late never get a step; past this many outstanding, forget old ones.
@@ -266,6 +266,10 @@ class CallSupervisor:
         """Inject what of ``self._context`` the call has not read. Holds ``_call_lock``."""
         assert self._context is not None
         for fingerprint, message in self._sync.new_messages(self._context.messages):
+            if is_pending_tool_result(message):
+                # Its result replaces it in place: stop here and inject from it on once the
+                # result is in, rather than read "IN_PROGRESS" and then a rewritten context.
+                break
             injection = self._sync.take(message)
             if injection is not None:
                 await self._inject(call, injection)
