@@ -107,11 +107,21 @@ class ContextSync:
     def __init__(self) -> None:
         self._seen: list[str] = []
         self._own: dict[str, list[str]] = {}
+        self._own_tool_calls: set[str] = set()
 
     def reset(self) -> None:
         """A new call: it has read nothing and said nothing."""
         self._seen.clear()
         self._own.clear()
+        self._own_tool_calls.clear()
+
+    def record_own_tool_call(self, tool_call_id: str) -> None:
+        """A tool call the call wrote itself: the assistant message recording it is not injected.
+
+        By id, not through the text ledger: the aggregator adds the call's message while the
+        bot text spoken before it is still unrecorded, so the order of the ledger would not hold.
+        """
+        self._own_tool_calls.add(tool_call_id)
 
     def record_own(self, role: str, text: str) -> None:
         """Text the call itself produced (or was opened with) as a ``role`` turn, or a piece
@@ -145,6 +155,9 @@ class ContextSync:
 
     def take(self, message: LLMContextMessage) -> Injection | None:
         """The injection ``message`` needs, or ``None`` (no text, or the call's own output)."""
+        if self._is_own_tool_call(message):
+            logger.debug("skipping a tool call the call wrote itself")
+            return None
         injection = message_injection(message)
         if injection is None:
             return None
@@ -160,6 +173,15 @@ class ContextSync:
         del ledger[:end]
         logger.debug(f"skipping a {injection.role} message the call produced itself ({len(compact)} chars)")
         return None
+
+    def _is_own_tool_call(self, message: LLMContextMessage) -> bool:
+        if not isinstance(message, dict) or message.get("content") or not message.get("tool_calls"):
+            return False
+        ids = {call.get("id") for call in message["tool_calls"] if isinstance(call, dict)}
+        if not ids <= self._own_tool_calls:
+            return False
+        self._own_tool_calls -= ids
+        return True
 
     def commit(self, fingerprint: str) -> None:
         """Mark the next message as accounted for."""

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -71,7 +70,7 @@ from pipecat_michi.engine.call import DuplexBackend, DuplexCall, LocalEngine
 from pipecat_michi.engine.engine import InjectResult, StepResult
 from pipecat_michi.engine.settings import SessionSettingsUpdate
 from pipecat_michi.service.audio import OutputResampler
-from pipecat_michi.service.context import Injection, message_injection
+from pipecat_michi.service.context import Injection
 from pipecat_michi.service.settings import SESSION_FIELDS, MichiServiceParams, MichiSettings
 from pipecat_michi.service.supervisor import CallSupervisor
 from pipecat_michi.service.tools import (
@@ -471,7 +470,7 @@ class MichiLLMService(LLMService):
                 self._inject_later(Injection("tool", render_tool_error(outcome)))
                 continue
             tool_call_id = f"michi_{uuid.uuid4().hex[:16]}"
-            self._record_own_tool_call(tool_call_id, outcome.name, outcome.arguments)
+            self._supervisor.record_own_tool_call(tool_call_id)
             calls.append(
                 FunctionCallFromLLM(
                     function_name=outcome.name,
@@ -484,22 +483,6 @@ class MichiLLMService(LLMService):
             logger.debug(f"{self}: the model called {[(c.function_name, c.arguments) for c in calls]}")
             self._tool_calls_in_flight.update(c.tool_call_id for c in calls)
             await self.run_function_calls(calls)
-
-    def _record_own_tool_call(self, tool_call_id: str, name: str, arguments: dict[str, Any]) -> None:
-        """The assistant message the aggregator will add for this call is the model's own text."""
-        message = {
-            "role": "assistant",
-            "tool_calls": [
-                {
-                    "id": tool_call_id,
-                    "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)},
-                    "type": "function",
-                }
-            ],
-        }
-        injection = message_injection(message)
-        if injection is not None:
-            self._supervisor.record_own(injection.role, injection.text)
 
     def _inject_later(self, injection: Injection) -> None:
         """Inject off the receive loop, which must not wait on the call it is reading."""

@@ -127,6 +127,10 @@ class CallSupervisor:
         """Text the call produced itself as a ``role`` turn: not injected when the context echoes it."""
         self._sync.record_own(role, text)
 
+    def record_own_tool_call(self, tool_call_id: str) -> None:
+        """A tool call the call wrote itself: its assistant message in the context is not injected."""
+        self._sync.record_own_tool_call(tool_call_id)
+
     # --- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
