@@ -25,6 +25,7 @@ from pipecat_michi.model.config import MichiConfig
 from pipecat_michi.model.flow_head import FlowHead
 from pipecat_michi.model.kv_cache import SlotKVCache
 from pipecat_michi.model.listening_head import ListeningHead
+from pipecat_michi.model.whisper.encoder import WhisperListeningHead
 
 StreamState = dict[str, torch.Tensor]
 
@@ -99,7 +100,8 @@ class MichiModel(nn.Module):
         self.config = config
         hidden = config.backbone.hidden_size
         self.backbone = Backbone(config.backbone)
-        self.listening = ListeningHead(
+        listening_cls = WhisperListeningHead if config.listening.kind == "whisper" else ListeningHead
+        self.listening = listening_cls(
             config.listening, config.frame_samples, config.sample_rate_hz, hidden, config.backbone.vocab_size
         )
         self.latent_in = nn.Linear(config.codec.latent_dim, hidden)
