@@ -10,10 +10,12 @@ Whisper's encoder (conv stem, pre-LN transformer, 20 ms tokens) made streamable:
 - **Block-causal attention**: the 4 tokens of an 80 ms frame see each other and the previous
   ``context_frames - 1`` frames' tokens, no more; a KV ring of ``(context_frames - 1) * 4`` keys
   per layer is the streaming state, so memory and cost are constant however long the call.
-- **Positions**: Whisper's positional "table" is the fixed sinusoid :func:`sinusoids` (checked by
-  the loaders). The encoder evaluates that formula at the token's absolute index, which is defined
-  for any index, so a call runs past Whisper's 30 s (1500 tokens); the slowest component's period
-  is ~21 minutes. Whisper never saw indices past 1500, so fine-tuning draws random start offsets
+- **Positions**: Whisper's positional table is the fixed sinusoid :func:`sinusoids` stored in
+  fp16 (the loaders check it). Positions inside the table (the first 30 s, 1500 tokens) use the
+  stored rows, which the pretrained weights were trained with (the exact formula instead moves
+  tiny.en's encoder output by up to 0.37, 1e-3 relative); later positions use the same formula,
+  which is defined for any index, so a call runs past 30 s (the slowest component's period is ~21
+  minutes). Whisper never saw indices past 1500, so fine-tuning draws random start offsets
   (``position_offset``) to train them. No RoPE: it would change every pretrained attention score.
 
 Per 80 ms frame the 4 final tokens are concatenated and projected to the three outputs of
@@ -37,6 +39,7 @@ from pipecat_michi.model.whisper.frontend import WHISPER_HOP, WHISPER_SAMPLE_RAT
 
 StreamState = dict[str, torch.Tensor]
 TOKEN_HOPS = 2  # conv2's stride: one encoder token per two mel frames (20 ms)
+WHISPER_POSITIONS = 1500  # Whisper's positional table: 30 s of 20 ms tokens
 
 
 def sinusoids(length: int, channels: int, dtype: torch.dtype, device: torch.device, start: int = 0) -> torch.Tensor:
@@ -96,6 +99,9 @@ class WhisperEncoder(nn.Module):
         self.conv2 = nn.Conv1d(d_model, d_model, 3, stride=2)
         self.layers = nn.ModuleList(WhisperEncoderLayer(d_model, num_heads, ffn_size) for _ in range(num_layers))
         self.final_norm = nn.LayerNorm(d_model)
+        self.register_buffer(
+            "position_table", sinusoids(WHISPER_POSITIONS, d_model, torch.float32, torch.device("cpu"))
+        )
 
     def stem(self, mel: torch.Tensor, mode: Literal["stream", "whisper"]) -> torch.Tensor:
         """``mel [B, T, n_mels]`` -> tokens ``[B, T // 2, d]`` (no positions), zero-padded start."""
@@ -104,7 +110,11 @@ class WhisperEncoder(nn.Module):
         return F.gelu(self.conv2(F.pad(x, (1, 1)))).transpose(1, 2)[:, : mel.shape[1] // TOKEN_HOPS]
 
     def add_positions(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return x + sinusoids_at(positions, self.d_model).to(x.dtype)
+        """``positions [B, N]`` absolute token indices: the stored table inside it, the formula past it."""
+        table = self.position_table
+        inside = positions < table.shape[0]
+        stored = table[positions.clamp(max=table.shape[0] - 1)].to(torch.float32)
+        return x + torch.where(inside[..., None], stored, sinusoids_at(positions, self.d_model)).to(x.dtype)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Tokens with positions ``[B, N, d]`` -> final-normed tokens; ``mask [B, N, N]`` (True = attend)."""
@@ -236,7 +246,10 @@ class WhisperListeningHead(nn.Module):
         got = weights.dims
         if wanted != (got.n_mels, got.d_model, got.num_layers, got.num_heads, got.ffn_size):
             raise WhisperWeightsError(f"{source}: encoder dims {got} do not match the listening head's {cfg}")
-        self.encoder.load_state_dict(weights.state, strict=True)
+        table = sinusoids(WHISPER_POSITIONS, cfg.d_model, torch.float32, torch.device("cpu"))
+        rows = min(WHISPER_POSITIONS, weights.positions.shape[0])
+        table[:rows] = weights.positions[:rows].to(torch.float32)
+        self.encoder.load_state_dict({**weights.state, "position_table": table.to(self.encoder.position_table.device)})
 
 
 def whisper_offline_encode(encoder: WhisperEncoder, mel: torch.Tensor) -> torch.Tensor:

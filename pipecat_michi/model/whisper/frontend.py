@@ -139,7 +139,7 @@ class PolyphaseResampler(nn.Module):
         upsampled = torch.zeros(batch, samples * self.up, dtype=torch.float32, device=audio.device)
         upsampled[:, :: self.up] = audio
         padded = torch.cat([history, upsampled], dim=-1)
-        out = F.conv1d(padded[:, None], self.kernel, stride=self.down)[:, 0]
+        out = F.conv1d(padded[:, None], self.kernel.to(torch.float32), stride=self.down)[:, 0]
         return out, padded[:, -self.history:]
 
 
@@ -175,7 +175,8 @@ class StreamingWhisperFrontEnd(nn.Module):
         if audio_16k.shape[-1] % WHISPER_HOP:
             raise ValueError(f"{audio_16k.shape[-1]} samples at 16 kHz is not a multiple of the hop {WHISPER_HOP}")
         padded = torch.cat([state["stft_history"], audio_16k], dim=-1)
-        log_spec = _power_mel(padded, self.filters, self.window, center=False)
+        # Buffers are float32 islands even in a bf16 model (module.to(bf16) casts them).
+        log_spec = _power_mel(padded, self.filters.to(torch.float32), self.window.to(torch.float32), center=False)
         features, log_max = running_max_floor(log_spec, state["log_max"])
         new_state = {
             "resample_history": resample_history,

@@ -5,11 +5,11 @@ the names of :class:`~pipecat_michi.model.whisper.encoder.WhisperEncoder`, in th
 dtype. Every expected tensor must be present with the expected shape, and nothing of the encoder
 may be left over; anything else raises :class:`WhisperWeightsError` naming the tensor.
 
-Whisper's positional table is not loaded: it is the fixed sinusoid
-:func:`~pipecat_michi.model.whisper.encoder.sinusoids`, which the encoder evaluates at any
-position (so a call can run past Whisper's 1500 positions). The loaders check that the stored
+Whisper's positional table is returned apart (``positions``, float32): the encoder uses it for
+the first 1500 tokens and the sinusoid formula it was made with past them
+(:func:`~pipecat_michi.model.whisper.encoder.sinusoids`). The loaders check that the stored
 table is that sinusoid, so a checkpoint with learned positions is refused rather than silently
-mis-used.
+mis-extended.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ class WhisperEncoderWeights(BaseModel):
 
     dims: WhisperEncoderDims
     state: dict[str, torch.Tensor]
+    positions: torch.Tensor
 
 
 # Tolerance of the stored positional table against the sinusoid formula; fp16 storage rounds
@@ -100,7 +101,9 @@ def _finish(
         raise WhisperWeightsError(
             f"{source}: the positional table is not Whisper's sinusoid; learned positions are not supported"
         )
-    return WhisperEncoderWeights(dims=dims, state={k: v.to(dtype) for k, v in state.items()})
+    return WhisperEncoderWeights(
+        dims=dims, state={k: v.to(dtype) for k, v in state.items()}, positions=positions.to(torch.float32)
+    )
 
 
 def load_hf_encoder(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> WhisperEncoderWeights:
