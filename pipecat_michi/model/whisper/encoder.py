@@ -18,7 +18,8 @@ Whisper's encoder (conv stem, pre-LN transformer, 20 ms tokens) made streamable:
   minutes). Whisper never saw indices past 1500, so fine-tuning draws random start offsets
   (``position_offset``) to train them. No RoPE: it would change every pretrained attention score.
 
-Per 80 ms frame the 4 final tokens are concatenated and projected to the three outputs of
+Per 80 ms frame the 4 final tokens are concatenated, projected to one ``d_model`` vector and
+from it to the three outputs of
 :class:`~pipecat_michi.model.listening_head.ListeningHead`: the backbone embedding, transcript
 logits in the backbone's vocabulary and the speak/hold logit. ``mode="whisper"`` (full attention,
 Whisper's symmetric stem) reproduces the original offline encoder for parity tests and as the
@@ -146,17 +147,18 @@ class WhisperListeningHead(nn.Module):
         self.ring_tokens = (cfg.context_frames - 1) * self.tokens_per_frame
         self.front_end = StreamingWhisperFrontEnd(cfg.n_mels, sample_rate_hz)
         self.encoder = WhisperEncoder(cfg.n_mels, cfg.d_model, cfg.num_layers, cfg.num_heads, cfg.ffn_size)
-        pooled = self.tokens_per_frame * cfg.d_model
-        self.to_backbone = nn.Linear(pooled, backbone_hidden)
-        self.transcript_head = nn.Linear(pooled, vocab_size)
-        self.speak_head = nn.Linear(pooled, 1)
+        # One vector per frame from its 4 tokens, so the vocabulary-sized head stays d_model wide.
+        self.frame_proj = nn.Linear(self.tokens_per_frame * cfg.d_model, cfg.d_model)
+        self.to_backbone = nn.Linear(cfg.d_model, backbone_hidden)
+        self.transcript_head = nn.Linear(cfg.d_model, vocab_size)
+        self.speak_head = nn.Linear(cfg.d_model, 1)
 
     @property
     def _dtype(self) -> torch.dtype:
         return self.encoder.conv1.weight.dtype
 
     def _heads(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        pooled = tokens.reshape(tokens.shape[0], -1, self.tokens_per_frame * tokens.shape[-1])
+        pooled = F.gelu(self.frame_proj(tokens.reshape(tokens.shape[0], -1, self.tokens_per_frame * tokens.shape[-1])))
         return self.to_backbone(pooled), self.transcript_head(pooled), self.speak_head(pooled).squeeze(-1)
 
     def block_causal_mask(self, num_tokens: int, device: torch.device) -> torch.Tensor:
