@@ -82,13 +82,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.checkpoint is not None:
         model = load_checkpoint(args.checkpoint).eval()
         tokenizer = load_tokenizer(model.config, args.checkpoint)
-    judge = OfflineWhisper(cpu_threads=args.threads)
-    path = " (Twilio 8 kHz mu-law)" if args.twilio else ""
-    evaluate_set("held-out synthetic" + path, synthetic_clips(args.sentences), judge, model, tokenizer,
-                 args.twilio, args.verbose)
+    judge_listening(model, tokenizer, args.twilio, args.sentences, args.threads, args.verbose)
+
+
+def judge_listening(model: MichiModel | None, tokenizer: Tokenizer | None, twilio: bool = False,
+                    sentences: int = len(HELD_OUT_SENTENCES), threads: int = 2, verbose: bool = False) -> None:
+    """Print held-out synthetic and human WER of ``model``'s head beside offline Whisper tiny.en."""
+    judge = OfflineWhisper(cpu_threads=threads)
+    path = " (Twilio 8 kHz mu-law)" if twilio else ""
+    evaluate_set("held-out synthetic" + path, synthetic_clips(sentences), judge, model, tokenizer, twilio, verbose)
     humans = human_clips()
     if humans:
-        evaluate_set("pocketsphinx human" + path, humans, judge, model, tokenizer, args.twilio, args.verbose)
+        evaluate_set("pocketsphinx human" + path, humans, judge, model, tokenizer, twilio, verbose)
     else:
         print("pocketsphinx-testdata not installed (apt-get install -y pocketsphinx-testdata): no human clips")
 
