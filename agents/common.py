@@ -37,11 +37,10 @@ from pipecat_michi.engine.config import EngineConfig
 from pipecat_michi.pcm import float_to_pcm16
 from pipecat_michi.service import MichiLLMService
 from pipecat_michi.worker.client import RemoteWorker
+from pipecat_michi.worker.protocol import MAX_VOICE_PROMPT_S, SAMPLE_RATE_HZ
 
-MODEL_SAMPLE_RATE_HZ = 24000
 # Makes the observers of each new call (reports, recordings); agents take one optionally.
 ObserverFactory = Callable[[], list[BaseObserver]]
-MAX_VOICE_PROMPT_S = 30
 
 
 class BackendSettings(BaseModel):
@@ -83,9 +82,9 @@ class BackendSettings(BaseModel):
             return None
         audio, rate = soundfile.read(self.voice_prompt_path, dtype="float32", always_2d=True)
         mono = audio.mean(axis=1)
-        if rate != MODEL_SAMPLE_RATE_HZ:
-            mono = soxr.resample(mono, rate, MODEL_SAMPLE_RATE_HZ)
-        mono = mono[: MAX_VOICE_PROMPT_S * MODEL_SAMPLE_RATE_HZ]
+        if rate != SAMPLE_RATE_HZ:
+            mono = soxr.resample(mono, rate, SAMPLE_RATE_HZ)
+        mono = mono[: MAX_VOICE_PROMPT_S * SAMPLE_RATE_HZ]
         return float_to_pcm16(mono)
 
 

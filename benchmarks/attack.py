@@ -47,7 +47,8 @@ from pipecat_michi.worker.protocol import (
     decode_worker_message,
     encode_message,
 )
-from pipecat_michi.worker.server import WorkerConfig, running_worker
+from pipecat_michi.worker.config import WorkerConfig
+from pipecat_michi.worker.harness import running_worker
 
 TOKEN = "attack-run-worker-token-0123456789"
 AUTH_TOKEN = "attack-run-twilio-auth-token"

@@ -37,9 +37,10 @@ from pipecat.workers.runner import WorkerRunner  # noqa: E402
 from pipecat_michi.engine.call import DuplexBackend, LocalEngine  # noqa: E402
 from pipecat_michi.engine.config import EngineConfig  # noqa: E402
 from pipecat_michi.engine.settings import SessionSettingsUpdate  # noqa: E402
+from pipecat_michi.worker.protocol import SAMPLE_RATE_HZ  # noqa: E402
 from pipecat_michi.service import FRAME_INDEX_METADATA_KEY, MichiLLMService, MichiSettings  # noqa: E402
 
-MODEL_RATE = 24000
+MODEL_RATE = SAMPLE_RATE_HZ
 FRAME_SAMPLES = 1920
 FRAME_S = FRAME_SAMPLES / MODEL_RATE
 

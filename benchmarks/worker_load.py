@@ -51,7 +51,7 @@ from pipecat_michi.worker.client import RemoteCall, RemoteWorker
 from pipecat_michi.worker.metrics import METRIC_PREFIX, StepMsSummary, WorkerStats
 from pipecat_michi.worker.protocol import CALL_PATH
 from pipecat_michi.worker.retry import RetryPolicy
-from pipecat_michi.worker.server import STATS_PATH
+from pipecat_michi.worker.app import STATS_PATH
 
 FRAME_S = 0.080
 DEFAULT_CALLS = (1, 4, 16, 64)
@@ -141,7 +141,7 @@ def started_worker(args: argparse.Namespace, token: str) -> Iterator[str]:
     port = free_port()
     slots = args.slots or max(args.calls)
     command = [
-        sys.executable, "-m", "pipecat_michi.worker.server", "--port", str(port), "--preset", args.preset,
+        sys.executable, "-m", "pipecat_michi.worker.cli", "--port", str(port), "--preset", args.preset,
         "--device", args.device, "--slots", str(slots), "--log-level", "warning",
         *(["--dtype", args.dtype] if args.dtype else []),
         *(["--quantize", args.quantize] if args.quantize else []),

@@ -40,7 +40,7 @@ def _run(command: str, module: str, extra: str) -> None:
 
 
 def worker() -> None:
-    _run("michi-worker", "pipecat_michi.worker.server", "worker")
+    _run("michi-worker", "pipecat_michi.worker.cli", "worker")
 
 
 def serve() -> None:

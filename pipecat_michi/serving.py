@@ -102,6 +102,27 @@ class HeaderTimeoutH11Protocol(H11Protocol):
 
 
 @asynccontextmanager
+async def served(server: uvicorn.Server, sock: socket.socket, startup_timeout_s: float) -> AsyncIterator[None]:
+    """Run ``server`` on the bound ``sock`` in this event loop until the block exits, then shut
+    it down and close the socket. Raises what stopped it when it fails to start in time."""
+    serving = asyncio.create_task(server.serve(sockets=[sock]), name="uvicorn-server")
+    try:
+        async with asyncio.timeout(startup_timeout_s):
+            while not server.started:  # uvicorn offers no startup event to await
+                if serving.done():
+                    serving.result()  # raises what stopped it
+                    raise RuntimeError("the server stopped before it started")
+                await asyncio.sleep(0.01)
+        yield
+    finally:
+        server.should_exit = True
+        try:
+            await asyncio.wait_for(serving, 30)
+        finally:
+            sock.close()
+
+
+@asynccontextmanager
 async def serve_on_loopback(
     app,  # noqa: ANN001 - any ASGI app
     host: str = "127.0.0.1",
@@ -114,21 +135,8 @@ async def serve_on_loopback(
     sock.bind((host, 0))
     options = (limits or ServerLimits()).uvicorn_options()
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", **options))
-    serving = asyncio.create_task(server.serve(sockets=[sock]), name="loopback-server")
-    try:
-        async with asyncio.timeout(startup_timeout_s):
-            while not server.started:  # uvicorn offers no startup event to await
-                if serving.done():
-                    serving.result()
-                    raise RuntimeError("the server stopped before it started")
-                await asyncio.sleep(0.01)
+    async with served(server, sock, startup_timeout_s):
         yield f"{host}:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        try:
-            await asyncio.wait_for(serving, 30)
-        finally:
-            sock.close()
 
 
 def configure_production_logging(level: str = "INFO") -> None:

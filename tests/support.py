@@ -40,7 +40,8 @@ from pipecat_michi.worker.protocol import (
     decode_worker_message,
     encode_message,
 )
-from pipecat_michi.worker.server import RunningWorker, WorkerConfig, running_worker
+from pipecat_michi.worker.config import WorkerConfig
+from pipecat_michi.worker.harness import RunningWorker, running_worker
 
 
 # Real uvicorn servers on loopback ports the OS picks.

@@ -45,7 +45,8 @@ from pipecat_michi.worker.protocol import (
     HelloMessage,
     encode_message,
 )
-from pipecat_michi.worker.server import WorkerConfig, create_app as create_worker_app
+from pipecat_michi.worker.app import create_app as create_worker_app
+from pipecat_michi.worker.config import WorkerConfig
 from tests.support import eventually, speech_8k, twilio_agent_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

@@ -97,7 +97,9 @@ class DTMFLogger(FrameProcessor):
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
         await super().process_frame(frame, direction)
         if isinstance(frame, InputDTMFFrame):
-            logger.info(f"caller pressed {frame.button.value}")
+            # Digits can be PINs or card numbers: which key, only at DEBUG.
+            logger.info("caller pressed a key")
+            logger.debug(f"caller pressed {frame.button.value}")
         await self.push_frame(frame, direction)
 
 

@@ -18,7 +18,10 @@ from pipecat_michi.model.streaming import StreamingState
 
 
 def mel_filterbank(n_fft: int, n_mels: int, sample_rate_hz: int) -> torch.Tensor:
-    """Slaney-style triangular mel filters ``[n_fft // 2 + 1, n_mels]`` (as librosa/Whisper)."""
+    """Triangular mel filters ``[n_fft // 2 + 1, n_mels]``: HTK mel scale, Slaney area normalisation.
+
+    Not Whisper's (Slaney scale): the conv head and the codec loss were trained on these, so they
+    stay; the Whisper head uses ``model/whisper/frontend.py``'s exact filters."""
 
     def hz_to_mel(hz: torch.Tensor) -> torch.Tensor:
         return 2595.0 * torch.log10(1.0 + hz / 700.0)

@@ -27,6 +27,7 @@ from pipecat_michi.model.flow_head import FlowHead
 from pipecat_michi.model.kv_cache import SlotKVCache
 from pipecat_michi.model.listening_head import ListeningHead
 from pipecat_michi.model.streaming import StreamingState, prefixed, unprefixed
+from pipecat_michi.model.whisper.encoder import WhisperListeningHead
 
 _LISTEN = "listening"
 _DECODER = "decoder"
@@ -111,7 +112,8 @@ class MichiModel(nn.Module):
         self.config = config
         hidden = config.backbone.hidden_size
         self.backbone = Backbone(config.backbone)
-        self.listening = ListeningHead(
+        listening_cls = WhisperListeningHead if config.listening.kind == "whisper" else ListeningHead
+        self.listening = listening_cls(
             config.listening, config.frame_samples, config.sample_rate_hz, hidden, config.backbone.vocab_size
         )
         self.latent_in = nn.Linear(config.codec.latent_dim, hidden)

@@ -27,6 +27,8 @@ from typing import Any
 from loguru import logger
 from pipecat.processors.aggregators.llm_context import LLMContextMessage, LLMSpecificMessage
 
+from pipecat_michi.service.tools import PENDING_TOOL_RESULT, render_tool_result
+
 # Own text remembered per role, in characters of whitespace-free text and in units. Far more
 # than a turn: only text not yet seen back in the context waits here.
 _MAX_LEDGER_CHARS = 20_000
@@ -60,8 +62,9 @@ def _content_text(content: Any) -> str:
 def message_injection(message: LLMContextMessage) -> Injection | None:
     """The text a context message contributes to the call, or ``None`` when it has none.
 
-    Tool calls an assistant message carries are rendered as text (the model cannot call tools,
-    but it should know what was called); provider-specific messages are skipped.
+    Tool calls an assistant message carries are rendered as text (calls the model wrote itself
+    are recorded as its own and skipped); a tool result becomes the backbone's
+    ``<tool_response>`` turn; provider-specific messages are skipped.
     """
     if isinstance(message, LLMSpecificMessage) or not isinstance(message, dict):
         logger.debug(f"skipping a provider-specific context message: {message!r}")
@@ -77,7 +80,14 @@ def message_injection(message: LLMContextMessage) -> Injection | None:
         text = "\n".join([text, *(f"called {c}" for c in calls)]).strip()
     if not text.strip():
         return None
+    if role == "tool":
+        text = render_tool_result(text)
     return Injection(role=role, text=text)
+
+
+def is_pending_tool_result(message: LLMContextMessage) -> bool:
+    """A tool message whose call still runs: Pipecat's aggregator fills its result in later."""
+    return isinstance(message, dict) and message.get("role") == "tool" and message.get("content") == PENDING_TOOL_RESULT
 
 
 def _fingerprint(message: LLMContextMessage) -> str:
@@ -97,11 +107,21 @@ class ContextSync:
     def __init__(self) -> None:
         self._seen: list[str] = []
         self._own: dict[str, list[str]] = {}
+        self._own_tool_calls: set[str] = set()
 
     def reset(self) -> None:
         """A new call: it has read nothing and said nothing."""
         self._seen.clear()
         self._own.clear()
+        self._own_tool_calls.clear()
+
+    def record_own_tool_call(self, tool_call_id: str) -> None:
+        """A tool call the call wrote itself: the assistant message recording it is not injected.
+
+        By id, not through the text ledger: the aggregator adds the call's message while the
+        bot text spoken before it is still unrecorded, so the order of the ledger would not hold.
+        """
+        self._own_tool_calls.add(tool_call_id)
 
     def record_own(self, role: str, text: str) -> None:
         """Text the call itself produced (or was opened with) as a ``role`` turn, or a piece
@@ -135,6 +155,9 @@ class ContextSync:
 
     def take(self, message: LLMContextMessage) -> Injection | None:
         """The injection ``message`` needs, or ``None`` (no text, or the call's own output)."""
+        if self._is_own_tool_call(message):
+            logger.debug("skipping a tool call the call wrote itself")
+            return None
         injection = message_injection(message)
         if injection is None:
             return None
@@ -150,6 +173,15 @@ class ContextSync:
         del ledger[:end]
         logger.debug(f"skipping a {injection.role} message the call produced itself ({len(compact)} chars)")
         return None
+
+    def _is_own_tool_call(self, message: LLMContextMessage) -> bool:
+        if not isinstance(message, dict) or message.get("content") or not message.get("tool_calls"):
+            return False
+        ids = {call.get("id") for call in message["tool_calls"] if isinstance(call, dict)}
+        if not ids <= self._own_tool_calls:
+            return False
+        self._own_tool_calls -= ids
+        return True
 
     def commit(self, fingerprint: str) -> None:
         """Mark the next message as accounted for."""

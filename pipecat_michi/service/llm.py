@@ -17,12 +17,17 @@ step's ``StepResult`` becomes frames:
   bot starts speaking, or the transcript stays quiet for ``user_turn_gap_frames``), bracketed by
   ``ProposedUserStarted/StoppedSpeakingFrame`` that the recommended
   ``ExternalUserTurnStrategies(enable_interruptions=False)`` resolve into turn frames.
+
+Over 400 lines: about a third is this frames contract and the class docstring; the code is a
+flat dispatch (frames in, turn events out) over ``CallSupervisor`` and ``TurnTracker``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -32,6 +37,9 @@ from pipecat.frames.frames import (
     CancelFrame,
     EndFrame,
     Frame,
+    FunctionCallCancelFrame,
+    FunctionCallFromLLM,
+    FunctionCallResultFrame,
     InputAudioRawFrame,
     InterimTranscriptionFrame,
     InterruptionFrame,
@@ -54,6 +62,7 @@ from pipecat.frames.frames import (
     UserStoppedSpeakingFrame,
 )
 from pipecat.metrics.metrics import LLMTokenUsage
+from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessorSetup
 from pipecat.services.llm_service import LLMService
 from pipecat.services.settings import LLMSettings
@@ -66,6 +75,16 @@ from pipecat_michi.service.audio import OutputResampler
 from pipecat_michi.service.context import Injection
 from pipecat_michi.service.settings import SESSION_FIELDS, MichiServiceParams, MichiSettings
 from pipecat_michi.service.supervisor import CallSupervisor
+from pipecat_michi.service.tools import (
+    RawToolCall,
+    ToolCallError,
+    ToolCallParser,
+    ToolSpec,
+    parse_tool_call,
+    render_tool_error,
+    render_tools_prompt,
+    tool_specs,
+)
 from pipecat_michi.service.turns import (
     BotAudio,
     BotText,
@@ -87,6 +106,11 @@ BotTextFilter = Callable[[BotText], Awaitable[str]]
 
 # LLMSettings fields LLMService itself reacts to.
 _BASE_FIELDS = {"filter_incomplete_user_turns", "user_turn_completion_config", "use_provider_thinking_default"}
+# MichiSettings fields the service reads when it needs them (tools are re-rendered on change).
+_TOOL_FIELDS = {"tools", "tool_call_behavior"}
+
+#: Told to the model when the tool set becomes empty mid-call (it read the old list).
+NO_TOOLS_PROMPT = "# Tools\n\nNo tools are available now: do not call any."
 
 
 class MichiLLMService(LLMService):
@@ -134,6 +158,15 @@ class MichiLLMService(LLMService):
     reconnect); ``TurnTracker`` (``turns.py``) turns step results into turn events; this class
     makes frames of those events. Bot text passes through ``bot_text_filter`` (when given) before
     it becomes frames, e.g. to take tool calls out of the model's text channel.
+
+    Function calling (``docs/function_calling.md``): the context's tools (else the settings'
+    ``tools``) are written into the call's prompt in the backbone's tool format, again whenever
+    they change. Tool calls the model writes in its text channel are taken out of the bot text
+    (never spoken or recorded as speech) and run through ``LLMService.run_function_calls``, so
+    ``register_function`` handlers and Pipecat's function-call frames work as for any LLM; a
+    call that is malformed, of an unknown function or with bad arguments is answered to the
+    model with an error result. Results reach the call as ``tool`` turns through the context.
+    While a call runs, ``tool_call_behavior`` ``hold`` (default) holds bot audio and text back.
 
     Event handlers: ``on_call_opened(service, call)`` after each (re)opened call.
     """
@@ -183,7 +216,7 @@ class MichiLLMService(LLMService):
             backend = LocalEngine()
         self._backend: DuplexBackend = backend
         self._init_sample_rate = sample_rate
-        self._out_rate = sample_rate or 24000
+        self._out_rate = sample_rate  # or the pipeline's, known at setup (before any call opens)
         self._user_id = user_id
         self._params = params or MichiServiceParams()
         self._bot_text_filter = bot_text_filter
@@ -202,6 +235,12 @@ class MichiLLMService(LLMService):
             on_gave_up=self._handle_gave_up,
             name=str(self),
         )
+        self._context: LLMContext | None = None
+        self._tool_parser = ToolCallParser()
+        self._tool_call_open_frames = 0  # steps the current call text has stayed open
+        self._tools_prompt_sent: str | None = None  # the tools prompt the live call has read
+        self._tool_calls_in_flight: set[str] = set()  # tool_call_ids without a result yet
+        self._tool_error_tasks: set[asyncio.Task] = set()
         self._receive_task: asyncio.Task | None = None
         self._output_lock = asyncio.Lock()  # one step's frames vs. an interruption
         self._out: OutputResampler | None = None
@@ -272,6 +311,8 @@ class MichiLLMService(LLMService):
         if self._receive_task is not None:
             await self.cancel_task(self._receive_task, timeout=self._params.close_timeout_s)
             self._receive_task = None
+        for task in list(self._tool_error_tasks):
+            await self.cancel_task(task, timeout=self._params.close_timeout_s)
         if graceful:
             await self._close_turns()
         await self._supervisor.close()
@@ -279,8 +320,28 @@ class MichiLLMService(LLMService):
     # --- settings ------------------------------------------------------------------------
 
     def _system_prompt(self) -> str | None:
+        """The pinned prompt of a new call: the system instruction, then the tools."""
         instruction = self._settings.system_instruction
-        return instruction if isinstance(instruction, str) and instruction else None
+        parts = [instruction if isinstance(instruction, str) else None, self._tools_prompt()]
+        return "\n\n".join(part for part in parts if part) or None
+
+    def _tools(self) -> list[ToolSpec]:
+        """The tools the model may call: the context's, else the settings'."""
+        specs = tool_specs(self._context.tools) if self._context is not None else []
+        return specs or tool_specs(self._settings.tools)
+
+    def _tools_prompt(self) -> str | None:
+        tools = self._tools()
+        return render_tools_prompt(tools, self._params.tool_prompt_format) if tools else None
+
+    async def _sync_tools(self) -> None:
+        """Tell the live call about a changed tool set (a new call reads it in its prompt)."""
+        prompt = self._tools_prompt()
+        if prompt == self._tools_prompt_sent or self._supervisor.call is None:
+            return
+        logger.debug(f"{self}: the tool set changed; injecting it into the call")
+        await self._supervisor.inject(Injection("system", prompt or NO_TOOLS_PROMPT))
+        self._tools_prompt_sent = prompt
 
     def _session_settings(self) -> SessionSettingsUpdate:
         return self._settings.session_update()
@@ -293,8 +354,10 @@ class MichiLLMService(LLMService):
             await self._update_call_settings(session_fields, changed)
         if "system_instruction" in changed and isinstance(self._settings.system_instruction, str):
             await self._supervisor.inject(Injection("system", self._settings.system_instruction))
+        if "tools" in changed:
+            await self._sync_tools()
         self._warn_unhandled_updated_settings(
-            changed.keys() - set(SESSION_FIELDS) - _BASE_FIELDS - {"system_instruction"}
+            changed.keys() - set(SESSION_FIELDS) - _BASE_FIELDS - _TOOL_FIELDS - {"system_instruction"}
         )
         return changed
 
@@ -317,6 +380,8 @@ class MichiLLMService(LLMService):
         if isinstance(frame, InputAudioRawFrame):
             await self._handle_input_audio(frame)
         elif isinstance(frame, LLMContextFrame):
+            self._context = frame.context
+            await self._sync_tools()
             await self._supervisor.set_context(frame.context)
             return  # consumed, as by any LLM service
         elif isinstance(frame, LLMUpdateSettingsFrame):
@@ -342,8 +407,21 @@ class MichiLLMService(LLMService):
 
     # --- the call's callbacks ------------------------------------------------------------
 
+    async def push_frame(self, frame: Frame, direction: FrameDirection = FrameDirection.DOWNSTREAM) -> None:
+        # LLMService pushes a call's result (or its cancellation) from its runner: the call is
+        # no longer in flight, so the bot stops holding.
+        if isinstance(frame, FunctionCallCancelFrame) or (
+            isinstance(frame, FunctionCallResultFrame) and (frame.properties is None or frame.properties.is_final)
+        ):
+            self._tool_calls_in_flight.discard(frame.tool_call_id)
+        await super().push_frame(frame, direction)
+
     async def _handle_call_opened(self, call: DuplexCall) -> None:
-        self._out = OutputResampler(call.sample_rate_hz, self._out_rate, self._params.resampler_quality)
+        self._tools_prompt_sent = self._tools_prompt()  # part of the new call's pinned prompt
+        self._tool_parser = ToolCallParser()  # a call half-written in the old call is gone
+        self._tool_call_open_frames = 0
+        out_rate = self._out_rate or call.sample_rate_hz
+        self._out = OutputResampler(call.sample_rate_hz, out_rate, self._params.resampler_quality)
         await self._call_event_handler("on_call_opened", call)
 
     async def _handle_injected(self, result: InjectResult) -> None:
@@ -372,11 +450,63 @@ class MichiLLMService(LLMService):
             if sent_time is not None:
                 await self.start_processing_metrics(start_time=sent_time)
                 await self.stop_processing_metrics()
+            result = await self._take_tool_calls(result)
             for event in self._turns.step(result, sent_time or time.time()):
                 await self._handle_turn_event(event)
 
+    # --- tool calls out of the text channel ----------------------------------------------
+
+    async def _take_tool_calls(self, result: StepResult) -> StepResult:
+        """Run the tool calls in this step's bot text; the result with only the text to speak."""
+        spoken, raw_calls = self._tool_parser.feed(result.bot_text)
+        if self._tool_parser.in_call:
+            self._tool_call_open_frames += 1
+            if self._tool_call_open_frames > self._params.max_tool_call_frames:
+                raw_calls += self._tool_parser.end_turn()[1]
+                self._tool_call_open_frames = 0
+        else:
+            self._tool_call_open_frames = 0
+        for raw in raw_calls:
+            await self._run_tool_calls(raw)
+        return result if spoken == result.bot_text else dataclasses.replace(result, bot_text=spoken)
+
+    async def _run_tool_calls(self, raw: RawToolCall) -> None:
+        calls: list[FunctionCallFromLLM] = []
+        for outcome in parse_tool_call(raw, self._tools()):
+            if isinstance(outcome, ToolCallError):
+                logger.warning(f"{self}: refused a tool call of the model: {outcome.message}")
+                self._inject_later(Injection("tool", render_tool_error(outcome)))
+                continue
+            tool_call_id = f"michi_{uuid.uuid4().hex[:16]}"
+            self._supervisor.record_own_tool_call(tool_call_id)
+            calls.append(
+                FunctionCallFromLLM(
+                    function_name=outcome.name,
+                    tool_call_id=tool_call_id,
+                    arguments=outcome.arguments,
+                    context=self._context,
+                )
+            )
+        if calls:
+            logger.debug(f"{self}: the model called {[(c.function_name, c.arguments) for c in calls]}")
+            self._tool_calls_in_flight.update(c.tool_call_id for c in calls)
+            await self.run_function_calls(calls)
+
+    def _inject_later(self, injection: Injection) -> None:
+        """Inject off the receive loop, which must not wait on the call it is reading."""
+        task = self.create_task(self._supervisor.inject(injection), "michi-tool-error")
+        self._tool_error_tasks.add(task)
+        task.add_done_callback(self._tool_error_tasks.discard)
+
+    def _holding(self) -> bool:
+        return bool(self._tool_calls_in_flight) and self._settings.tool_call_behavior == "hold"
+
+    # --- turn events -> frames -----------------------------------------------------------
+
     async def _handle_turn_event(self, event: TurnEvent) -> None:
         """One turn event -> frames. Holds ``_output_lock``."""
+        if isinstance(event, (BotAudio, BotText)) and self._holding():
+            return  # a tool call runs and the bot holds the floor in silence
         if isinstance(event, BotAudio):
             await self._handle_bot_audio(event)
         elif isinstance(event, BotText):

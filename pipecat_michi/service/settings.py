@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, make_dataclass
-from typing import Any
+from typing import Any, Literal
 
+from pipecat.adapters.llm.schemas.tools_schema import ToolsSchema
 from pipecat.audio.resamplers.base_audio_resampler import SoxrQuality
 from pipecat.services.settings import LLMSettings
 from pipecat.utils.types import NOT_GIVEN, NotGiven, is_given
@@ -13,6 +14,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipecat_michi.engine.settings import SessionSettings, SessionSettingsUpdate
 from pipecat_michi.service.audio import DEFAULT_QUALITY
+from pipecat_michi.service.tools import ToolPromptFormat
+
+#: What the bot does while a tool call runs: ``hold`` (its audio and text are held back until the
+#: call's result is in or the call is cancelled) or ``filler`` (it goes on speaking, e.g. "let me
+#: check").
+ToolCallBehavior = Literal["hold", "filler"]
 
 
 # LLMSettings already has temperature, top_k and seed; the other SessionSettings fields are
@@ -43,7 +50,14 @@ class MichiSettings(_MichiSessionFields):  # type: ignore[misc,valid-type]
     (a checkpoint's calibrated ``speak_threshold``). A new ``system_instruction`` is injected
     into the running call as a system turn. The other ``LLMSettings`` fields (``max_tokens``,
     ``top_p``, penalties) do not apply to a duplex model and are ``None``.
+
+    Function calling (``docs/function_calling.md``): ``tools`` are the tools the model may call
+    when the ``LLMContext`` has none of its own; ``tool_call_behavior`` is what the bot does while
+    a call runs. A change of either applies to the live call.
     """
+
+    tools: ToolsSchema | None | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+    tool_call_behavior: ToolCallBehavior | NotGiven = field(default_factory=lambda: NOT_GIVEN)
 
     @classmethod
     def initial(cls, system_instruction: str | None) -> MichiSettings:
@@ -58,6 +72,8 @@ class MichiSettings(_MichiSessionFields):  # type: ignore[misc,valid-type]
             filter_incomplete_user_turns=False,
             user_turn_completion_config=None,
             use_provider_thinking_default=False,
+            tools=None,
+            tool_call_behavior="hold",
             **dict.fromkeys(SESSION_FIELDS),
         )
 
@@ -94,6 +110,10 @@ class MichiServiceParams(BaseModel):
         max_held_frames: Caller frames held back while a pinned prompt is prefilled.
         resampler_quality: soxr quality of the input and output resamplers; see
             ``pipecat_michi.service.audio.DEFAULT_QUALITY`` for the latency each costs.
+        tool_prompt_format: How tools are written into the prompt: ``hermes`` for subword
+            backbones (SmolLM2), ``compact`` for the byte tokenizer's small context.
+        max_tool_call_frames: A tool call still open after this many frames is reported to the
+            model as unterminated, so a call the model never closes cannot silence the bot.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -107,3 +127,5 @@ class MichiServiceParams(BaseModel):
     close_timeout_s: float = Field(default=5.0, gt=0)
     max_held_frames: int = Field(default=25, ge=1)
     resampler_quality: SoxrQuality = DEFAULT_QUALITY
+    tool_prompt_format: ToolPromptFormat = "hermes"
+    max_tool_call_frames: int = Field(default=50, ge=1)

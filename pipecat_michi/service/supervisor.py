@@ -27,7 +27,7 @@ from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat_michi.contract import DuplexBackend, DuplexCall, InjectResult, SessionClosedError, SessionIdleError, StepResult
 from pipecat_michi.engine.settings import SessionSettingsUpdate
 from pipecat_michi.service.audio import InputFramer
-from pipecat_michi.service.context import ContextSync, Injection
+from pipecat_michi.service.context import ContextSync, Injection, is_pending_tool_result
 from pipecat_michi.service.settings import MichiServiceParams
 
 # Frames the engine dropped as late never get a step; past this many outstanding, forget old ones.
@@ -133,6 +133,10 @@ class CallSupervisor:
     def record_own(self, role: str, text: str) -> None:
         """Text the call produced itself as a ``role`` turn: not injected when the context echoes it."""
         self._sync.record_own(role, text)
+
+    def record_own_tool_call(self, tool_call_id: str) -> None:
+        """A tool call the call wrote itself: its assistant message in the context is not injected."""
+        self._sync.record_own_tool_call(tool_call_id)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -272,6 +276,10 @@ class CallSupervisor:
         """Inject what of ``self._context`` the call has not read. Holds ``_call_lock``."""
         assert self._context is not None
         for fingerprint, message in self._sync.new_messages(self._context.messages):
+            if is_pending_tool_result(message):
+                # Its result replaces it in place: stop here and inject from it on once the
+                # result is in, rather than read "IN_PROGRESS" and then a rewritten context.
+                break
             injection = self._sync.take(message)
             if injection is not None:
                 await self._inject(call, injection)

@@ -37,6 +37,9 @@ from pipecat_michi.engine.settings import SessionSettingsUpdate
 PROTOCOL_VERSION: Final = 1
 CALL_PATH: Final = "/v1/call"
 
+# The one named place for the call's audio format: protocol version 1 carries 24 kHz mono
+# PCM16 in both directions (a model with another codec rate is refused when a worker starts).
+# ``ready`` announces both; clients take the frame size from it.
 SAMPLE_RATE_HZ: Final = 24_000
 DEFAULT_FRAME_SAMPLES: Final = 1920
 # Frames longer than a second make no sense for a full-duplex model; the bound keeps the

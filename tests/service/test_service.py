@@ -211,8 +211,14 @@ async def test_settings_update_reaches_the_call_and_a_bad_one_is_refused(backend
 async def test_interruption_stops_bot_output_at_once_until_the_next_turn() -> None:
     call = ScriptedCall([Step(True, "a")] * 3 + [Step(True, "b")] * 2 + [SILENT] + [Step(True, "c")] * 2)
     service = MichiLLMService(ScriptedBackend(call))
-    frames = [*model_frames(3), SleepFrame(0.2), InterruptionFrame(), SleepFrame(0.1), *model_frames(5)]
-    frames.append(SleepFrame(0.2))
+    frames = [
+        *model_frames(3),
+        Until(lambda: call.delivered == 3, "the first three steps"),
+        InterruptionFrame(),
+        SleepFrame(0.1),  # the interruption is a system frame: nothing observable to wait on
+        *model_frames(5),
+        Until(lambda: call.delivered == 8, "every step"),
+    ]
     down, _ = await run_pipeline(service, frames)
 
     cut = index_of(down, InterruptionFrame)
@@ -234,7 +240,7 @@ async def test_a_bot_text_filter_rewrites_or_drops_text_before_it_becomes_frames
 
     call = ScriptedCall([Step(True, "hi "), Step(True, "<call>x</call>"), Step(True, "there")])
     service = MichiLLMService(ScriptedBackend(call), bot_text_filter=hide_calls)
-    down, _ = await run_pipeline(service, [*model_frames(3), SleepFrame(0.2)])
+    down, _ = await run_pipeline(service, [*model_frames(3), Until(lambda: call.delivered == 3, "three steps")])
 
     assert [(e.text, e.frame_index) for e in seen] == [("hi ", 0), ("<call>x</call>", 1), ("there", 2)]
     assert [f.text for f in kinds(down, TTSTextFrame)] == ["HI ", "THERE"]
@@ -252,8 +258,10 @@ async def test_model_yielding_to_the_user_broadcasts_an_interruption_and_ttfb_is
         Step(False, transcript=" no"),  # ...and the model yields
         SILENT,
     ]
-    service = MichiLLMService(ScriptedBackend(ScriptedCall(script)))
-    down, up = await run_pipeline(service, [*model_frames(len(script)), SleepFrame(0.2)], metrics=True)
+    call = ScriptedCall(script)
+    service = MichiLLMService(ScriptedBackend(call))
+    frames = [*model_frames(len(script)), Until(lambda: call.delivered == len(script), "every step")]
+    down, up = await run_pipeline(service, frames, metrics=True)
 
     out = [f for f in down if not isinstance(f, (InputAudioRawFrame, MetricsFrame))]
     first_end = index_of(out, LLMFullResponseEndFrame)
@@ -321,7 +329,8 @@ async def test_a_backend_that_stays_down_gives_an_error_frame_and_the_pipeline_s
     first = ScriptedCall([Step(True, "a")] * 9, die_after=2)
     backend = ScriptedBackend(first)
     service = MichiLLMService(backend)
-    down, up = await run_pipeline(service, [*model_frames(4), SleepFrame(0.5), *model_frames(2)])
+    frames = [*model_frames(4), Until(lambda: not service.is_usable, "the service gave up"), *model_frames(2)]
+    down, up = await run_pipeline(service, frames)
 
     (error,) = kinds(up, ErrorFrame)
     assert "MichiAI backend unavailable" in error.error and "opening a call failed" in error.error
@@ -345,11 +354,10 @@ async def test_scripted_conversation_through_the_aggregators_injects_only_the_ap
     service = MichiLLMService(ScriptedBackend(call), system_instruction="Be brief.")
     frames = [
         LLMRunFrame(),
-        SleepFrame(0.1),
         *model_frames(len(script)),
-        SleepFrame(0.3),
+        Until(lambda: len(context.messages) == 4, "both sides' turns recorded"),
         LLMMessagesAppendFrame([{"role": "developer", "content": "Offer tea."}], run_llm=True),
-        SleepFrame(0.2),
+        Until(lambda: len(call.injected) == 1, "the app's message injected"),
     ]
     _, up = await run_pipeline(Pipeline([pair.user(), service, pair.assistant()]), frames)
 

@@ -54,10 +54,10 @@ def test_a_rewritten_history_reaches_the_call_as_new_text() -> None:
     pending = {"role": "tool", "tool_call_id": "1", "content": "IN_PROGRESS"}
     assert sync_all(sync, [tool_call, pending]) == [
         Injection("assistant", "called hours({})"),
-        Injection("tool", "IN_PROGRESS"),
+        Injection("tool", "<tool_response>\nIN_PROGRESS\n</tool_response>"),
     ]
     done = {**pending, "content": '{"open": "9-5"}'}  # the aggregator fills the result in place
-    assert sync_all(sync, [tool_call, done]) == [Injection("tool", '{"open": "9-5"}')]
+    assert sync_all(sync, [tool_call, done]) == [Injection("tool", '<tool_response>\n{"open": "9-5"}\n</tool_response>')]
 
 
 def test_text_parts_are_kept_and_other_content_skipped() -> None:

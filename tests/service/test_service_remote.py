@@ -13,7 +13,8 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat_michi.service import MichiLLMService
 from pipecat_michi.worker.client import RemoteWorker
 from pipecat_michi.worker.retry import RetryPolicy
-from pipecat_michi.worker.server import RunningWorker, WorkerConfig, running_worker
+from pipecat_michi.worker.config import WorkerConfig
+from pipecat_michi.worker.harness import RunningWorker, running_worker
 from service_fakes import SpyBackend
 
 from tests.service.conftest import ENGINE_CONFIG

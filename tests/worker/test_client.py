@@ -25,7 +25,8 @@ from pipecat_michi.worker.client import (
 )
 from pipecat_michi.worker.protocol import ErrorMessage, encode_message
 from pipecat_michi.worker.retry import RetryPolicy
-from pipecat_michi.worker.server import WorkerConfig, running_worker
+from pipecat_michi.worker.config import WorkerConfig
+from pipecat_michi.worker.harness import running_worker
 from tests.support import eventually
 
 TOKEN = "client-test-token"

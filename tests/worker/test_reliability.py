@@ -17,7 +17,7 @@ from pipecat_michi.engine.settings import SessionSettingsUpdate
 from pipecat_michi.worker.client import RemoteWorker, WorkerAuthError, WorkerConnectionError, WorkerUnavailableError
 from pipecat_michi.worker.protocol import MAX_MESSAGE_BYTES, AudioFrame, EndedMessage, encode_message
 from pipecat_michi.worker.retry import RetryPolicy
-from pipecat_michi.worker.server import running_worker
+from pipecat_michi.worker.harness import running_worker
 from tests.support import (
     FRAME,
     WORKER_TOKEN as TOKEN,

@@ -24,7 +24,7 @@ from pipecat.tests.utils import SleepFrame, run_test
 from pipecat_michi.service import MichiLLMService
 from pipecat_michi.worker.client import RemoteCall, RemoteWorker, WorkerUnavailableError
 from pipecat_michi.worker.retry import RetryPolicy
-from pipecat_michi.worker.server import WorkerConfigError
+from pipecat_michi.worker.config import WorkerConfigError
 from tests.support import eventually
 
 ray = pytest.importorskip("ray")

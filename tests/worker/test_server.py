@@ -23,7 +23,8 @@ from pipecat_michi.worker.protocol import (
     EndedMessage,
     encode_message,
 )
-from pipecat_michi.worker.server import WorkerConfig, WorkerConfigError, create_app
+from pipecat_michi.worker.app import create_app
+from pipecat_michi.worker.config import WorkerConfig, WorkerConfigError
 from tests.support import (
     WORKER_TOKEN as TOKEN,
     connect_raw,
@@ -305,3 +306,20 @@ async def test_health_readiness_metrics_and_stats_endpoints() -> None:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://worker") as http:
         assert (await http.get("/healthz")).status_code == 200
         assert (await http.get("/readyz")).status_code == 503
+
+
+def test_a_model_whose_codec_rate_the_protocol_cannot_carry_is_refused_at_start() -> None:
+    from fastapi.testclient import TestClient
+
+    from pipecat_michi.engine.engine import DuplexEngine
+    from pipecat_michi.model.config import MichiConfig
+    from pipecat_michi.model.michi import MichiModel
+    from pipecat_michi.model.tokenizer import load_tokenizer
+
+    tiny = MichiConfig.preset("tiny")
+    config = tiny.model_copy(update={"codec": tiny.codec.model_copy(update={"sample_rate_hz": 16000})})
+    engine = DuplexEngine(model=MichiModel(config).eval(), tokenizer=load_tokenizer(config))
+    app = create_app(WorkerConfig(token=TOKEN, engine=EngineConfig(device="cpu", slot_capacity=1)), engine)
+    with pytest.raises(WorkerConfigError, match="16000 Hz; protocol version 1 carries 24000 Hz"):
+        with TestClient(app):
+            pass

@@ -26,7 +26,8 @@ from pipecat_michi.worker.protocol import (
     encode_message,
     encode_voice_prompt,
 )
-from pipecat_michi.worker.server import WorkerConfig, running_worker
+from pipecat_michi.worker.config import WorkerConfig
+from pipecat_michi.worker.harness import running_worker
 from tests.support import eventually
 
 TOKEN = "hardening-token-0123456789"
@@ -164,7 +165,8 @@ def test_production_logs_carry_no_local_variables(capsys: pytest.CaptureFixture[
 
 @pytest.mark.parametrize("secret", [{"token": "x"}, {"token": "short-token"}, {"tenant_tokens": ["a" * 15]}])
 def test_short_tokens_are_refused_at_start(secret: dict) -> None:
-    from pipecat_michi.worker.server import WorkerConfigError, create_app
+    from pipecat_michi.worker.app import create_app
+    from pipecat_michi.worker.config import WorkerConfigError
 
     with pytest.raises(WorkerConfigError, match="shorter than 16"):
         create_app(WorkerConfig(engine=EngineConfig(preset="tiny", device="cpu"), **secret))
