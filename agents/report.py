@@ -27,14 +27,12 @@ from pipecat.frames.frames import (
     InputAudioRawFrame,
     InterimTranscriptionFrame,
     InterruptionFrame,
-    MetricsFrame,
     TranscriptionFrame,
     TTSAudioRawFrame,
     TTSStartedFrame,
     TTSStoppedFrame,
     TTSTextFrame,
 )
-from pipecat.metrics.metrics import TTFBMetricsData
 from pipecat.observers.base_observer import BaseObserver, FramePushed
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pydantic import BaseModel, ConfigDict
@@ -63,11 +61,7 @@ class CallReport(BaseObserver):
 
     transcript_pieces: list[str] = field(default_factory=list)
     final_transcripts: list[str] = field(default_factory=list)
-    bot_text: list[str] = field(default_factory=list)
     utterances: list[Utterance] = field(default_factory=list)
-    bot_audio_frames: int = 0
-    ttfb_s: list[float] = field(default_factory=list)
-    first_bot_audio_at: float | None = None
     printer: object = None  # a callable(str) to echo each turn live, or None
     _bot_turn: list[str] = field(default_factory=list)
     _bot_turn_at: float = 0.0
@@ -99,16 +93,9 @@ class CallReport(BaseObserver):
             self.finish_bot_turn()
             self._bot_turn_at = time.monotonic()
         elif isinstance(frame, TTSTextFrame):
-            self.bot_text.append(frame.text)
             self._bot_turn.append(frame.text)
         elif isinstance(frame, TTSStoppedFrame):
             self.finish_bot_turn()
-        elif isinstance(frame, TTSAudioRawFrame):
-            self.bot_audio_frames += 1
-            if self.first_bot_audio_at is None:
-                self.first_bot_audio_at = time.monotonic()
-        elif isinstance(frame, MetricsFrame):
-            self.ttfb_s += [d.value for d in frame.data if isinstance(d, TTFBMetricsData)]
 
 
 def _play_out(chunks: list[tuple[float, np.ndarray]], rate_hz: int) -> np.ndarray:
