@@ -34,12 +34,14 @@ from agents.twilio.config import TwilioAgentConfig
 from agents.webrtc.app import WebRTCAgentConfig
 from agents.webrtc.app import create_app as create_webrtc_app
 from pipecat_michi.engine.call import LocalEngine
-from pipecat_michi.serving import serve_on_loopback
+from pipecat_michi.engine.config import DEMO_CHECKPOINT
+from pipecat_michi.pcm import float_to_pcm16
+from pipecat_michi.serving import configure_production_logging, serve_on_loopback
 
 _REPO = Path(__file__).resolve().parents[1]
 # The simulated call's default model, first found: what scripts/train_demo.sh last trained here,
 # then the demo checkpoint that ships with the repository (the same script's output, 4 MB).
-DEMO_CHECKPOINTS = (_REPO / "checkpoints" / "demo" / "joint", _REPO / "assets" / "michi-tiny-demo")
+DEMO_CHECKPOINTS = (_REPO / "checkpoints" / "demo" / "joint", DEMO_CHECKPOINT)
 DEFAULT_UTTERANCE = "Hello! I would like to book a table for two people tonight, please."
 
 
@@ -53,28 +55,23 @@ def caller_audio(wav: Path | None, text: str) -> tuple[np.ndarray, str]:
     if wav is None:
         t = np.arange(int(2.5 * TWILIO_SAMPLE_RATE_HZ)) / TWILIO_SAMPLE_RATE_HZ
         bursts = (np.sin(2 * np.pi * 2 * t) > 0) * np.sin(2 * np.pi * 300 * t) * 0.3
-        return (bursts * 32767).astype(np.int16), "tone bursts (install espeak-ng for speech)"
+        return float_to_pcm16(bursts), "tone bursts (install espeak-ng for speech)"
     return _read_8k(wav), str(wav)
 
 
 def _read_8k(path: Path) -> np.ndarray:
     audio, rate = soundfile.read(path, dtype="float32", always_2d=True)
     mono = soxr.resample(audio.mean(axis=1), rate, TWILIO_SAMPLE_RATE_HZ)
-    return (np.clip(mono, -1, 1) * 32767).astype(np.int16)
+    return float_to_pcm16(mono)
 
 
 async def simulate_call(args: argparse.Namespace) -> None:
     voice, source = caller_audio(args.wav, args.say)
     config = TwilioAgentConfig(backend={"system_prompt": args.system, "max_call_s": None})
     engine_config = config.backend.engine
-    checkpoint = args.checkpoint or engine_config.checkpoint
-    if checkpoint is None:
-        checkpoint = next((path for path in DEMO_CHECKPOINTS if (path / "config.json").is_file()), None)
-    if checkpoint is not None:
-        engine_config = engine_config.model_copy(update={"checkpoint": checkpoint})
-        print(f"model: checkpoint {checkpoint}")
-    else:
-        print(f"model: {engine_config.preset} preset, random weights")
+    checkpoint = args.checkpoint or next(path for path in DEMO_CHECKPOINTS if (path / "config.json").is_file())
+    engine_config = engine_config.model_copy(update={"checkpoint": checkpoint})
+    print(f"model: checkpoint {checkpoint}")
     backend = LocalEngine(engine_config)
     reports: list[CallReport] = []
 
@@ -83,8 +80,8 @@ async def simulate_call(args: argparse.Namespace) -> None:
         return [reports[-1]]
 
     print(f"caller: {source}, {len(voice) / TWILIO_SAMPLE_RATE_HZ:.1f} s")
-    async with serve_on_loopback(create_twilio_app(config, backend, observers)) as host:
-        caller = TwilioCaller(f"ws://{host}/ws", custom_parameters={"From": "+15550100000"})
+    async with serve_on_loopback(create_twilio_app(config, backend, observers), limits=config.server) as host:
+        caller = await TwilioCaller.dial(host)  # the webhook first, as Twilio does
         await caller.connect()
         await caller.send_audio(voice)
         spoke_until = time.monotonic()
@@ -130,26 +127,38 @@ def main(argv: list[str] | None = None) -> None:
     call.add_argument("--out", type=Path, default=Path("artifacts/call_bot.wav"))
     call.add_argument("--checkpoint", type=Path,
                       help="MichiAI checkpoint directory; default: checkpoints/demo/joint when scripts/train_demo.sh "
-                      "made one, else the demo checkpoint in assets/michi-tiny-demo")
+                      "made one, else the demo checkpoint shipped in the package")
     for name in ("webrtc", "twilio"):
         serve = sub.add_parser(name, help=f"serve the {name} agent (settings from MICHI_* env)")
         serve.add_argument("--host")
         serve.add_argument("--port", type=int)
+        serve.add_argument("--log-level", default="info")
+        serve.add_argument("--checkpoint", type=Path,
+                           help="MichiAI checkpoint directory for the in-process engine (default: the demo checkpoint)")
+        if name == "twilio":
+            serve.add_argument("--insecure", action="store_true",
+                               help="serve without a Twilio auth token on a non-loopback address (anyone may call)")
     args = parser.parse_args(argv)
     if args.command in (None, "call"):
         if args.command is None:
             args = parser.parse_args(["call", *(argv or sys.argv[1:])])
         asyncio.run(simulate_call(args))
         return
+    configure_production_logging(args.log_level)
+    flags = {name: value for name, value in (("host", args.host), ("port", args.port)) if value is not None}
+    if getattr(args, "insecure", False):
+        flags["insecure"] = True
+    if args.checkpoint is not None:
+        flags["backend"] = {"engine": {"checkpoint": args.checkpoint}}
     try:
-        config = WebRTCAgentConfig() if args.command == "webrtc" else TwilioAgentConfig()
+        config = WebRTCAgentConfig(**flags) if args.command == "webrtc" else TwilioAgentConfig(**flags)
     except ValueError as exc:
         sys.exit(f"invalid agent configuration: {exc}")
-    host, port = args.host or config.host, args.port or config.port
+    host, port = config.host, config.port
     app = create_webrtc_app(config) if args.command == "webrtc" else create_twilio_app(config)
     if args.command == "webrtc":
         logger.info(f"open http://{host}:{port}/client/ in a browser")
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    uvicorn.run(app, host=host, port=port, log_level=args.log_level, **config.server.uvicorn_options())
 
 
 if __name__ == "__main__":

@@ -10,25 +10,34 @@ import numpy as np
 import soundfile
 import soxr
 from loguru import logger
-from pipecat.frames.frames import EndFrame, LLMRunFrame
+from pipecat.frames.frames import (
+    CancelFrame,
+    EndFrame,
+    EndWorkerFrame,
+    Frame,
+    InputAudioRawFrame,
+    LLMRunFrame,
+    StartFrame,
+)
 from pipecat.observers.base_observer import BaseObserver
 from pipecat.pipeline.pipeline import Pipeline
-from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+from pipecat.pipeline.worker import PipelineParams, PipelineWorker, ProcessorUnusablePolicy
 from pipecat.workers.runner import WorkerRunner
 from pipecat.processors.aggregators.llm_context import LLMContext
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.processors.aggregators.llm_response_universal import LLMContextAggregatorPair
 from pipecat.transports.base_transport import BaseTransport
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from pipecat_michi.engine.call import DuplexBackend, LocalEngine
 from pipecat_michi.engine.config import EngineConfig
+from pipecat_michi.pcm import float_to_pcm16
 from pipecat_michi.service import MichiLLMService
 from pipecat_michi.worker.client import RemoteWorker
+from pipecat_michi.worker.protocol import MAX_VOICE_PROMPT_S, SAMPLE_RATE_HZ
 
-MODEL_SAMPLE_RATE_HZ = 24000
 # Makes the observers of each new call (reports, recordings); agents take one optionally.
 ObserverFactory = Callable[[], list[BaseObserver]]
-MAX_VOICE_PROMPT_S = 30
 
 
 class BackendSettings(BaseModel):
@@ -39,7 +48,8 @@ class BackendSettings(BaseModel):
 
     worker_url: str | None = None
     worker_token: SecretStr | None = None
-    engine: EngineConfig = EngineConfig()
+    # The demo checkpoint unless MICHI_BACKEND__ENGINE__* (or --checkpoint) names another.
+    engine: EngineConfig = EngineConfig(checkpoint="demo")
     system_prompt: str = "You are a friendly, concise voice assistant."
     voice_prompt_path: Path | None = Field(default=None, description="WAV clip of the voice to clone")
     # A call longer than this is ended by the bot (None: no limit).
@@ -67,10 +77,10 @@ class BackendSettings(BaseModel):
             return None
         audio, rate = soundfile.read(self.voice_prompt_path, dtype="float32", always_2d=True)
         mono = audio.mean(axis=1)
-        if rate != MODEL_SAMPLE_RATE_HZ:
-            mono = soxr.resample(mono, rate, MODEL_SAMPLE_RATE_HZ)
-        mono = mono[: MAX_VOICE_PROMPT_S * MODEL_SAMPLE_RATE_HZ]
-        return (np.clip(mono, -1.0, 1.0) * 32767).astype(np.int16)
+        if rate != SAMPLE_RATE_HZ:
+            mono = soxr.resample(mono, rate, SAMPLE_RATE_HZ)
+        mono = mono[: MAX_VOICE_PROMPT_S * SAMPLE_RATE_HZ]
+        return float_to_pcm16(mono)
 
 
 def michi_pipeline(
@@ -103,13 +113,19 @@ async def run_call_pipeline(
     max_call_s: float | None,
     log=logger,  # noqa: ANN001 - a bound loguru logger
     observers: list[BaseObserver] | None = None,
-) -> None:
-    """Run one call's pipeline until the caller leaves or ``max_call_s`` passes.
+) -> bool:
+    """Run one call's pipeline until the caller leaves, ``max_call_s`` passes or the model
+    becomes unusable; ``True`` when the caller left, ``False`` when the bot ended the call (the
+    agent then hangs up its side: Twilio's REST API, the peer connection).
 
-    At the time limit the bot ends the call itself (an ``EndFrame``: the Twilio serializer then
-    hangs up through Twilio's API), so no call holds a model slot forever.
+    When MichiLLMService gives up on its backend it reports itself unusable
+    (``push_error(force_treat_as_permanent=True)``); the pipeline then ends instead of keeping a
+    silent call open (Pipecat's default policy would continue).
     """
-    worker = PipelineWorker(pipeline, params=params, observers=observers)
+    worker = PipelineWorker(
+        pipeline, params=params, observers=observers, processor_unusable_policy=ProcessorUnusablePolicy.END
+    )
+    caller_left = False
 
     @transport.event_handler("on_client_connected")
     async def _on_connected(transport, client) -> None:  # noqa: ANN001 - pipecat's signature
@@ -118,6 +134,8 @@ async def run_call_pipeline(
 
     @transport.event_handler("on_client_disconnected")
     async def _on_disconnected(transport, client) -> None:  # noqa: ANN001
+        nonlocal caller_left
+        caller_left = True
         log.info("caller left")
         await worker.cancel()
 
@@ -137,3 +155,47 @@ async def run_call_pipeline(
             limit.cancel()
             await asyncio.gather(limit, return_exceptions=True)
         log.info("call ended")
+    return caller_left
+
+
+class CallerSilenceWatchdog(FrameProcessor):
+    """Ends the call when no caller audio arrives for ``timeout_s``.
+
+    A phone line sends audio all the time (silence included), so a stream that stops sending
+    is dead or fake; without this it would hold a model slot until ``max_call_s``.
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__()
+        self._timeout_s = timeout_s
+        self._heard = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        if isinstance(frame, InputAudioRawFrame):
+            self._heard.set()
+        elif isinstance(frame, StartFrame) and self._task is None:
+            self._task = self.create_task(self._watch(), "caller-silence-watchdog")
+        elif isinstance(frame, (EndFrame, CancelFrame)):
+            await self._stop()
+        await self.push_frame(frame, direction)
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._heard.wait(), self._timeout_s)
+            except TimeoutError:
+                logger.warning(f"no caller audio for {self._timeout_s:g} s; ending the call")
+                await self.push_frame(EndWorkerFrame(), FrameDirection.UPSTREAM)
+                return
+            self._heard.clear()
+
+    async def _stop(self) -> None:
+        if self._task is not None:
+            await self.cancel_task(self._task)
+            self._task = None
+
+    async def cleanup(self) -> None:
+        await self._stop()
+        await super().cleanup()

@@ -7,6 +7,11 @@ drawn beforehand); on CUDA each step is synchronised.
 
     .venv/bin/python benchmarks/step_latency.py
     .venv/bin/python benchmarks/step_latency.py --presets michi-530m --batches 1 8 32 --steps 20
+    .venv/bin/python benchmarks/step_latency.py --presets michi-530m --batches 1 --threads 2 --quantize int8
+
+Each preset also prints the bandwidth floor of a batch-1 step: the bytes of weights it must
+read (model/quantize.py ``weight_bytes``) over the read bandwidth measured here (summing a
+tensor much larger than the caches), and p50's ratio to it.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ import torch
 from pipecat_michi.model.runtime import prepare_model_thread, resolve_device, resolve_dtype
 from pipecat_michi.model.config import MichiConfig
 from pipecat_michi.model.kv_cache import SlotKVCache
+from pipecat_michi.model import michi as michi_module
 from pipecat_michi.model.michi import MichiModel, Sampling, StepNoise
+from pipecat_michi.model.quantize import QUANTIZE_MODES, quantize_model, weight_bytes
 
 DEFAULT_BATCHES = (1, 8, 32)
 # Timed steps at batch 1 on CPU; larger batches run fewer (see steps_for_batch). CUDA: 200.
@@ -43,10 +50,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
     parser.add_argument("--kv-length", type=int, default=300, help="KV entries pre-filled per call")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:1")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
+    parser.add_argument("--quantize", default="none", choices=QUANTIZE_MODES, help="weight quantization")
+    parser.add_argument("--split", action="store_true",
+                        help="after the table, time each part of a batch-1 step (eager only)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the step (CUDA graphs on CUDA); compiling happens in the warm-up")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
+
+
+def read_bandwidth_gbs(device: torch.device, megabytes: int = 1024, repeats: int = 5) -> float:
+    """Memory read bandwidth: the best of ``repeats`` sums of a tensor far larger than any cache."""
+    data = torch.ones(megabytes * 2**20 // 4, device=device)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first pass also faults the pages in
+        synchronize(device)
+        start = time.perf_counter()
+        data.sum()
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return data.numel() * 4 / best / 1e9
 
 
 def steps_for_batch(steps: int, batch: int) -> int:
@@ -64,12 +89,9 @@ def format_params(count: int) -> str:
 
 def prefilled_cache(model: MichiModel, template: SlotKVCache, batch: int, extra: int) -> SlotKVCache:
     """A ``batch``-slot cache whose every slot holds a copy of ``template``'s slot 0."""
-    length = int(template.lengths[0])
-    cache = model.new_cache(batch, capacity=length + extra)
-    cache.keys[:, :, :length] = template.keys[:, :1, :length]
-    cache.values[:, :, :length] = template.values[:, :1, :length]
-    cache.lengths[:] = template.lengths[0]
-    cache.positions[:] = template.positions[0]
+    cache = model.new_cache(batch, capacity=template.host_lengths[0] + extra)
+    for slot in range(batch):
+        cache.copy_slot(template, 0, slot)
     return cache
 
 
@@ -83,6 +105,8 @@ def time_steps(model: MichiModel, template: SlotKVCache, batch: int, warmup: int
         temperature=torch.full((batch,), 0.8, device=device),
         top_k=torch.full((batch,), 50, dtype=torch.long, device=device),
         speak_threshold=torch.full((batch,), config.speak_threshold, device=device),
+        # As the engine: an eager step knows every call's top_k bound, a compiled one sorts all.
+        max_top_k=None if model.step_is_compiled else 50,
     )
     generators = [torch.Generator().manual_seed(seed + row) for row in range(batch)]
     audio_generator = torch.Generator().manual_seed(seed)
@@ -92,7 +116,9 @@ def time_steps(model: MichiModel, template: SlotKVCache, batch: int, warmup: int
         noise = StepNoise.draw(generators, config.codec.latent_dim, device)
         synchronize(device)
         start = time.perf_counter()
-        _, state = model.step(user_audio, state, cache, sampling, noise)
+        # Compiled: attend over the whole cache, one shape every step (as the engine does).
+        key_count = cache.capacity if model.step_is_compiled else None
+        _, state = model.step(user_audio, state, cache, sampling, noise, key_count=key_count)
         synchronize(device)
         if index >= warmup:
             timings.append((time.perf_counter() - start) * 1000)
@@ -103,11 +129,16 @@ def bench_preset(name: str, args: argparse.Namespace, device: torch.device, dtyp
     config = MichiConfig.preset(name)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
-    model = MichiModel(config).to(device=device, dtype=dtype).eval()
+    model = quantize_model(MichiModel(config).to(device=device, dtype=dtype).eval(), args.quantize)
+    if args.compile:
+        model.compile_step(mode="reduce-overhead" if device.type == "cuda" else None)
     parts = ", ".join(f"{part} {format_params(sum(p.numel() for p in module.parameters()))}"
                       for part, module in model.named_children())
     print(f"\n== {name}: {model.num_parameters():,} parameters ({parts}); "
           f"built in {time.perf_counter() - start:.1f} s")
+    floor_ms = weight_bytes(model) / (args.read_gbs * 1e9) * 1000
+    print(f"weights read per step: {weight_bytes(model) / 1e6:.0f} MB (quantize {args.quantize}); "
+          f"bandwidth floor at batch 1: {floor_ms:.1f} ms at {args.read_gbs:.1f} GB/s")
 
     template = model.new_cache(1, capacity=args.kv_length)
     token_ids = torch.randint(0, config.backbone.vocab_size, (args.kv_length,),
@@ -123,7 +154,7 @@ def bench_preset(name: str, args: argparse.Namespace, device: torch.device, dtyp
     cap = CPU_MAX_DEFAULT_BATCH.get(name) if device.type == "cpu" and args.batches is None else None
     frame_ms = config.codec.frame_ms
     print(f"{'batch':>5} {'steps':>5} {'p50 ms':>8} {'p99 ms':>8} {'x batch 1':>9} "
-          f"{'ms/call':>8}  p99 <= {frame_ms:.0f} ms")
+          f"{'ms/call':>8}  p99 <= {frame_ms:.0f} ms  {'p50/floor':>9}")
     base_p50: float | None = None
     for batch in batches:
         if cap is not None and batch > cap:
@@ -135,8 +166,54 @@ def bench_preset(name: str, args: argparse.Namespace, device: torch.device, dtyp
         if batch == 1:
             base_p50 = p50
         ratio = f"{p50 / base_p50:8.2f}x" if base_p50 else f"{'-':>9}"
+        floor_ratio = f"{p50 / floor_ms:8.2f}x" if batch == 1 else f"{'':>9}"
         print(f"{batch:>5} {batch_steps:>5} {p50:8.2f} {p99:8.2f} {ratio} {p50 / batch:8.2f}  "
-              f"{'yes' if p99 <= frame_ms else 'no'}")
+              f"{'yes' if p99 <= frame_ms else 'no ':>15}  {floor_ratio}")
+    if args.split and not args.compile:
+        time_split(model, template, args)
+
+
+# The parts of a duplex step, as (label, object, method name): what --split times.
+def step_parts(model: MichiModel) -> list[tuple[str, object, str]]:
+    return [
+        ("listening head", model.listening, "step"),
+        ("backbone", model.backbone, "forward_kv"),
+        ("LM head", model.backbone, "logits"),
+        ("sampling", michi_module, "sample_tokens"),
+        ("flow head", model.flow, "sample"),
+        ("vocoder", model.codec.decoder, "step"),
+    ]
+
+
+def time_split(model: MichiModel, template: SlotKVCache, args: argparse.Namespace) -> None:
+    """p50 ms of each part of a batch-1 step: each part's method is wrapped with a timer."""
+    device = model.device
+    spent: dict[str, list[float]] = {label: [] for label, _, _ in step_parts(model)}
+    originals = []
+    for label, owner, name in step_parts(model):
+        method = getattr(owner, name)
+        originals.append((owner, name, method))
+
+        def timed(*call_args, _method=method, _label=label, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            synchronize(device)
+            start = time.perf_counter()
+            result = _method(*call_args, **kwargs)
+            synchronize(device)
+            spent[_label].append((time.perf_counter() - start) * 1000)
+            return result
+
+        setattr(owner, name, timed)
+    try:
+        steps = steps_for_batch(args.steps or CPU_DEFAULT_STEPS.get(model.config.name, 40), 1)
+        total = time_steps(model, template, 1, args.warmup, steps, args.seed)
+    finally:
+        for owner, name, method in originals:
+            if owner is michi_module:
+                setattr(owner, name, method)
+            else:
+                delattr(owner, name)  # drop the instance attribute: the class method shows again
+    parts = ", ".join(f"{label} {np.median(ms[args.warmup:]):.1f}" for label, ms in spent.items())
+    print(f"split of a batch-1 step, p50 ms: {parts}; whole step {np.median(total):.1f}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -147,8 +224,9 @@ def main(argv: list[str] | None = None) -> None:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
+    args.read_gbs = read_bandwidth_gbs(device)
     print(f"torch {torch.__version__}, device {device} ({where}), dtype {str(dtype).removeprefix('torch.')}, "
-          f"{torch.get_num_threads()} threads")
+          f"quantize {args.quantize}{', compiled' if args.compile else ''}, {torch.get_num_threads()} threads, read bandwidth {args.read_gbs:.1f} GB/s")
     print("Columns: ms per duplex step (all calls of the batch together), p50/p99 over the timed steps; "
           "'x batch 1' = p50(batch B) / p50(batch 1); ms/call = p50 / B.")
     with torch.inference_mode():

@@ -46,11 +46,12 @@ import numpy as np
 from loguru import logger
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipecat_michi.engine.settings import SessionSettings
+from pipecat_michi.engine.settings import SessionSettingsUpdate
 from pipecat_michi.worker.client import RemoteCall, RemoteWorker
 from pipecat_michi.worker.metrics import METRIC_PREFIX, StepMsSummary, WorkerStats
 from pipecat_michi.worker.protocol import CALL_PATH
-from pipecat_michi.worker.server import STATS_PATH
+from pipecat_michi.worker.retry import RetryPolicy
+from pipecat_michi.worker.app import STATS_PATH
 
 FRAME_S = 0.080
 DEFAULT_CALLS = (1, 4, 16, 64)
@@ -72,6 +73,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--token", default=os.environ.get("MICHI_WORKER_TOKEN"), help="its token (or MICHI_WORKER_TOKEN)")
     parser.add_argument("--preset", default="tiny", help="started worker: model preset")
     parser.add_argument("--device", default="cpu", help="started worker: device")
+    parser.add_argument("--dtype", help="started worker: auto, float32, bfloat16, float16")
+    parser.add_argument("--quantize", choices=("none", "int8"), help="started worker: weight quantization")
+    parser.add_argument("--compile", action="store_true", help="started worker: torch.compile the step")
+    parser.add_argument("--ready-timeout-s", type=float, default=120.0,
+                        help="started worker: how long loading (and compiling) may take before /readyz")
     parser.add_argument("--slots", type=int, help="started worker: slot capacity (default: the largest N)")
     parser.add_argument(
         "--threads",
@@ -135,8 +141,11 @@ def started_worker(args: argparse.Namespace, token: str) -> Iterator[str]:
     port = free_port()
     slots = args.slots or max(args.calls)
     command = [
-        sys.executable, "-m", "pipecat_michi.worker.server", "--port", str(port), "--preset", args.preset,
+        sys.executable, "-m", "pipecat_michi.worker.cli", "--port", str(port), "--preset", args.preset,
         "--device", args.device, "--slots", str(slots), "--log-level", "warning",
+        *(["--dtype", args.dtype] if args.dtype else []),
+        *(["--quantize", args.quantize] if args.quantize else []),
+        *(["--compile"] if args.compile else []),
     ]  # fmt: skip
     env = dict(os.environ, MICHI_WORKER_TOKEN=token, LOGURU_LEVEL="WARNING")
     if args.threads:
@@ -144,7 +153,7 @@ def started_worker(args: argparse.Namespace, token: str) -> Iterator[str]:
     with tempfile.TemporaryFile("w+") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            _wait_ready(f"http://127.0.0.1:{port}", process, log)
+            _wait_ready(f"http://127.0.0.1:{port}", process, log, args.ready_timeout_s)
             yield f"ws://127.0.0.1:{port}{CALL_PATH}"
         finally:
             process.terminate()
@@ -155,8 +164,8 @@ def started_worker(args: argparse.Namespace, token: str) -> Iterator[str]:
                 process.wait()
 
 
-def _wait_ready(http_url: str, process: subprocess.Popen, log) -> None:
-    deadline = time.monotonic() + 120
+def _wait_ready(http_url: str, process: subprocess.Popen, log, timeout_s: float) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             log.seek(0)
@@ -165,7 +174,7 @@ def _wait_ready(http_url: str, process: subprocess.Popen, log) -> None:
             if httpx.get(f"{http_url}/readyz", timeout=1).status_code == 200:
                 return
         time.sleep(0.2)
-    raise SystemExit("michi-worker was not ready within 120 s")
+    raise SystemExit(f"michi-worker was not ready within {timeout_s:.0f} s (--ready-timeout-s)")
 
 
 def _http_url(call_url: str) -> str:
@@ -235,7 +244,7 @@ async def run_calls(
     audio = (rng.standard_normal((calls, args.frames, 1920)) * 1000).astype(np.int16)
     before, residence_before = await _stats(http, token), await _residence_totals(http)
     opened = await asyncio.gather(
-        *(backend.open_call(SessionSettings(seed=args.seed + k, speak_threshold=0.3)) for k in range(calls))
+        *(backend.open_call(SessionSettingsUpdate(seed=args.seed + k, speak_threshold=0.3)) for k in range(calls))
     )
     start_s = time.perf_counter() + 0.3
     offsets = [phases.uniform(0, FRAME_S) if args.phases == "random" else 0.0 for _ in range(calls)]
@@ -298,7 +307,7 @@ def print_table(results: list[RunResult]) -> None:
 
 
 async def bench(url: str, token: str, args: argparse.Namespace) -> list[RunResult]:
-    backend = RemoteWorker(url, token, attempts=1, ready_timeout_s=60)
+    backend = RemoteWorker(url, token, retry=RetryPolicy.once(), ready_timeout_s=60)
     results = []
     async with httpx.AsyncClient(base_url=_http_url(url), timeout=10) as http:
         for calls in args.calls:

@@ -1,9 +1,11 @@
 """A stand-in for Twilio's side of a media stream: what a phone caller looks like to the bot.
 
-Twilio's cloud cannot run here, so tests and ``michi-call`` use this peer. It speaks the Media
-Streams WebSocket protocol exactly as Twilio does (``connected``, ``start``, ``media`` with 8 kHz
-mu-law in 20 ms chunks, ``dtmf``, ``mark``, ``stop``) and collects what the bot sends back
-(``media``, ``mark``, ``clear``).
+Twilio's cloud cannot run here, so tests and ``michi-call`` use this peer. Like Twilio, it first
+posts the call to the agent's ``/twiml`` webhook (signed when it knows the auth token) and follows
+the answer: the ``<Stream>`` URL's path and its ``<Parameter>``s (the stream token among them)
+become the stream's ``customParameters``. It speaks the Media Streams WebSocket protocol exactly
+as Twilio does (``connected``, ``start``, ``media`` with 8 kHz mu-law in 20 ms chunks, ``dtmf``,
+``mark``, ``stop``) and collects what the bot sends back (``media``, ``mark``, ``clear``).
 """
 
 from __future__ import annotations
@@ -13,11 +15,16 @@ import base64
 import json
 import time
 import uuid
+import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import httpx
 
 import numpy as np
 from loguru import logger
 from pipecat.audio.utils import create_stream_resampler, pcm_to_ulaw, ulaw_to_pcm
+from twilio.request_validator import RequestValidator
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -45,11 +52,17 @@ class CallerLog:
 class TwilioCaller:
     """One simulated phone call against a media-stream WebSocket URL."""
 
-    def __init__(self, url: str, custom_parameters: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        custom_parameters: dict[str, str] | None = None,
+        call_sid: str | None = None,
+        account_sid: str | None = None,
+    ) -> None:
         self.url = url
         self.stream_sid = "MZ" + uuid.uuid4().hex
-        self.call_sid = "CA" + uuid.uuid4().hex
-        self.account_sid = "AC" + uuid.uuid4().hex
+        self.call_sid = call_sid or "CA" + uuid.uuid4().hex
+        self.account_sid = account_sid or "AC" + uuid.uuid4().hex
         self.custom_parameters = custom_parameters or {}
         self.log = CallerLog()
         self._sequence = 0
@@ -59,6 +72,43 @@ class TwilioCaller:
         self._resampler = create_stream_resampler()
         self.closed = asyncio.Event()
         self.connected_at: float | None = None
+
+    @classmethod
+    async def dial(
+        cls,
+        agent_host: str,
+        auth_token: str | None = None,
+        public_host: str | None = None,
+        account_sid: str | None = None,
+        caller_number: str = "+15550100000",
+        bot_number: str = "+15550100001",
+    ) -> TwilioCaller:
+        """Place a call as Twilio does: post the (signed) webhook at ``http://{agent_host}/twiml``,
+        then return the caller for the stream its answer names (on ``agent_host``: the
+        ``public_host`` of the TwiML is where Twilio would connect). Not connected yet."""
+        call_sid = "CA" + uuid.uuid4().hex
+        account_sid = account_sid or "AC" + uuid.uuid4().hex
+        form = {
+            "CallSid": call_sid,
+            "AccountSid": account_sid,
+            "From": caller_number,
+            "To": bot_number,
+            "CallStatus": "ringing",
+            "Direction": "inbound",
+        }
+        headers = {}
+        if auth_token is not None:
+            signed_url = f"https://{public_host or agent_host}/twiml"
+            headers["X-Twilio-Signature"] = RequestValidator(auth_token).compute_signature(signed_url, form)
+        async with httpx.AsyncClient(timeout=10) as client:
+            answer = await client.post(f"http://{agent_host}/twiml", data=form, headers=headers)
+        answer.raise_for_status()
+        stream = ElementTree.fromstring(answer.content).find("./Connect/Stream")
+        if stream is None:
+            raise ValueError(f"the webhook answered without <Connect><Stream>: {answer.text[:200]!r}")
+        parameters = {p.attrib["name"]: p.attrib["value"] for p in stream.findall("Parameter")}
+        path = urlsplit(stream.attrib["url"]).path or "/"
+        return cls(f"ws://{agent_host}{path}", parameters, call_sid=call_sid, account_sid=account_sid)
 
     async def __aenter__(self) -> TwilioCaller:
         await self.connect()

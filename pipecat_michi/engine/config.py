@@ -7,13 +7,22 @@ from pathlib import Path
 
 import torch
 from loguru import logger
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipecat_michi.model.checkpoint import load_checkpoint
 from pipecat_michi.model.runtime import resolve_device, resolve_dtype
 from pipecat_michi.model.config import MichiConfig
 from pipecat_michi.model.michi import MichiModel
+from pipecat_michi.model.quantize import QUANTIZE_MODES, QuantizeMode, quantize_model
 from pipecat_michi.model.tokenizer import Tokenizer, load_tokenizer
+
+
+__all__ = ["QUANTIZE_MODES", "EngineConfig", "load_model"]
+
+
+# The tiny preset trained for 10 minutes on CPU (its README says what it can and cannot do):
+# package data, so a wheel install runs trained weights, never random ones, by default.
+DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "michi-tiny-demo"
 
 
 class EngineConfig(BaseModel):
@@ -26,9 +35,17 @@ class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     preset: str = "tiny"
+    # "demo" names the demo checkpoint shipped in the package (DEMO_CHECKPOINT).
     checkpoint: Path | None = None
     device: str = "auto"
     dtype: str = "auto"
+    # Weight quantization for serving: "int8" stores every big linear as int8 weights with
+    # per-row scales (model/quantize.py), 4x fewer bytes per step than float32.
+    quantize: QuantizeMode = "none"
+    # torch.compile the step (CUDA: mode reduce-overhead, i.e. CUDA graphs). Batches are padded
+    # to fixed sizes (BATCH_BUCKETS) so calls coming and going never recompile, and every size
+    # is compiled when the engine starts, before a worker reports ready.
+    compile: bool = False
     seed: int = 0
     slot_capacity: int = Field(default=8, ge=1, le=1024)
     # KV entries per slot; None takes the model config's kv_capacity.
@@ -47,10 +64,17 @@ class EngineConfig(BaseModel):
     # Injected text is prefilled in chunks of this many tokens per tick, so a long document
     # never delays the batch by more than one chunk's prefill.
     prefill_chunk_tokens: int = Field(default=64, ge=1)
+    # Voice-prompt frames prefilled per job between ticks (a frame is one backbone position).
+    prefill_chunk_frames: int = Field(default=16, ge=1)
     # Intra-op threads of the model. None: all cores on a GPU machine; on CPU all but one, so
     # the event loop and the transports keep a core (on 2 cores, two model threads contending
     # with the loop stalled steps from ~6 ms to ~500 ms).
     torch_threads: int | None = Field(default=None, ge=1)
+
+    @field_validator("checkpoint", mode="before")
+    @classmethod
+    def _resolve_demo(cls, value: object) -> object:
+        return DEMO_CHECKPOINT if value == "demo" else value
 
 
 def load_model(config: EngineConfig) -> tuple[MichiModel, Tokenizer]:
@@ -65,8 +89,6 @@ def load_model(config: EngineConfig) -> tuple[MichiModel, Tokenizer]:
         tokenizer = load_tokenizer(model.config, config.checkpoint)
         source = str(config.checkpoint)
     else:
-        # Random weights: a hub download can never be what a preset means.
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         torch.manual_seed(config.seed)
         model = MichiModel(MichiConfig.preset(config.preset)).to(device=device, dtype=dtype).eval()
         tokenizer = load_tokenizer(model.config)
@@ -74,4 +96,5 @@ def load_model(config: EngineConfig) -> tuple[MichiModel, Tokenizer]:
     logger.info(
         f"MichiAI model from {source}: {model.num_parameters() / 1e6:.1f}M parameters on {device} ({dtype})"
     )
+    quantize_model(model, config.quantize)
     return model, tokenizer

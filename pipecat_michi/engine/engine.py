@@ -26,51 +26,24 @@ import numpy as np
 import torch
 from loguru import logger
 
+from pipecat_michi.contract import (  # re-exported: the contract's old home
+    EngineError,
+    EngineFullError,
+    FrameOrderError,
+    InjectResult,
+    SessionClosedError,
+    SessionIdleError,
+    StepResult,
+)
 from pipecat_michi.engine.batch import BatchStepOutput, SlotBatch
 from pipecat_michi.engine.config import EngineConfig, load_model
 from pipecat_michi.model.runtime import prepare_model_thread
 from pipecat_michi.engine.settings import SessionSettings, SessionSettingsUpdate
 from pipecat_michi.model.michi import MichiModel, Sampling, StepNoise
+from pipecat_michi.pcm import pcm16_to_float
 from pipecat_michi.model.tokenizer import StreamingDetokenizer, Tokenizer, format_context
 
 T = TypeVar("T")
-
-
-class EngineError(RuntimeError):
-    """Base of the engine's errors."""
-
-
-class EngineFullError(EngineError):
-    """Every slot is taken; try another worker."""
-
-
-class SessionClosedError(EngineError):
-    """The call was closed (by its owner, or because the engine stopped)."""
-
-
-class FrameOrderError(EngineError):
-    """A frame index did not increase."""
-
-
-@dataclass(frozen=True)
-class StepResult:
-    """The model's output for one frame of one call."""
-
-    frame_index: int
-    filled: bool  # the input frame was missing and silence was used instead
-    late: bool  # the tick took longer than one frame
-    speaking: bool
-    speak_prob: float
-    bot_text: str
-    transcript: str
-    audio: np.ndarray | None  # int16 [frame_samples] when speaking
-    kv_length: int | None  # None when the engine is remote (the worker protocol does not carry it)
-
-
-@dataclass(frozen=True)
-class InjectResult:
-    token_count: int
-    kv_length: int
 
 
 @dataclass
@@ -130,7 +103,7 @@ class EngineSession:
             raise FrameOrderError(f"frame index {frame_index} after {self._last_pushed_index}: indices must increase")
         self._last_pushed_index = frame_index
         if pcm.dtype == np.int16:
-            samples = pcm.astype(np.float32) / 32768.0
+            samples = pcm16_to_float(pcm)
         else:
             samples = np.clip(pcm.astype(np.float32, copy=False), -1.0, 1.0)
         if self.next_frame_index is None:
@@ -213,8 +186,17 @@ class EngineSession:
 
     async def prefill_voice(self, pcm: np.ndarray) -> int:
         """Zero-shot voice: prefill a reference clip (int16 or float32, 24 kHz). Returns frames."""
-        samples = pcm.astype(np.float32) / 32768.0 if pcm.dtype == np.int16 else pcm.astype(np.float32)
-        return await self._engine._run(self._engine._batch.prefill_voice, self.slot, samples)
+        samples = pcm16_to_float(pcm) if pcm.dtype == np.int16 else pcm.astype(np.float32)
+        engine = self._engine
+        embeds = await engine._run(engine._batch.encode_voice, self.slot, samples)
+        # In chunks, each its own job on the model thread, like text injection: the other calls'
+        # ticks run between them, so a 30 s prompt delays them by one chunk, not the whole clip.
+        chunk = max(1, engine.config.prefill_chunk_frames)
+        for start in range(0, embeds.shape[1], chunk):
+            if self.closed:
+                raise SessionClosedError(f"session {self.session_id} closed during the voice prompt")
+            await engine._run(engine._batch.prefill_voice_embeds, self.slot, embeds[:, start : start + chunk])
+        return embeds.shape[1]
 
     def update_settings(self, update: SessionSettingsUpdate) -> None:
         self.settings = self.settings.updated(update)
@@ -273,9 +255,17 @@ class DuplexEngine:
         if self._model is None or self.tokenizer is None:
             self._model, self.tokenizer = await self._run(load_model, self.config)
         kv_capacity = self.config.kv_capacity or self._model.config.kv_capacity
+        if self.config.compile and not self._model.step_is_compiled:
+            self._model.compile_step(mode="reduce-overhead" if self._model.device.type == "cuda" else None)
         self._batch = await self._run(
-            SlotBatch, self._model, self.config.slot_capacity, kv_capacity, self.config.evict_fraction
+            SlotBatch, self._model, self.config.slot_capacity, kv_capacity, self.config.evict_fraction,
+            self.config.compile,
         )
+        if self.config.compile:
+            started = time.perf_counter()
+            await self._run(self._batch.warm_up)
+            logger.info(f"Compiled the step for batch sizes {self._batch.batch_sizes} "
+                        f"in {time.perf_counter() - started:.1f} s")
         self._tick_task = asyncio.create_task(self._tick_loop(), name="michi-engine-ticks")
         logger.info(f"Duplex engine ready: {self.config.slot_capacity} slots, KV window {kv_capacity}")
 
@@ -316,6 +306,11 @@ class DuplexEngine:
         return self.model.config.codec.frame_ms
 
     @property
+    def session_defaults(self) -> SessionSettings:
+        """A call's settings where its opener sets none: the checkpoint's calibrated speak threshold."""
+        return SessionSettings(speak_threshold=self.model.config.speak_threshold)
+
+    @property
     def capacity(self) -> int:
         return self.config.slot_capacity
 
@@ -330,19 +325,20 @@ class DuplexEngine:
 
     async def open_session(
         self,
-        settings: SessionSettings | None = None,
+        settings: SessionSettingsUpdate | None = None,
         system_prompt: str | None = None,
         voice_prompt: np.ndarray | None = None,
     ) -> EngineSession:
         """Take a free slot (raises ``EngineFullError`` at once when none is left), then
-        prefill the voice prompt and the system prompt, both pinned."""
+        prefill the voice prompt and the system prompt, both pinned. ``settings`` override
+        ``session_defaults``."""
         if self._tick_task is None:
             raise EngineError("the engine is not started")
         free = next((s for s in range(self.capacity) if s not in self._sessions), None)
         if free is None:
             self.stats.rejected_sessions += 1
             raise EngineFullError(f"all {self.capacity} slots are in use")
-        session = EngineSession(self, free, settings or SessionSettings())
+        session = EngineSession(self, free, self.session_defaults.updated(settings or SessionSettingsUpdate()))
         self._sessions[free] = session  # claimed before any await: no double allocation
         try:
             await self._run(self._batch.reset, free)
@@ -431,7 +427,7 @@ class DuplexEngine:
                     await session.close()
 
     async def _tick(self, ticking: list[EngineSession]) -> None:
-        rows = max(s.slot for s in ticking) + 1
+        rows = self._batch.rows_for(max(s.slot for s in ticking) + 1)
         audio = np.zeros((rows, self.frame_samples), dtype=np.float32)
         active = [False] * rows
         taken: list[tuple[EngineSession, int, bool]] = []
@@ -460,6 +456,13 @@ class DuplexEngine:
             session.frames_stepped += 1
             session._deliver(session._make_result(index, filled, late, out))
 
+    def _max_top_k(self, ticking: list[EngineSession]) -> int | None:
+        """The host-side top-k bound of a tick (see ``Sampling.max_top_k``). None for a compiled
+        step: its value would be baked into the graph, one recompile per distinct top_k."""
+        if self.config.compile or not all(s.settings.top_k for s in ticking):
+            return None
+        return max(s.settings.top_k for s in ticking)
+
     def _sampling_inputs(self, rows: int, ticking: list[EngineSession]) -> tuple[Sampling, StepNoise]:
         temperature = torch.zeros(rows)
         top_k = torch.zeros(rows, dtype=torch.long)
@@ -476,6 +479,10 @@ class DuplexEngine:
             drawn = StepNoise.draw([session.generator], latent_noise.shape[1])
             latent_noise[slot], uniform[slot] = drawn.latent_noise[0], drawn.text_uniform[0]
         device = self.model.device
-        sampling = Sampling(temperature.to(device), top_k.to(device), threshold.to(device), flow_steps.to(device))
+        sampling = Sampling(
+            temperature.to(device), top_k.to(device), threshold.to(device), flow_steps.to(device),
+            max_flow_steps=max(s.settings.flow_steps for s in ticking),
+            max_top_k=self._max_top_k(ticking),
+        )
         return sampling, StepNoise(latent_noise.to(device), uniform.to(device))
 

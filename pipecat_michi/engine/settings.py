@@ -9,6 +9,7 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
+    create_model,
     model_serializer,
     model_validator,
 )
@@ -48,20 +49,17 @@ class SessionSettings(BaseModel):
         return self.model_copy(update=update.model_dump(exclude_unset=True))
 
 
-class SessionSettingsUpdate(BaseModel):
-    """A partial ``SessionSettings``: only the fields present change.
+def _optional_fields(schema: type[BaseModel]) -> dict[str, Any]:
+    """``schema``'s fields, each optional with the same constraints: absent (or null) by default."""
+    fields: dict[str, Any] = {}
+    for name, info in schema.model_fields.items():
+        kind = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
+        fields[name] = (kind | None, None)
+    return fields
 
-    An absent field leaves the setting as it is; ``null`` is accepted only where
-    ``SessionSettings`` allows it (``seed``: draw a new one).
-    """
 
+class _PartialSettings(BaseModel):
     model_config = _SETTINGS_CONFIG
-
-    temperature: Temperature | None = None
-    top_k: TopK | None = None
-    flow_steps: FlowSteps | None = None
-    speak_threshold: SpeakThreshold | None = None
-    seed: Seed | None = None
 
     @model_validator(mode="after")
     def _reject_null_for_required(self) -> Self:
@@ -75,3 +73,17 @@ class SessionSettingsUpdate(BaseModel):
     def _dump_present_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # Absent means "keep"; writing the unset fields as null would change their meaning.
         return {k: v for k, v in handler(self).items() if k in self.model_fields_set}
+
+
+# SessionSettings' own fields, made optional: a new setting is declared once, in SessionSettings.
+_SessionSettingsFields = create_model(
+    "_SessionSettingsFields", __base__=_PartialSettings, **_optional_fields(SessionSettings)
+)
+
+
+class SessionSettingsUpdate(_SessionSettingsFields):  # type: ignore[misc,valid-type]
+    """A partial ``SessionSettings``: only the fields present change.
+
+    An absent field leaves the setting as it is (when opening a call: the model's default);
+    ``null`` is accepted only where ``SessionSettings`` allows it (``seed``: draw a new one).
+    """

@@ -153,6 +153,7 @@ class MichiConfig(_Frozen):
     tokenizer: Literal["bytes", "hf"] = "hf"
     # Slots' KV capacity in positions (frames + injected text); a ring evicts beyond it.
     kv_capacity: int = Field(default=2048, ge=16)
+    # Calibrated per checkpoint; a served call takes it unless its opener sets one.
     speak_threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
 
     @model_validator(mode="after")

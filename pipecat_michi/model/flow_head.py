@@ -81,21 +81,29 @@ class FlowHead(nn.Module):
         return F.mse_loss(self.velocity(x_t, t, cond), target - noise)
 
     def sample(
-        self, cond: torch.Tensor, noise: torch.Tensor, steps: int | torch.Tensor | None = None
+        self,
+        cond: torch.Tensor,
+        noise: torch.Tensor,
+        steps: int | torch.Tensor | None = None,
+        max_steps: int | None = None,
     ) -> torch.Tensor:
         """Integrate ``noise [B, D]`` (standard normal) to a latent with Euler steps.
 
         ``steps`` is one count for all rows or a ``[B]`` tensor, so calls with different
-        settings share a batch without changing each other's result. The noise is an input so
-        the caller controls each row's randomness.
+        settings share a batch without changing each other's result; ``max_steps``, its
+        largest value if the caller knows it, saves reading it back from the device. The noise
+        is an input so the caller controls each row's randomness.
         """
         batch = cond.shape[0]
         steps = self.config.sampling_steps if steps is None else steps
+        if max_steps is None:
+            max_steps = steps if isinstance(steps, int) else int(steps.max())
         steps = torch.as_tensor(steps, device=cond.device).expand(batch).clamp(min=1)
-        dt = (1.0 / steps.to(cond.dtype))[:, None]
+        # float32 time: 1/3 in bf16 would put the last Euler step off t=1.
+        dt = (1.0 / steps.float())[:, None]
         x = noise.to(cond.dtype) * self.config.noise_scale
-        for i in range(int(steps.max())):
+        for i in range(max(1, max_steps)):
             t = i * dt[:, 0]
-            moved = x + dt * self.velocity(x, t, cond)
+            moved = x + (dt * self.velocity(x, t, cond)).to(x.dtype)
             x = torch.where((i < steps)[:, None], moved, x)
         return x

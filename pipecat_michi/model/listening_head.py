@@ -12,10 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipecat_michi.model.backbone import RotaryEmbedding, apply_rotary
+from pipecat_michi.model.backbone import Float32Buffers, RotaryEmbedding, apply_rotary, grouped_attention
 from pipecat_michi.model.config import ListeningHeadConfig
-
-StreamState = dict[str, torch.Tensor]
+from pipecat_michi.model.streaming import StreamingState
 
 
 def mel_filterbank(n_fft: int, n_mels: int, sample_rate_hz: int) -> torch.Tensor:
@@ -42,8 +41,12 @@ def mel_filterbank(n_fft: int, n_mels: int, sample_rate_hz: int) -> torch.Tensor
     return filters * (2.0 / (upper - lower))  # Slaney area normalisation
 
 
-class StreamingLogMel(nn.Module):
-    """Log-mel of each frame, carrying ``n_fft - hop`` samples of history between frames."""
+class StreamingLogMel(Float32Buffers):
+    """Log-mel of each frame, carrying ``n_fft - hop`` samples of history between frames.
+
+    Computed in float32 whatever the model's dtype (``log10`` of small powers and the STFT
+    lose too much in bf16); the caller casts the features to the encoder's dtype.
+    """
 
     def __init__(self, cfg: ListeningHeadConfig, frame_samples: int, sample_rate_hz: int) -> None:
         super().__init__()
@@ -78,6 +81,10 @@ class WindowedSelfAttention(nn.Module):
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def attend(self, q, k, v, mask: torch.Tensor) -> torch.Tensor:
+        if q.shape[1] == 1:
+            # The streaming step (one query over the window): plain matmuls beat the CPU's fused
+            # SDPA kernel here, as in the backbone's decode step.
+            return self.out(grouped_attention(q, k, v, mask))
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None]
         )
@@ -120,9 +127,16 @@ class ListeningHead(nn.Module):
         self.transcript_head = nn.Linear(cfg.d_model, vocab_size)
         self.speak_head = nn.Linear(cfg.d_model, 1)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The encoder's compute dtype (a norm's: linears may be quantized)."""
+        return self.final_norm.weight.dtype
+
     def _tokens(self, mel: torch.Tensor) -> torch.Tensor:
+        """float32 log-mel ``[B, hops, n_mels]`` -> stem tokens ``[B, frames, d_model]``."""
         batch, hops, n_mels = mel.shape
-        return self.stem(mel.reshape(batch, hops // self.mels_per_frame, self.mels_per_frame * n_mels))
+        flat = mel.reshape(batch, hops // self.mels_per_frame, self.mels_per_frame * n_mels)
+        return self.stem(flat.to(self.dtype))
 
     def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = self.final_norm(x)
@@ -134,7 +148,7 @@ class ListeningHead(nn.Module):
         if wav.shape[-1] % self.frame_samples:
             raise ValueError(f"audio length {wav.shape[-1]} is not a multiple of {self.frame_samples}")
         padded = F.pad(wav, (self.log_mel.history, 0))
-        x = self._tokens(self.log_mel.features(padded)).to(self.stem[0].weight.dtype)
+        x = self._tokens(self.log_mel.features(padded))
         frames = x.shape[1]
         positions = torch.arange(frames, device=wav.device)
         cos, sin = self.rotary(positions.expand(wav.shape[0], frames))
@@ -148,14 +162,15 @@ class ListeningHead(nn.Module):
 
     def init_state(
         self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None
-    ) -> StreamState:
+    ) -> StreamingState:
         """Zero state = a fresh stream (silence before the call, empty attention window)."""
-        device = device or self.stem[0].weight.device
-        dtype = dtype or self.stem[0].weight.dtype
+        device = device or self.final_norm.weight.device
+        dtype = dtype or self.dtype
         window, heads = self.config.context_frames, self.config.num_heads
         head_dim = self.config.d_model // heads
-        state: StreamState = {
-            "mel_history": torch.zeros(batch_size, self.log_mel.history, device=device),
+        state: StreamingState = {
+            # Raw audio for the float32 mel front-end, whatever the encoder's dtype.
+            "mel_history": torch.zeros(batch_size, self.log_mel.history, device=device, dtype=torch.float32),
             "frames_seen": torch.zeros(batch_size, dtype=torch.long, device=device),
         }
         for i in range(len(self.layers)):
@@ -164,12 +179,12 @@ class ListeningHead(nn.Module):
         return state
 
     def step(
-        self, frame: torch.Tensor, state: StreamState
-    ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], StreamState]:
+        self, frame: torch.Tensor, state: StreamingState
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], StreamingState]:
         """One frame ``[B, frame_samples]`` -> (embedding ``[B, H]``, transcript logits ``[B, V]``,
         speak logit ``[B]``) and the new state (the given one is not modified)."""
         padded = torch.cat([state["mel_history"], frame.float()], dim=-1)
-        x = self._tokens(self.log_mel.features(padded)).to(self.stem[0].weight.dtype)
+        x = self._tokens(self.log_mel.features(padded))
         seen = state["frames_seen"]
         window = self.config.context_frames
         cos, sin = self.rotary(seen[:, None])
@@ -177,7 +192,7 @@ class ListeningHead(nn.Module):
         # stream are still empty and masked.
         valid = torch.clamp(seen + 1, max=window)
         mask = (torch.arange(window, device=frame.device)[None, :] >= window - valid[:, None])[:, None, :]
-        new_state: StreamState = {
+        new_state: StreamingState = {
             "mel_history": padded[:, -self.log_mel.history:],
             "frames_seen": seen + 1,
         }

@@ -14,7 +14,8 @@ generator, so a call's output never depends on which other calls share its batch
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import nn
@@ -25,12 +26,11 @@ from pipecat_michi.model.config import MichiConfig
 from pipecat_michi.model.flow_head import FlowHead
 from pipecat_michi.model.kv_cache import SlotKVCache
 from pipecat_michi.model.listening_head import ListeningHead
+from pipecat_michi.model.streaming import StreamingState, prefixed, unprefixed
 from pipecat_michi.model.whisper.encoder import WhisperListeningHead
 
-StreamState = dict[str, torch.Tensor]
-
-_LISTEN = "listening."
-_DECODER = "decoder."
+_LISTEN = "listening"
+_DECODER = "decoder"
 
 
 @dataclass
@@ -41,6 +41,12 @@ class Sampling:
     top_k: torch.Tensor  # [B] long; 0 = no limit
     speak_threshold: torch.Tensor  # [B] float in (0, 1)
     flow_steps: int | torch.Tensor = 1  # one count, or [B] long
+    # The largest of ``flow_steps`` when it is a tensor, known on the host: the flow loop's
+    # length, without reading it back from the device every step.
+    max_flow_steps: int | None = None
+    # The largest ``top_k`` when every row has one (> 0), known on the host; None when some
+    # row samples the whole vocabulary. Lets sampling take the top few instead of sorting all.
+    max_top_k: int | None = None
 
     @classmethod
     def greedy(cls, batch_size: int, speak_threshold: float = 0.5, device=None) -> Sampling:  # noqa: ANN001
@@ -82,12 +88,18 @@ def sample_tokens(logits: torch.Tensor, sampling: Sampling, uniform: torch.Tenso
     """Temperature + top-k sampling by inverse CDF of a given uniform draw (row-wise)."""
     greedy = logits.argmax(dim=-1)
     temperature = sampling.temperature.clamp(min=1e-5)[:, None]
-    sorted_logits, order = torch.sort(logits.float() / temperature, dim=-1, descending=True)
-    ranks = torch.arange(logits.shape[-1], device=logits.device)[None, :]
+    scaled = logits.float() / temperature
+    if sampling.max_top_k:
+        # Every row is limited to its top_k: only the best max_top_k can ever be drawn, and
+        # topk over them costs a fraction of sorting the vocabulary (~4 ms of a CPU step at 49k).
+        sorted_logits, order = torch.topk(scaled, min(sampling.max_top_k, logits.shape[-1]), dim=-1)
+    else:
+        sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
+    ranks = torch.arange(sorted_logits.shape[-1], device=logits.device)[None, :]
     k = torch.where(sampling.top_k > 0, sampling.top_k, logits.shape[-1])[:, None]
     sorted_logits = sorted_logits.masked_fill(ranks >= k, float("-inf"))
     cdf = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    picked = torch.searchsorted(cdf, uniform.float()[:, None].clamp(max=1 - 1e-6)).clamp(max=logits.shape[-1] - 1)
+    picked = torch.searchsorted(cdf, uniform.float()[:, None].clamp(max=1 - 1e-6)).clamp(max=sorted_logits.shape[-1] - 1)
     sampled = order.gather(-1, picked).squeeze(-1)
     return torch.where(sampling.temperature > 0, sampled, greedy)
 
@@ -107,70 +119,122 @@ class MichiModel(nn.Module):
         self.latent_in = nn.Linear(config.codec.latent_dim, hidden)
         self.flow = FlowHead(config.flow, config.codec.latent_dim, hidden)
         self.codec = Codec(config.codec)
+        self._compiled_step: Callable[..., tuple[StepOutput, StreamingState]] | None = None
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    # A norm's weight says where and in what dtype the model runs: linears may be quantized.
     @property
     def device(self) -> torch.device:
-        return self.latent_in.weight.device
+        return self.backbone.norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.latent_in.weight.dtype
+        return self.backbone.norm.weight.dtype
 
     def new_cache(self, num_slots: int, capacity: int | None = None) -> SlotKVCache:
         return self.backbone.new_cache(num_slots, capacity or self.config.kv_capacity)
 
-    def init_state(self, batch_size: int) -> StreamState:
+    def init_state(self, batch_size: int) -> StreamingState:
         """Fresh per-call streaming state (everything but the KV cache), batch as dim 0."""
         device, dtype = self.device, self.dtype
-        state: StreamState = {
+        state: StreamingState = {
             "prev_latent": torch.zeros(batch_size, self.config.codec.latent_dim, device=device, dtype=dtype),
             "prev_text": torch.full((batch_size,), self.config.tokens.pad_id, dtype=torch.long, device=device),
         }
-        state.update({_LISTEN + k: v for k, v in self.listening.init_state(batch_size, device, dtype).items()})
-        state.update({_DECODER + k: v for k, v in self.codec.decoder.init_state(batch_size, device, dtype).items()})
+        state.update(prefixed(_LISTEN, self.listening.init_state(batch_size, device, dtype)))
+        state.update(prefixed(_DECODER, self.codec.decoder.init_state(batch_size, device, dtype)))
         return state
 
     @torch.no_grad()
     def step(
         self,
         user_audio: torch.Tensor,
-        state: StreamState,
+        state: StreamingState,
         cache: SlotKVCache,
         sampling: Sampling,
         noise: StepNoise,
-        active: torch.Tensor | None = None,
-    ) -> tuple[StepOutput, StreamState]:
+        active: Sequence[bool] | None = None,
+        key_count: int | None = None,
+    ) -> tuple[StepOutput, StreamingState]:
         """One frame for cache slots ``0..B-1``: ``user_audio [B, frame_samples]`` in [-1, 1].
 
         ``state`` rows are those ``B`` calls; it is not modified, the new state is returned.
-        Rows with ``active`` False keep their old state and KV length (their outputs are junk).
+        Rows with ``active`` False (a host-side list) keep their old state and KV length (their
+        outputs are junk). ``key_count``: see ``Backbone.forward_cached``.
         """
         batch = user_audio.shape[0]
+        rows = slice(0, batch)
+        cache.check_room(rows, 1)
+        active_mask = None if active is None else torch.tensor(list(active), dtype=torch.bool, device=self.device)
+        if sampling.max_flow_steps is None and isinstance(sampling.flow_steps, torch.Tensor):
+            sampling = replace(sampling, max_flow_steps=int(sampling.flow_steps.max()))
+        step = self._compiled_step or self._device_step
+        if self._compiled_step is not None:
+            torch.compiler.cudagraph_mark_step_begin()
+        # The audio stays float32: the listening head's mel front-end runs in float32.
+        output, new_state = step(
+            user_audio.to(self.device, torch.float32), state, cache, sampling, noise, active_mask,
+            key_count or cache.max_length(rows) + 1,
+        )
+        if self._compiled_step is not None and self.device.type == "cuda":
+            # A CUDA graph's outputs live in its static memory, overwritten by the next replay:
+            # hand out copies, so a caller may feed this state to the next step or keep it.
+            output = StepOutput(**{f.name: getattr(output, f.name).clone() for f in fields(StepOutput)})
+            new_state = {key: value.clone() for key, value in new_state.items()}
+        cache.advance(rows, 1, None if active is None else list(active), active_mask)
+        return output, new_state
+
+    @property
+    def step_is_compiled(self) -> bool:
+        return self._compiled_step is not None
+
+    def compile_step(self, mode: str | None = None, backend: str = "inductor") -> None:
+        """Run ``step``'s device half through ``torch.compile`` from now on.
+
+        Shapes are static (``dynamic=False``): one graph per batch size and ``key_count``, so a
+        caller pads batches to a few sizes and passes a fixed ``key_count`` (the engine does
+        both). ``mode="reduce-overhead"`` on CUDA replays the step as a CUDA graph.
+        """
+        # One graph per (batch bucket, flow step count) pair: more than the default limit of 8.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self._compiled_step = torch.compile(self._device_step, mode=mode, backend=backend, dynamic=False)
+
+    def _device_step(
+        self,
+        user_audio: torch.Tensor,
+        state: StreamingState,
+        cache: SlotKVCache,
+        sampling: Sampling,
+        noise: StepNoise,
+        active_mask: torch.Tensor | None,
+        key_count: int,
+    ) -> tuple[StepOutput, StreamingState]:
+        """The tensor work of ``step``: no host bookkeeping, no device sync (compilable)."""
+        batch = user_audio.shape[0]
         (listen_embedding, transcript_logits, speak_logit), listen_state = self.listening.step(
-            user_audio.to(self.dtype), _sub(state, _LISTEN)
+            user_audio, unprefixed(_LISTEN, state)
         )
         embeds = (
             listen_embedding
             + self.latent_in(state["prev_latent"])
             + self.backbone.embed_tokens(state["prev_text"])
         )
-        hidden = self.backbone.forward_cached(embeds[:, None], cache, slice(0, batch), active)[:, 0]
+        hidden = self.backbone.forward_kv(embeds[:, None], cache, slice(0, batch), key_count)[:, 0]
         text_tokens = sample_tokens(self.backbone.logits(hidden), sampling, noise.text_uniform)
-        latents = self.flow.sample(hidden, noise.latent_noise, sampling.flow_steps)
+        latents = self.flow.sample(hidden, noise.latent_noise, sampling.flow_steps, sampling.max_flow_steps)
         speak_prob = torch.sigmoid(speak_logit.float())
         speaking = speak_prob > sampling.speak_threshold
         # What the model hears of itself is what it actually played: silence while holding.
         played = latents * speaking[:, None].to(latents.dtype)
-        audio, decoder_state = self.codec.decoder.step(played, _sub(state, _DECODER))
+        audio, decoder_state = self.codec.decoder.step(played, unprefixed(_DECODER, state))
         audio = audio.float() * speaking[:, None]
-        new_state: StreamState = {"prev_latent": played, "prev_text": text_tokens}
-        new_state.update({_LISTEN + k: v for k, v in listen_state.items()})
-        new_state.update({_DECODER + k: v for k, v in decoder_state.items()})
-        if active is not None:
-            new_state = {k: _keep_inactive(v, state[k], active) for k, v in new_state.items()}
+        new_state: StreamingState = {"prev_latent": played, "prev_text": text_tokens}
+        new_state.update(prefixed(_LISTEN, listen_state))
+        new_state.update(prefixed(_DECODER, decoder_state))
+        if active_mask is not None:
+            new_state = {k: _keep_inactive(v, state[k], active_mask) for k, v in new_state.items()}
         output = StepOutput(
             text_tokens=text_tokens,
             transcript_tokens=transcript_logits.argmax(dim=-1),
@@ -189,33 +253,38 @@ class MichiModel(nn.Module):
         unpinned entry so the pinned region stays a prefix.
         """
         if not token_ids:
-            return int(cache.lengths[slot])
+            return cache.host_lengths[slot]
         ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
         self._prefill(self.backbone.embed_tokens(ids), cache, slot, pinned)
-        return int(cache.lengths[slot])
+        return cache.host_lengths[slot]
 
     @torch.no_grad()
     def prefill_voice(self, wav: torch.Tensor, cache: SlotKVCache, slot: int) -> int:
         """Zero-shot voice prompt: encode a reference clip (24 kHz, [-1, 1]) and prefill its
         latents, pinned, so the model continues in that voice. Returns the frames used."""
+        embeds = self.encode_voice(wav)
+        self.prefill_voice_embeds(embeds, cache, slot)
+        return embeds.shape[1]
+
+    def encode_voice(self, wav: torch.Tensor) -> torch.Tensor:
+        """The backbone inputs ``[1, frames, hidden]`` of a voice prompt (24 kHz, [-1, 1]), to
+        prefill whole or in chunks (``prefill_voice_embeds``)."""
         frames = wav.shape[-1] // self.config.frame_samples
         if frames == 0:
             raise ValueError(f"voice prompt shorter than one frame ({self.config.frame_samples} samples)")
         clip = wav[..., : frames * self.config.frame_samples].reshape(1, -1).to(self.device, self.dtype)
-        latents = self.codec.encoder(clip)
-        self._prefill(self.latent_in(latents), cache, slot, pinned=True)
-        return frames
+        return self.latent_in(self.codec.encoder(clip))
+
+    def prefill_voice_embeds(self, embeds: torch.Tensor, cache: SlotKVCache, slot: int) -> None:
+        """Prefill (pinned) consecutive frames of ``encode_voice``'s output."""
+        self._prefill(embeds, cache, slot, pinned=True)
 
     def _prefill(self, embeds: torch.Tensor, cache: SlotKVCache, slot: int, pinned: bool) -> None:
-        if pinned and int(cache.pinned[slot]) != int(cache.lengths[slot]):
+        if pinned and cache.pinned[slot] != cache.host_lengths[slot]:
             raise ValueError("pinned context must be prefilled before any frame or unpinned text")
         self.backbone.forward_cached(embeds, cache, slice(slot, slot + 1))
         if pinned:
-            cache.pinned[slot] = cache.lengths[slot]
-
-
-def _sub(state: StreamState, prefix: str) -> StreamState:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            cache.pinned[slot] = cache.host_lengths[slot]
 
 
 def _keep_inactive(new: torch.Tensor, old: torch.Tensor, active: torch.Tensor) -> torch.Tensor:

@@ -7,10 +7,18 @@ released only once it decodes cleanly (``StreamingDetokenizer``).
 from __future__ import annotations
 
 import codecs
+import re
 from pathlib import Path
 from typing import Protocol
 
 from pipecat_michi.model.config import BYTE_TOKENS, MichiConfig, TokenConfig
+
+
+# Inserted after the first character of a special token's string in injected text: the text
+# reads the same to the model but can no longer become that special token.
+_BREAK = "\u200b"
+# The byte tokenizer's turn tag at the start of a line: ``[system] ``.
+_BYTE_TURN_TAG = re.compile(r"(^|\n)(\s*)\[")
 
 
 class Tokenizer(Protocol):
@@ -47,6 +55,26 @@ class HFTokenizer:
             )
         self._tokenizer = _HFTokenizer.from_file(str(file))
         self.tokens = tokens
+        # Longest first, so a special that contains another is broken as a whole.
+        self.special_strings = sorted(
+            (t.content for t in self._tokenizer.get_added_tokens_decoder().values() if t.special and t.content),
+            key=len,
+            reverse=True,
+        )
+
+    def escape_specials(self, text: str) -> str:
+        """``text`` with every special-token string broken up, so that text from outside (a
+        retrieved document, a caller's words) can never encode to ``<|im_start|>`` and forge a
+        turn of its own."""
+        for _ in range(8):  # breaking one may not create another; bounded all the same
+            found = False
+            for special in self.special_strings:
+                if special in text:
+                    found = True
+                    text = text.replace(special, special[0] + _BREAK + special[1:])
+            if not found:
+                break
+        return text
 
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=False).ids
@@ -59,10 +87,18 @@ def format_context(tokenizer: Tokenizer, role: str, text: str) -> str:
     """Frame injected text as a chat turn, so the backbone knows whose words they are.
 
     Subword (SmolLM) tokenizers get ChatML, SmolLM-Instruct's template; the byte tokenizer of
-    the tiny preset a plain tag.
+    the tiny preset a plain tag. ``role`` and ``text`` are escaped: what they hold never becomes
+    special tokens or a turn tag of the template (issue 12: prompt injection through a document
+    carrying ``<|im_end|>\n<|im_start|>system``).
     """
+    role = " ".join(role.split())  # one line: a newline in a role would start the turn's text
     if isinstance(tokenizer, ByteTokenizer):
+        role = role.replace("[", "(").replace("]", ")")
+        text = _BYTE_TURN_TAG.sub(lambda m: f"{m.group(1)}{m.group(2)}{_BREAK}[", text)
         return f"[{role}] {text}\n"
+    escape = getattr(tokenizer, "escape_specials", None)
+    if escape is not None:
+        role, text = escape(role), escape(text)
     return f"<|im_start|>{role}\n{text}<|im_end|>\n"
 
 

@@ -26,16 +26,20 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictInt,
     TypeAdapter,
     ValidationError,
     model_validator,
 )
 
-from pipecat_michi.engine.settings import SessionSettings, SessionSettingsUpdate
+from pipecat_michi.engine.settings import SessionSettingsUpdate
 
 PROTOCOL_VERSION: Final = 1
 CALL_PATH: Final = "/v1/call"
 
+# The one named place for the call's audio format: protocol version 1 carries 24 kHz mono
+# PCM16 in both directions (a model with another codec rate is refused when a worker starts).
+# ``ready`` announces both; clients take the frame size from it.
 SAMPLE_RATE_HZ: Final = 24_000
 DEFAULT_FRAME_SAMPLES: Final = 1920
 # Frames longer than a second make no sense for a full-duplex model; the bound keeps the
@@ -67,6 +71,8 @@ _AUDIO_HEADER: Final = struct.Struct("<I")
 _STEP_HEADER: Final = struct.Struct("<IBfHH")
 _MAX_UINT16: Final = 0xFFFF
 _MAX_UINT32: Final = 0xFFFF_FFFF
+# ``frame_index`` is a uint32 on the wire; a call whose steps would pass it ends with 4004.
+MAX_FRAME_INDEX: Final = _MAX_UINT32
 
 STEP_FLAG_SPEAKING: Final = 0x01
 STEP_FLAG_FILLED_SILENCE: Final = 0x02
@@ -146,6 +152,10 @@ VoicePromptB64 = Annotated[
     str, Field(max_length=MAX_VOICE_PROMPT_B64_CHARS), AfterValidator(_check_voice_prompt)
 ]
 FrameIndex = Annotated[int, Field(ge=0, le=_MAX_UINT32)]
+# PROTOCOL_VERSION and nothing else: a StrictInt, because ``Literal[1]`` alone lets ``true`` and
+# ``1.0`` through (they compare equal to 1), which the strict-types rule of the spec forbids.
+# Another integer fails validation; the decoder reports that as UNSUPPORTED_VERSION.
+ProtocolVersion = Annotated[StrictInt, Field(ge=PROTOCOL_VERSION, le=PROTOCOL_VERSION)]
 
 
 # Strict: the wire has one spelling per value ("1" is not 1, 1 is not true). Frozen: a
@@ -167,17 +177,16 @@ class HelloMessage(ControlMessage):
 
     Parameters:
         protocol_version: Must equal ``PROTOCOL_VERSION``.
-        session: Initial sampling settings.
+        session: Sampling settings of the call; absent fields take the model's defaults.
         system_prompt: Text prefilled (pinned) before the first frame.
         voice_prompt_pcm_b64: Base64 of a PCM16 LE mono 24 kHz reference clip (at most
             ``MAX_VOICE_PROMPT_S``) whose voice the model speaks with; see ``encode_voice_prompt``.
     """
 
     type: Literal["hello"] = "hello"
-    # PROTOCOL_VERSION as a literal: another version fails validation, and the decoder then
-    # reports UNSUPPORTED_VERSION. Required, so that absent never silently means "current".
-    protocol_version: Literal[1]
-    session: SessionSettings = SessionSettings()
+    # Required, so that absent never silently means "current".
+    protocol_version: ProtocolVersion
+    session: SessionSettingsUpdate = SessionSettingsUpdate()
     system_prompt: Annotated[Text, Field(max_length=MAX_TEXT_CHARS)] | None = None
     voice_prompt_pcm_b64: VoicePromptB64 | None = None
 
@@ -242,7 +251,7 @@ class ReadyMessage(ControlMessage):
     """
 
     type: Literal["ready"] = "ready"
-    protocol_version: Literal[1]
+    protocol_version: ProtocolVersion
     session_id: Identifier
     frame_samples: Annotated[int, Field(ge=1, le=MAX_FRAME_SAMPLES)] = DEFAULT_FRAME_SAMPLES
     sample_rate_hz: Literal[24000] = SAMPLE_RATE_HZ

@@ -11,20 +11,11 @@ from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
 from agents.webrtc.app import WebRTCAgentConfig, create_app
-from pipecat_michi.engine.call import LocalEngine
-from pipecat_michi.engine.config import EngineConfig
 from tests.support import eventually, serve
+from tests.support import webrtc_agent as make_agent
 
 CALLER_RATE_HZ = 48000
 CALLER_FRAME_MS = 20
-
-
-def make_agent(**overrides) -> tuple:
-    """The agent on the tiny random model, and the engine it runs on (to watch its slots)."""
-    engine = {"preset": "tiny", "device": "cpu", "slot_capacity": 2}
-    config = WebRTCAgentConfig(backend={"engine": engine, "max_call_s": None}, **overrides)
-    backend = LocalEngine(EngineConfig(device="cpu", slot_capacity=2))
-    return create_app(config, backend=backend), backend
 
 
 class ToneTrack(MediaStreamTrack):
@@ -185,3 +176,108 @@ async def test_a_peer_that_never_connects_is_dropped_and_frees_its_slot() -> Non
             await eventually(lambda: backend.engine.sessions_in_use == 0, what="its engine slot is freed")
         finally:
             await caller.pc.close()
+
+
+# --- admission, as an attacker tries it (issue 12) ---------------------------------------------
+
+
+async def _hand_made_offer() -> str:
+    """An SDP offer with one audio section, made once by aiortc and then replayed as text by
+    the attacks below (no peer behind it ever connects)."""
+    pc = RTCPeerConnection()
+    pc.addTransceiver("audio", direction="sendrecv")
+    await pc.setLocalDescription(await pc.createOffer())
+    sdp = pc.localDescription.sdp
+    await pc.close()
+    return sdp
+
+
+async def test_concurrent_and_spoofed_offers_cannot_take_more_than_max_peers() -> None:
+    app, backend = make_agent(max_peers=2, connect_timeout_s=1.0, requests_per_minute=1000)
+    sdp = await _hand_made_offer()
+    async with serve(app) as host, httpx.AsyncClient(base_url=f"http://{host}", timeout=20) as http:
+        offers = await asyncio.gather(*(http.post("/api/offer", json={"sdp": sdp, "type": "offer"}) for _ in range(8)))
+        assert sorted(r.status_code for r in offers) == [200, 200] + [503] * 6
+        spoofed = await asyncio.gather(
+            *(http.post("/api/offer", json={"sdp": sdp, "type": "offer", "pc_id": f"made-up-{i}"}) for i in range(4))
+        )
+        assert [r.status_code for r in spoofed] == [404] * 4
+        assert app.state.admission.held <= 2 and backend.engine.sessions_in_use <= 2
+        # Offers that never connect give their places back after connect_timeout_s.
+        await eventually(lambda: app.state.admission.held == 0, what="unconnected offers release their places")
+        await eventually(lambda: backend.engine.sessions_in_use == 0, what="their slots are freed")
+
+
+async def test_signalling_needs_json_an_allowed_origin_the_token_and_a_sane_rate() -> None:
+    token = "webrtc-token-0123456789"
+    app, _ = make_agent(token=token, allowed_origins=["https://app.example.test"], requests_per_minute=8)
+    auth = {"Authorization": f"Bearer {token}"}
+    async with serve(app) as host, httpx.AsyncClient(base_url=f"http://{host}", timeout=10) as http:
+        ok = await http.post("/start", json={}, headers=auth)
+        same_origin = await http.post("/start", json={}, headers={**auth, "Origin": f"http://{host}"})
+        listed = await http.post("/start", json={}, headers={**auth, "Origin": "https://app.example.test"})
+        text_plain = await http.post("/start", content=b"{}", headers={**auth, "Content-Type": "text/plain"})
+        foreign = await http.post("/start", json={}, headers={**auth, "Origin": "https://evil.example"})
+        no_token = await http.post("/start", json={})
+        wrong_token = await http.post("/start", json={}, headers={"Authorization": "Bearer nope"})
+        docs = [(await http.get(path)).status_code for path in ("/docs", "/openapi.json")]
+        flood = [(await http.post("/start", json={}, headers=auth)).status_code for _ in range(3)]
+    assert [ok.status_code, same_origin.status_code, listed.status_code] == [200, 200, 200]
+    assert [text_plain.status_code, foreign.status_code] == [415, 403]
+    assert [no_token.status_code, wrong_token.status_code] == [401, 401]
+    assert docs == [404, 404]
+    assert flood[-1] == 429
+
+
+async def test_sdp_that_trips_aiortc_is_a_400_not_a_500() -> None:
+    app, _ = make_agent()
+    sdp = await _hand_made_offer()
+    broken = [
+        sdp.replace("a=fingerprint:", "a=fingerprint-broken:"),  # no DTLS fingerprint
+        sdp.replace("a=ice-ufrag:", "a=x-ufrag:"),  # no ICE credentials
+        "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 0\r\n",
+        sdp.replace("m=audio 9 UDP/TLS/RTP/SAVPF", "m=audio 9 RTP/AVP"),
+    ]
+    async with serve(app) as host, httpx.AsyncClient(base_url=f"http://{host}", timeout=10) as http:
+        codes = [(await http.post("/api/offer", json={"sdp": s, "type": "offer"})).status_code for s in broken]
+    assert all(code in (200, 400) for code in codes), codes  # never a 500
+
+
+async def test_a_dead_backend_closes_the_peer_instead_of_leaving_it_silent() -> None:
+    from tests.service.service_fakes import ScriptedBackend, ScriptedCall, Step
+
+    backend = ScriptedBackend(ScriptedCall([Step(True, "hi ")] * 3 + [Step()] * 40, die_after=5))
+    config = WebRTCAgentConfig(backend={"max_call_s": None})
+    app = create_app(config, backend=backend)
+    async with serve(app) as host, httpx.AsyncClient(base_url=f"http://{host}", timeout=10) as http:
+        caller = Caller()
+        closed = asyncio.Event()
+
+        @caller.pc.on("connectionstatechange")
+        def on_state() -> None:
+            if caller.pc.connectionState in ("closed", "failed"):
+                closed.set()
+
+        try:
+            response = await http.post("/api/offer", json=await caller.offer())
+            await caller.accept(response.json())
+            await eventually(lambda: bool(backend.opened), what="the call opens")
+            # The call dies, no new one opens: the service gives up and the agent hangs up.
+            await asyncio.wait_for(closed.wait(), 20)
+        finally:
+            await caller.pc.close()
+        await eventually(lambda: not app.state.calls, what="the call's pipeline is gone")
+
+
+async def test_big_signalling_bodies_are_refused_before_they_are_read() -> None:
+    app, _ = make_agent()
+
+    async def chunked():  # no Content-Length
+        for _ in range(200):
+            yield b" " * 1024
+
+    async with serve(app) as host, httpx.AsyncClient(base_url=f"http://{host}", timeout=10) as http:
+        declared = await http.post("/api/offer", content=b"{" + b" " * 1_000_000 + b"}",
+                                   headers={"content-type": "application/json"})
+        streamed = await http.post("/api/offer", content=chunked(), headers={"content-type": "application/json"})
+    assert [declared.status_code, streamed.status_code] == [413, 413]

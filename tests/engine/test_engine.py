@@ -4,8 +4,10 @@ import asyncio
 
 import numpy as np
 import pytest
+import torch
 
-from pipecat_michi.engine.config import EngineConfig
+from pipecat_michi.engine.batch import SlotBatch
+from pipecat_michi.engine.config import EngineConfig, load_model
 from pipecat_michi.engine.engine import (
     DuplexEngine,
     EngineFullError,
@@ -13,7 +15,8 @@ from pipecat_michi.engine.engine import (
     SessionClosedError,
     StepResult,
 )
-from pipecat_michi.engine.settings import SessionSettings
+from pipecat_michi.engine.settings import SessionSettingsUpdate
+from pipecat_michi.model.michi import Sampling, StepNoise
 
 FRAME = 1920
 
@@ -30,7 +33,7 @@ def _config(**overrides) -> EngineConfig:
 
 
 async def _call(engine: DuplexEngine, audio: np.ndarray, seed: int, prompt: str | None = None) -> list[StepResult]:
-    session = await engine.open_session(SessionSettings(seed=seed, speak_threshold=0.3), system_prompt=prompt)
+    session = await engine.open_session(SessionSettingsUpdate(seed=seed, speak_threshold=0.3), system_prompt=prompt)
     results = []
     for index, frame in enumerate(audio):
         session.push_audio(frame, index)
@@ -79,11 +82,16 @@ async def test_missing_frame_is_filled_and_its_late_arrival_dropped() -> None:
         second = await session.receive(timeout=5)
         assert (first.frame_index, first.filled) == (0, False)
         assert (second.frame_index, second.filled) == (1, True)
-        session.push_audio(frames[1], 1)  # too late: dropped
-        assert engine.stats.dropped_input_frames >= 1
-        session.push_audio(frames[2], 2 + engine.stats.filled_frames - 1)
-        following = await session.receive(timeout=5)
-        assert following.frame_index == second.frame_index + 1
+        dropped = engine.stats.dropped_input_frames
+        session.push_audio(frames[1], 1)  # too late: its tick went by
+        assert engine.stats.dropped_input_frames == dropped + 1
+        # A frame a few ticks ahead of the clock waits for its tick and is used, not filled.
+        assert session.next_frame_index is not None
+        ahead = session.next_frame_index + 3
+        session.push_audio(frames[2], ahead)
+        while (result := await session.receive(timeout=5)).frame_index < ahead:
+            assert result.filled
+        assert (result.frame_index, result.filled) == (ahead, False)
 
 
 async def test_bad_frames_are_refused() -> None:
@@ -142,6 +150,18 @@ async def test_ring_eviction_keeps_long_calls_running_with_the_system_prompt_pin
         assert int(engine._batch.cache.positions[session.slot]) == pinned + 150
 
 
+def test_a_full_call_sitting_out_a_tick_is_evicted_not_failed() -> None:
+    # A call whose last step filled its KV window, inactive in the next (catch-up) tick.
+    model, _ = load_model(_config())
+    batch = SlotBatch(model, slot_capacity=2, kv_capacity=64, evict_fraction=0.125)
+    batch.prefill_text(0, list(range(32)), pinned=False)
+    batch.prefill_text(0, list(range(32)), pinned=False)
+    assert batch.kv_length(0) == 64
+    sampling, noise = Sampling.greedy(2), StepNoise(torch.zeros(2, model.config.codec.latent_dim), torch.zeros(2))
+    out = batch.step(np.zeros((2, FRAME), dtype=np.float32), [False, True], sampling, noise)
+    assert out.kv_lengths == [56, 1]  # slot 0 lost its oldest eighth and did not advance
+
+
 async def test_a_stalled_reader_loses_its_oldest_outputs_not_the_others_time() -> None:
     async with DuplexEngine(_config(max_pending_outputs=4)) as engine:
         stalled, reader = await engine.open_session(), await engine.open_session()
@@ -193,3 +213,13 @@ async def test_an_injection_too_long_for_the_window_is_refused_whole() -> None:
         assert engine.kv_length(session) == 0  # no chunk of either stayed behind
         result = await session.inject_text("short", pinned=True)
         assert result.kv_length == result.token_count
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+async def test_a_call_runs_in_every_dtype(dtype: str) -> None:
+    async with DuplexEngine(_config(dtype=dtype)) as engine:
+        assert engine.model.dtype == getattr(torch, dtype)
+        results = await _call(engine, _audio(1, 5), seed=5, prompt="You are a helpful agent.")
+        assert engine._batch.cache.host_lengths[0] == 0  # the closed call's slot was reset
+    assert [r.frame_index for r in results] == list(range(5))
+    assert any(r.audio is not None for r in results) and all(r.kv_length for r in results)

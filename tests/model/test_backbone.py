@@ -82,7 +82,7 @@ def test_inactive_rows_do_not_advance(pair) -> None:
     ours, _ = pair
     cache = ours.new_cache(num_slots=2, capacity=16)
     tokens = torch.tensor([[5], [7]])
-    ours.forward_cached(ours.embed_tokens(tokens), cache, slice(0, 2), active=torch.tensor([True, False]))
+    ours.forward_cached(ours.embed_tokens(tokens), cache, slice(0, 2), active=[True, False])
     assert cache.lengths.tolist() == [1, 0] and cache.positions.tolist() == [1, 0]
 
 

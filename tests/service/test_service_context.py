@@ -54,10 +54,10 @@ def test_a_rewritten_history_reaches_the_call_as_new_text() -> None:
     pending = {"role": "tool", "tool_call_id": "1", "content": "IN_PROGRESS"}
     assert sync_all(sync, [tool_call, pending]) == [
         Injection("assistant", "called hours({})"),
-        Injection("tool", "IN_PROGRESS"),
+        Injection("tool", "<tool_response>\nIN_PROGRESS\n</tool_response>"),
     ]
     done = {**pending, "content": '{"open": "9-5"}'}  # the aggregator fills the result in place
-    assert sync_all(sync, [tool_call, done]) == [Injection("tool", '{"open": "9-5"}')]
+    assert sync_all(sync, [tool_call, done]) == [Injection("tool", '<tool_response>\n{"open": "9-5"}\n</tool_response>')]
 
 
 def test_text_parts_are_kept_and_other_content_skipped() -> None:
@@ -68,3 +68,27 @@ def test_text_parts_are_kept_and_other_content_skipped() -> None:
         {"role": "developer", "content": "  "},
     ]
     assert sync_all(sync, messages) == [Injection("user", "Look:")]
+
+
+def test_an_app_message_inside_a_caller_turn_is_injected_and_the_echo_is_not() -> None:
+    """Issue 12 finding 9: the app appends "yes" while the caller's "yes, book it for seven" is
+    in the ledger. The app's message reaches the call; the aggregator's echo does not."""
+    sync = ContextSync()
+    sync.record_own("user", "yes, book it for seven")
+    app_message = {"role": "user", "content": "yes"}
+    echo = {"role": "user", "content": "yes, book it for seven"}
+    assert sync_all(sync, [app_message]) == [Injection("user", "yes")]
+    assert sync_all(sync, [app_message, echo]) == []
+    # And the other order: the echo first, then the app's message.
+    sync = ContextSync()
+    sync.record_own("user", "yes, book it for seven")
+    assert sync_all(sync, [echo, app_message]) == [Injection("user", "yes")]
+
+
+def test_own_turns_match_whole_and_in_order() -> None:
+    sync = ContextSync()
+    sync.record_own("user", "book it")
+    sync.record_own("user", "for seven")
+    # A message that is only part of a turn, or that spans a turn cut in half, is not ours.
+    assert sync_all(sync, [{"role": "user", "content": "book"}]) == [Injection("user", "book")]
+    assert sync_all(sync, [{"role": "user", "content": "book"}, {"role": "user", "content": "book it for seven"}]) == []

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from pipecat_michi.engine.settings import SessionSettings, SessionSettingsUpdate
 from pipecat_michi.worker.protocol import (
     DEFAULT_FRAME_SAMPLES,
     KIND_AUDIO,
@@ -32,8 +33,6 @@ from pipecat_michi.worker.protocol import (
     ProtocolError,
     ReadyMessage,
     ResetMessage,
-    SessionSettings,
-    SessionSettingsUpdate,
     StepMessage,
     UpdateSettingsMessage,
     decode_client_message,
@@ -80,7 +79,7 @@ CLIENT_CONTROL = [
     HelloMessage(protocol_version=PROTOCOL_VERSION),
     HelloMessage(
         protocol_version=PROTOCOL_VERSION,
-        session=SessionSettings(
+        session=SessionSettingsUpdate(
             temperature=0.0, top_k=0, flow_steps=4, speak_threshold=0.9, seed=7
         ),
         system_prompt="Tu es Michi. Réponds brièvement 🙂",

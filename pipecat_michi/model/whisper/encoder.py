@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipecat_michi.model.config import ListeningHeadConfig
+from pipecat_michi.model.streaming import StreamingState, prefixed, unprefixed
 from pipecat_michi.model.whisper.frontend import WHISPER_HOP, WHISPER_SAMPLE_RATE_HZ, StreamingWhisperFrontEnd
 
-StreamState = dict[str, torch.Tensor]
 TOKEN_HOPS = 2  # conv2's stride: one encoder token per two mel frames (20 ms)
 WHISPER_POSITIONS = 1500  # Whisper's positional table: 30 s of 20 ms tokens
 
@@ -186,13 +186,13 @@ class WhisperListeningHead(nn.Module):
 
     def init_state(
         self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None
-    ) -> StreamState:
+    ) -> StreamingState:
         """Zero state = a fresh stream (silence before the call, empty attention window)."""
         device = device or self.encoder.conv1.weight.device
         dtype = dtype or self._dtype
         cfg = self.config
         head_dim = cfg.d_model // cfg.num_heads
-        state: StreamState = {f"front.{k}": v for k, v in self.front_end.init_state(batch_size, device).items()}
+        state: StreamingState = prefixed("front", self.front_end.init_state(batch_size, device))
         state["mel_tail"] = torch.zeros(batch_size, 2, cfg.n_mels, dtype=torch.float32, device=device)
         state["conv1_tail"] = torch.zeros(batch_size, 1, cfg.d_model, dtype=dtype, device=device)
         state["tokens_seen"] = torch.zeros(batch_size, dtype=torch.long, device=device)
@@ -204,13 +204,13 @@ class WhisperListeningHead(nn.Module):
         return state
 
     def step(
-        self, frame: torch.Tensor, state: StreamState
-    ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], StreamState]:
+        self, frame: torch.Tensor, state: StreamingState
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], StreamingState]:
         """One frame ``[B, frame_samples]`` -> (embedding ``[B, H]``, transcript logits ``[B, V]``,
         speak logit ``[B]``) and the new state (the given one is not modified)."""
-        front_state = {k[len("front."):]: v for k, v in state.items() if k.startswith("front.")}
+        front_state = unprefixed("front", state)
         mel, front_state = self.front_end(frame, front_state)
-        new_state: StreamState = {f"front.{k}": v for k, v in front_state.items()}
+        new_state: StreamingState = prefixed("front", front_state)
         # The causal stem on carried tails: conv1 sees 2 past mel frames, conv2 one past conv1 output.
         enc = self.encoder
         mel_in = torch.cat([state["mel_tail"], mel], dim=1)

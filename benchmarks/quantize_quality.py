@@ -1,0 +1,89 @@
+"""What bf16, fp16 and int8 weights cost in quality against float32, next to what they save.
+
+One seeded call (quiet noise from the caller, greedy text, the same flow noise, the model
+speaking every frame) runs once in float32 and once per mode; each mode prints text top-1
+agreement (share of frames with the same text token), mean latent cosine and audio SNR against
+float32, whether it passes the serving bar (text >= 95 %, cosine >= 0.99), and its mean ms per
+step over the call (CPU threads as given). Random weights for each preset, and the demo
+checkpoint (a random codec barely depends on the latent, so audio SNR only means something for
+trained weights).
+
+    .venv/bin/python benchmarks/quantize_quality.py --threads 2
+    .venv/bin/python benchmarks/quantize_quality.py --presets michi-530m --checkpoints --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from pathlib import Path
+
+import torch
+
+from pipecat_michi.engine.config import DEMO_CHECKPOINT
+from pipecat_michi.model.checkpoint import load_checkpoint
+from pipecat_michi.model.config import MichiConfig
+from pipecat_michi.model.michi import MichiModel
+from pipecat_michi.model.parity import compare, run_call, seeded_call_audio
+from pipecat_michi.model.quantize import quantize_model, weight_bytes
+from pipecat_michi.model.runtime import prepare_model_thread, resolve_dtype
+
+DEFAULT_MODES = ("bfloat16:none", "float16:none", "float32:int8", "bfloat16:int8")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--presets", nargs="*", default=["tiny", "michi-530m"], help="presets, random weights")
+    parser.add_argument("--checkpoints", nargs="*", type=Path, default=[DEMO_CHECKPOINT],
+                        help="trained checkpoints (default: the shipped demo)")
+    parser.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), help="DTYPE:QUANTIZE pairs")
+    parser.add_argument("--frames", type=int, default=50,
+                        help="frames of the seeded call (at 25, one frame is 4 %% of the text agreement)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def timed_call(model: MichiModel, audio: torch.Tensor, seed: int):  # noqa: ANN201 - (trace, ms per step)
+    run_call(model, audio[:2], seed)  # warm-up: first-call allocations
+    start = time.perf_counter()
+    trace = run_call(model, audio, seed)
+    return trace, (time.perf_counter() - start) * 1000 / len(audio)
+
+
+def measure(name: str, reference: MichiModel, args: argparse.Namespace) -> None:
+    audio = seeded_call_audio(reference, args.frames, args.seed)
+    expected, reference_ms = timed_call(reference, audio, args.seed)
+    print(f"\n== {name}: {args.frames} frames, seed {args.seed}; float32 {weight_bytes(reference) / 1e6:.0f} MB "
+          f"of weights, {reference_ms:.1f} ms/step")
+    print(f"{'mode':<16} {'text agree':>10} {'latent cos':>10} {'audio SNR':>10} {'bar':>5} {'MB':>6} "
+          f"{'ms/step':>8} {'speed-up':>8}")
+    for mode in args.modes:
+        dtype_name, quantize = mode.split(":")
+        candidate = quantize_model(copy.deepcopy(reference).to(resolve_dtype(dtype_name, reference.device)), quantize)
+        trace, ms = timed_call(candidate, audio, args.seed)
+        agreement = compare(expected, trace)
+        print(f"{mode:<16} {agreement.text_agreement:10.3f} {agreement.latent_cosine:10.5f} "
+              f"{agreement.audio_snr_db:8.1f}dB {'pass' if agreement.passes() else 'FAIL':>5} "
+              f"{weight_bytes(candidate) / 1e6:6.0f} {ms:8.1f} {reference_ms / ms:7.2f}x")
+        del candidate
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    prepare_model_thread()
+    print(f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads. Bar: text agreement >= 0.95 "
+          "and latent cosine >= 0.99 against float32.")
+    with torch.inference_mode():
+        for preset in args.presets:
+            torch.manual_seed(args.seed)
+            measure(f"{preset} (random weights, seed {args.seed})", MichiModel(MichiConfig.preset(preset)).eval(), args)
+        for checkpoint in args.checkpoints:
+            measure(f"checkpoint {checkpoint.name}", load_checkpoint(checkpoint), args)
+
+
+if __name__ == "__main__":
+    main()

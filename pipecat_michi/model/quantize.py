@@ -1,0 +1,106 @@
+"""int8 weight-only quantization for serving: every big linear reads one byte per weight.
+
+A batch-1 step reads every weight once, so on a CPU (and a GPU at small batches) its time is
+bytes of weights over memory bandwidth; int8 weights read 4x fewer bytes than float32.
+
+Why our own module and not torchao: torchao 0.18's ``Int8WeightOnlyConfig`` computes
+``x @ qdata.to(dtype).T`` in eager mode, which writes and re-reads a full-precision copy of
+every weight per call (on this project's 2-core CPU a SmolLM-360M-sized stack ran 9.6 ms int8
+vs 11.6 ms float32 vs 2.3 ms for the kernel below); its dynamic-activation config was slower
+still, and its fast path needs ``torch.compile``. PyTorch core ships the CPU kernel,
+``torch._weight_int8pack_mm`` (bf16/fp16 activations, int8 weights, per-row scales), so on the
+CPU we call it directly; elsewhere the dequantize-then-matmul form is used, which
+``torch.compile`` fuses into one int8 read, as torchao does on CUDA.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from loguru import logger
+from torch import nn
+
+QuantizeMode = Literal["none", "int8"]
+QUANTIZE_MODES: tuple[str, ...] = ("none", "int8")
+
+# Smaller linears (the speak head, the latent projections of the tiny preset) are not worth
+# a kernel switch; their bytes are noise next to the backbone's.
+MIN_QUANTIZED_WEIGHTS = 4096
+# torch._weight_int8pack_mm crashed (SIGSEGV) on bf16 inputs with in_features 33 and 40 in
+# torch 2.13; multiples of 16 ran. Every linear of our presets has a multiple of 32.
+_CPU_KERNEL_ALIGNMENT = 32
+
+
+class Int8WeightOnlyLinear(nn.Module):
+    """``y = x @ (qweight * scales).T + bias``: symmetric int8 per output row, any input dtype.
+
+    The output has the input's dtype. On the CPU a float32 input meets the int8 kernel in bf16
+    (the kernel has no fast float32 path), so float32 models keep float32 everywhere else.
+    """
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)  # float32 [out]; cast per call (a few KB)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8WeightOnlyLinear:
+        w = weight.detach().float()
+        scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        qweight = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        return cls(qweight, scales, None if bias is None else bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        if x.device.type == "cpu" and self.in_features % _CPU_KERNEL_ALIGNMENT == 0:
+            compute = torch.bfloat16 if x.dtype == torch.float32 else x.dtype
+            y = torch._weight_int8pack_mm(flat.to(compute), self.qweight, self.scales.to(compute)).to(x.dtype)
+        else:
+            y = F.linear(flat, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def quantize_model(model: nn.Module, mode: str) -> nn.Module:
+    """Quantize ``model``'s big linears in place (``mode`` ``"none"`` leaves it as it is).
+
+    Convolutions (the vocoder) and embeddings stay as they are. A tied LM head gets its own
+    int8 copy of the embedding (``backbone.lm_head``), the lookup keeps the full table.
+    Call after moving the model to its device and dtype.
+    """
+    if mode not in QUANTIZE_MODES:
+        raise ValueError(f"unknown quantize mode {mode!r}: use one of {', '.join(QUANTIZE_MODES)}")
+    if mode == "none":
+        return model
+    replaced, weights = 0, 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and child.weight.numel() >= MIN_QUANTIZED_WEIGHTS:
+                setattr(parent, name, Int8WeightOnlyLinear.from_weight(child.weight, child.bias))
+                replaced, weights = replaced + 1, weights + child.weight.numel()
+    backbone = getattr(model, "backbone", None)
+    if backbone is not None and backbone.lm_head is None:
+        backbone.lm_head = Int8WeightOnlyLinear.from_weight(backbone.embed_tokens.weight)
+        replaced, weights = replaced + 1, weights + backbone.embed_tokens.weight.numel()
+    logger.info(f"int8 weight-only: {replaced} linears, {weights / 1e6:.1f}M weights")
+    return model
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes a batch-1 step must read at least once: parameters and buffers (int8: one byte).
+
+    The embedding table counts only when the head reads it whole (tied, unquantized): a
+    lookup reads one row per step.
+    """
+    backbone = getattr(model, "backbone", None)
+    lookup_only = None if backbone is None or backbone.lm_head is None else backbone.embed_tokens.weight
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors if t is not lookup_only)
