@@ -138,7 +138,7 @@ async def test_a_bad_call_is_answered_to_the_model_with_an_error_and_the_turn_go
 
     assert weather.calls == []
     assert not kinds(up + down, FunctionCallsStartedFrame)
-    assert spoken(down) == "Hm. Sorry."
+    assert spoken(down) == shown(down) == "Hm. Sorry."  # nothing of the call spoken or shown
     [answer] = [i for i in call.injected if i.role == "tool"]
     assert error in json.loads(answer.text.split("\n")[1])["error"]
 
