@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shutil
 import statistics
 import subprocess
@@ -27,19 +26,21 @@ import soxr
 import uvicorn
 from loguru import logger
 
-from agents.report import CallReport
+from agents.report import CallReport, CallTimeline
 from agents.twilio.app import create_app as create_twilio_app
 from agents.twilio.caller import TWILIO_SAMPLE_RATE_HZ, TwilioCaller
 from agents.twilio.config import TwilioAgentConfig
 from agents.webrtc.app import WebRTCAgentConfig
 from agents.webrtc.app import create_app as create_webrtc_app
 from pipecat_michi.engine.call import LocalEngine
+from pipecat_michi.engine.config import DEMO_CHECKPOINT
+from pipecat_michi.pcm import float_to_pcm16
 from pipecat_michi.serving import configure_production_logging, serve_on_loopback
 
 _REPO = Path(__file__).resolve().parents[1]
 # The simulated call's default model, first found: what scripts/train_demo.sh last trained here,
 # then the demo checkpoint that ships with the repository (the same script's output, 4 MB).
-DEMO_CHECKPOINTS = (_REPO / "checkpoints" / "demo" / "joint", _REPO / "assets" / "michi-tiny-demo")
+DEMO_CHECKPOINTS = (_REPO / "checkpoints" / "demo" / "joint", DEMO_CHECKPOINT)
 DEFAULT_UTTERANCE = "Hello! I would like to book a table for two people tonight, please."
 
 
@@ -53,28 +54,41 @@ def caller_audio(wav: Path | None, text: str) -> tuple[np.ndarray, str]:
     if wav is None:
         t = np.arange(int(2.5 * TWILIO_SAMPLE_RATE_HZ)) / TWILIO_SAMPLE_RATE_HZ
         bursts = (np.sin(2 * np.pi * 2 * t) > 0) * np.sin(2 * np.pi * 300 * t) * 0.3
-        return (bursts * 32767).astype(np.int16), "tone bursts (install espeak-ng for speech)"
+        return float_to_pcm16(bursts), "tone bursts (install espeak-ng for speech)"
     return _read_8k(wav), str(wav)
 
 
 def _read_8k(path: Path) -> np.ndarray:
     audio, rate = soundfile.read(path, dtype="float32", always_2d=True)
     mono = soxr.resample(audio.mean(axis=1), rate, TWILIO_SAMPLE_RATE_HZ)
-    return (np.clip(mono, -1, 1) * 32767).astype(np.int16)
+    return float_to_pcm16(mono)
+
+
+def _log_to(path: Path, verbose: bool) -> None:
+    """Everything to ``path``; on the console our INFO lines, Pipecat's only from WARNING
+    unless ``verbose`` (its DEBUG lines would bury the call's)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    logger.remove()
+    logger.add(path, level="DEBUG", mode="w")
+    if verbose:
+        logger.add(sys.stderr, level="DEBUG")
+        return
+    logger.add(
+        sys.stderr,
+        level="INFO",
+        format="<level>{level: <7}</level> {message}",
+        filter=lambda record: not record["name"].startswith(("pipecat.", "uvicorn")) or record["level"].no >= 30,
+    )
 
 
 async def simulate_call(args: argparse.Namespace) -> None:
+    log_path = args.out_dir / "call.log"
+    _log_to(log_path, args.verbose)
     voice, source = caller_audio(args.wav, args.say)
     config = TwilioAgentConfig(backend={"system_prompt": args.system, "max_call_s": None})
-    engine_config = config.backend.engine
-    checkpoint = args.checkpoint or engine_config.checkpoint
-    if checkpoint is None:
-        checkpoint = next((path for path in DEMO_CHECKPOINTS if (path / "config.json").is_file()), None)
-    if checkpoint is not None:
-        engine_config = engine_config.model_copy(update={"checkpoint": checkpoint})
-        print(f"model: checkpoint {checkpoint}")
-    else:
-        print(f"model: {engine_config.preset} preset, random weights")
+    checkpoint = args.checkpoint or next(path for path in DEMO_CHECKPOINTS if (path / "config.json").is_file())
+    engine_config = config.backend.engine.model_copy(update={"checkpoint": checkpoint})
+    print(f"model: {checkpoint}; full log: {log_path}")
     backend = LocalEngine(engine_config)
     reports: list[CallReport] = []
 
@@ -82,43 +96,45 @@ async def simulate_call(args: argparse.Namespace) -> None:
         reports.append(CallReport(printer=print))
         return [reports[-1]]
 
-    print(f"caller: {source}, {len(voice) / TWILIO_SAMPLE_RATE_HZ:.1f} s")
+    print(f"caller: {source}, {len(voice) / TWILIO_SAMPLE_RATE_HZ:.1f} s, then {args.listen_s:.1f} s listening")
     async with serve_on_loopback(create_twilio_app(config, backend, observers), limits=config.server) as host:
         caller = await TwilioCaller.dial(host)  # the webhook first, as Twilio does
         await caller.connect()
+        voice_at = time.monotonic()
         await caller.send_audio(voice)
-        spoke_until = time.monotonic()
         await caller.send_audio(np.zeros(int(args.listen_s * TWILIO_SAMPLE_RATE_HZ), dtype=np.int16))
         await caller.hang_up()
-    engine = backend.engine
-    bot = np.frombuffer(bytes(caller.log.bot_audio), dtype=np.int16)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    soundfile.write(args.out, bot, TWILIO_SAMPLE_RATE_HZ, subtype="PCM_16")
     report = reports[0] if reports else CallReport()
-    steps = sorted(engine.stats.step_ms)
-    print("\n== call summary ==")
-    heard = report.final_transcripts or report.transcript_pieces[-1:]
-    print(f"caller transcript (as the model heard it): {' | '.join(heard)!r}")
-    print(f"bot text: {''.join(report.bot_text)!r}")
-    print(f"bot audio: {len(bot) / TWILIO_SAMPLE_RATE_HZ:.2f} s received by the caller -> {args.out}")
-    if caller.log.first_audio_at is not None:
-        print(f"first bot audio at the caller: {1000 * (caller.log.first_audio_at - caller.connected_at):.0f} ms after connect")
-    heard_after = caller.log.first_audio_after(spoke_until)
-    print(
-        "first bot audio after the caller stopped: "
-        + (f"{1000 * heard_after:.0f} ms" if heard_after is not None else "none (the bot spoke during the caller's turn)")
+    report.finish_bot_turn()
+    zero = caller.connected_at
+    bot_audio = np.frombuffer(bytes(caller.log.bot_audio), dtype=np.int16)
+    per_message = len(bot_audio) // max(1, len(caller.log.audio_arrivals))  # 20 ms media messages
+    timeline = CallTimeline.from_chunks(
+        TWILIO_SAMPLE_RATE_HZ,
+        [(voice_at - zero, voice)],
+        [(t - zero, bot_audio[i * per_message : (i + 1) * per_message]) for i, t in enumerate(caller.log.audio_arrivals)],
+        [(u.at - zero, u.speaker, u.text) for u in report.utterances],
+        caller.log.clears,
     )
-    if report.ttfb_s:
-        print(f"service TTFB (end of user speech -> first bot audio): {1000 * statistics.median(report.ttfb_s):.0f} ms")
+    figures = timeline.figures()
+    wav, png = args.out_dir / "call.wav", args.out_dir / "call_timeline.png"
+    timeline.write_wav(wav)
+    timeline.write_png(png)
+    print("\n== what the caller heard ==")
+    print(f"turns: caller {figures.caller_turns}, bot {figures.bot_turns}; "
+          f"bot started speaking while the caller spoke: {figures.bot_over_caller}; barge-ins: {figures.barge_ins}")
+    ttfa = ", ".join("no answer" if ms is None else f"{ms:.0f} ms" for ms in figures.ttfa_ms)
+    print(f"first bot audio after each caller turn: {ttfa or 'no caller turn'}; longest silence {figures.longest_gap_ms:.0f} ms")
+    print(f"the model heard: {' | '.join(report.final_transcripts or report.transcript_pieces[-1:])!r}")
+    steps = sorted(backend.engine.stats.step_ms)
     if steps:
         p99 = steps[min(len(steps) - 1, int(0.99 * len(steps)))]
-        print(f"model step: p50 {statistics.median(steps):.1f} ms, p99 {p99:.1f} ms over {len(steps)} steps; "
-              f"late ticks {engine.stats.late_ticks}, filled frames {engine.stats.filled_frames}")
+        print(f"model step: p50 {statistics.median(steps):.1f} ms, p99 {p99:.1f} ms over {len(steps)} steps")
+    print(f"stereo WAV (caller left, bot right): {wav}\ntimeline: {png}")
     await backend.close()
 
 
 def main(argv: list[str] | None = None) -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = argparse.ArgumentParser(prog="python -m agents", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
@@ -127,28 +143,40 @@ def main(argv: list[str] | None = None) -> None:
     call.add_argument("--say", default=DEFAULT_UTTERANCE, help="what the espeak-ng caller says")
     call.add_argument("--system", default="You are a friendly restaurant host. Keep answers short.")
     call.add_argument("--listen-s", type=float, default=2.0, help="silence after the caller speaks")
-    call.add_argument("--out", type=Path, default=Path("artifacts/call_bot.wav"))
+    call.add_argument("--out-dir", type=Path, default=Path("artifacts"),
+                      help="where call.wav (stereo), call_timeline.png and call.log go")
+    call.add_argument("--verbose", action="store_true", help="Pipecat's DEBUG lines on the console")
     call.add_argument("--checkpoint", type=Path,
                       help="MichiAI checkpoint directory; default: checkpoints/demo/joint when scripts/train_demo.sh "
-                      "made one, else the demo checkpoint in assets/michi-tiny-demo")
+                      "made one, else the demo checkpoint shipped in the package")
     for name in ("webrtc", "twilio"):
         serve = sub.add_parser(name, help=f"serve the {name} agent (settings from MICHI_* env)")
         serve.add_argument("--host")
         serve.add_argument("--port", type=int)
         serve.add_argument("--log-level", default="info")
+        serve.add_argument("--checkpoint", type=Path,
+                           help="MichiAI checkpoint directory for the in-process engine (default: the demo checkpoint)")
+        serve.add_argument("--record", type=Path, metavar="DIR",
+                           help="write each call's report here: stereo WAV (caller left, bot right) and timeline PNG")
         if name == "twilio":
             serve.add_argument("--insecure", action="store_true",
                                help="serve without a Twilio auth token on a non-loopback address (anyone may call)")
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in sub.choices and argv[0] not in ("-h", "--help"):
+        argv = ["call", *argv]  # the simulated call is the default command, flags and all
     args = parser.parse_args(argv)
-    if args.command in (None, "call"):
-        if args.command is None:
-            args = parser.parse_args(["call", *(argv or sys.argv[1:])])
+    if args.command == "call":
         asyncio.run(simulate_call(args))
         return
     configure_production_logging(args.log_level)
     flags = {name: value for name, value in (("host", args.host), ("port", args.port)) if value is not None}
     if getattr(args, "insecure", False):
         flags["insecure"] = True
+    backend_flags: dict[str, object] = {"record_dir": args.record} if args.record is not None else {}
+    if args.checkpoint is not None:
+        backend_flags["engine"] = {"checkpoint": args.checkpoint}
+    if backend_flags:
+        flags["backend"] = backend_flags
     try:
         config = WebRTCAgentConfig(**flags) if args.command == "webrtc" else TwilioAgentConfig(**flags)
     except ValueError as exc:

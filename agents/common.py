@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,15 +31,16 @@ from pipecat.processors.aggregators.llm_response_universal import LLMContextAggr
 from pipecat.transports.base_transport import BaseTransport
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from agents.report import CallRecorder
 from pipecat_michi.engine.call import DuplexBackend, LocalEngine
 from pipecat_michi.engine.config import EngineConfig
+from pipecat_michi.pcm import float_to_pcm16
 from pipecat_michi.service import MichiLLMService
 from pipecat_michi.worker.client import RemoteWorker
+from pipecat_michi.worker.protocol import MAX_VOICE_PROMPT_S, SAMPLE_RATE_HZ
 
-MODEL_SAMPLE_RATE_HZ = 24000
 # Makes the observers of each new call (reports, recordings); agents take one optionally.
 ObserverFactory = Callable[[], list[BaseObserver]]
-MAX_VOICE_PROMPT_S = 30
 
 
 class BackendSettings(BaseModel):
@@ -49,11 +51,14 @@ class BackendSettings(BaseModel):
 
     worker_url: str | None = None
     worker_token: SecretStr | None = None
-    engine: EngineConfig = EngineConfig()
+    # The demo checkpoint unless MICHI_BACKEND__ENGINE__* (or --checkpoint) names another.
+    engine: EngineConfig = EngineConfig(checkpoint="demo")
     system_prompt: str = "You are a friendly, concise voice assistant."
     voice_prompt_path: Path | None = Field(default=None, description="WAV clip of the voice to clone")
     # A call longer than this is ended by the bot (None: no limit).
     max_call_s: float | None = Field(default=1800.0, gt=0)
+    # Each call's report (stereo WAV, who-spoke-when PNG) goes here (None: no recording).
+    record_dir: Path | None = None
 
     @model_validator(mode="after")
     def _check(self) -> BackendSettings:
@@ -77,10 +82,10 @@ class BackendSettings(BaseModel):
             return None
         audio, rate = soundfile.read(self.voice_prompt_path, dtype="float32", always_2d=True)
         mono = audio.mean(axis=1)
-        if rate != MODEL_SAMPLE_RATE_HZ:
-            mono = soxr.resample(mono, rate, MODEL_SAMPLE_RATE_HZ)
-        mono = mono[: MAX_VOICE_PROMPT_S * MODEL_SAMPLE_RATE_HZ]
-        return (np.clip(mono, -1.0, 1.0) * 32767).astype(np.int16)
+        if rate != SAMPLE_RATE_HZ:
+            mono = soxr.resample(mono, rate, SAMPLE_RATE_HZ)
+        mono = mono[: MAX_VOICE_PROMPT_S * SAMPLE_RATE_HZ]
+        return float_to_pcm16(mono)
 
 
 def michi_pipeline(
@@ -93,12 +98,18 @@ def michi_pipeline(
     context = LLMContext([{"role": "system", "content": settings.system_prompt}])
     aggregators = LLMContextAggregatorPair(context)
     michi = MichiLLMService(backend=backend, voice_prompt=settings.load_voice_prompt())
+    taps: tuple[list[FrameProcessor], list[FrameProcessor]] = ([], [])
+    if settings.record_dir is not None:
+        recorder = CallRecorder(settings.record_dir, f"call-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
+        taps = ([recorder.caller_tap()], [recorder.bot_tap()])
     pipeline = Pipeline(
         [
             transport.input(),
             *extra_processors,
             aggregators.user(),
+            *taps[0],
             michi,
+            *taps[1],
             transport.output(),
             aggregators.assistant(),
         ]
@@ -199,27 +210,3 @@ class CallerSilenceWatchdog(FrameProcessor):
     async def cleanup(self) -> None:
         await self._stop()
         await super().cleanup()
-
-
-class RateLimitedLog:
-    """At most ``burst`` lines per ``period_s``; the rest are counted and summed up in the next
-    line that gets through. Refusals of hostile requests must not become a log flood."""
-
-    def __init__(self, burst: int = 10, period_s: float = 60.0) -> None:
-        self._burst, self._period_s = burst, period_s
-        self._window_start = 0.0
-        self._in_window = 0
-        self._suppressed = 0
-
-    def warning(self, message: str) -> None:
-        now = time.monotonic()
-        if now - self._window_start > self._period_s:
-            self._window_start, self._in_window = now, 0
-        if self._in_window >= self._burst:
-            self._suppressed += 1
-            return
-        self._in_window += 1
-        if self._suppressed:
-            message += f" ({self._suppressed} similar line(s) suppressed)"
-            self._suppressed = 0
-        logger.warning(message)

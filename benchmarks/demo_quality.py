@@ -3,13 +3,17 @@ forced-TTS word error rate.
 
   codec       STFT loss (multi-resolution, as trained) and mel-cepstral distance (dB) of
               encode -> decode against the input, over the corpus's utterances;
-  listening   WER of the listening head on the real espeak speech (a reference for the next);
+  listening   WER of the listening head on the corpus's espeak speech (its training sentences
+              when the corpus is the training one: a reference for the next, not a judge);
   forced TTS  the bot's text injected frame by frame, the model speaks it (user silent), and the
               listening head transcribes the model's own speech: WER against the text.
 
     .venv/bin/python benchmarks/demo_quality.py --checkpoint checkpoints/demo/joint \\
         --manifest artifacts/espeak-corpus/manifest.jsonl
     .venv/bin/python benchmarks/demo_quality.py      # random tiny model, fresh small corpus
+
+``--judge`` adds the independent judge of ``benchmarks/listen_eval.py``: held-out sentences and
+voices and real human clips, streaming-head WER beside offline Whisper tiny.en's.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pipecat_michi.train.corpus import CorpusConfig, generate_corpus
 from pipecat_michi.train.data import ExampleBuilder, split_entries
 from pipecat_michi.train.evaluate import codec_quality, forced_speech, transcribe, word_error_rate
 from pipecat_michi.train.manifest import read_manifest
+from listen_eval import judge_listening  # noqa: E402 - benchmarks are scripts, not a package
 
 
 def main() -> None:
@@ -36,6 +41,8 @@ def main() -> None:
     parser.add_argument("--manifest", type=Path, help="default: synthesise a small espeak-ng corpus")
     parser.add_argument("--utterances", type=int, default=8, help="utterances measured")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--judge", action="store_true", help="also run listen_eval's held-out and human sets")
+    parser.add_argument("--twilio", action="store_true", help="with --judge: through 8 kHz mu-law")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
 
@@ -69,9 +76,12 @@ def main() -> None:
 
     print(f"model: {source} ({model.config.name}), {len(entries)} utterances from {manifest}")
     print(f"codec reconstruction: STFT loss {mean([c['stft_loss'] for c in codec]):.3f}, "
-          f"mel-cepstral distance {mean([c['mcd_db'] for c in codec]):.2f} dB")
+          f"mel-cepstral distance {mean([c['mcd_db'] for c in codec]):.2f} dB "
+          f"(white noise at 20 dB SNR: {mean([c['noise20_mcd_db'] for c in codec]):.2f} dB)")
     print(f"listening head WER on espeak speech: {100 * mean(listen_wer):.1f}%")
     print(f"forced-TTS WER (listening head on the model's own speech): {100 * mean(tts_wer):.1f}%")
+    if args.judge:
+        judge_listening(model, tokenizer, twilio=args.twilio)
 
 
 if __name__ == "__main__":

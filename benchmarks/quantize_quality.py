@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from pipecat_michi.engine.config import DEMO_CHECKPOINT
 from pipecat_michi.model.checkpoint import load_checkpoint
 from pipecat_michi.model.config import MichiConfig
 from pipecat_michi.model.michi import MichiModel
@@ -28,7 +29,6 @@ from pipecat_michi.model.parity import compare, run_call, seeded_call_audio
 from pipecat_michi.model.quantize import quantize_model, weight_bytes
 from pipecat_michi.model.runtime import prepare_model_thread, resolve_dtype
 
-DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "michi-tiny-demo"
 DEFAULT_MODES = ("bfloat16:none", "float16:none", "float32:int8", "bfloat16:int8")
 
 

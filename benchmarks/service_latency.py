@@ -37,9 +37,10 @@ from pipecat.workers.runner import WorkerRunner  # noqa: E402
 from pipecat_michi.engine.call import DuplexBackend, LocalEngine  # noqa: E402
 from pipecat_michi.engine.config import EngineConfig  # noqa: E402
 from pipecat_michi.engine.settings import SessionSettingsUpdate  # noqa: E402
+from pipecat_michi.worker.protocol import SAMPLE_RATE_HZ  # noqa: E402
 from pipecat_michi.service import FRAME_INDEX_METADATA_KEY, MichiLLMService, MichiSettings  # noqa: E402
 
-MODEL_RATE = 24000
+MODEL_RATE = SAMPLE_RATE_HZ
 FRAME_SAMPLES = 1920
 FRAME_S = FRAME_SAMPLES / MODEL_RATE
 
@@ -48,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="tiny", help="local engine preset (random weights)")
     parser.add_argument("--checkpoint", default=None,
-                        help="local engine checkpoint (wins over --preset), e.g. assets/michi-tiny-demo")
+                        help="local engine checkpoint (wins over --preset), e.g. pipecat_michi/assets/michi-tiny-demo")
     parser.add_argument("--device", default="auto", help="local engine device")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads of the local engine (default: torch's choice)")

@@ -39,6 +39,7 @@ from worker_load import FRAME_S, CallTrace, drive_call, free_port  # noqa: E402 
 
 from pipecat_michi.engine.settings import SessionSettingsUpdate  # noqa: E402
 from pipecat_michi.worker.client import RemoteWorker, WorkerError, WorkerUnavailableError  # noqa: E402
+from pipecat_michi.worker.retry import RetryPolicy  # noqa: E402
 from pipecat_michi.worker.serve import ReplicaStats, replica_stats, serving  # noqa: E402
 
 FRAME_SAMPLES = 1920
@@ -152,7 +153,7 @@ async def _warm_up(backend: RemoteWorker, replicas: int) -> None:
 
 
 async def soak(url: str, token: str, args: argparse.Namespace) -> None:
-    backend = RemoteWorker(url, token, attempts=2 * args.replicas, backoff_s=0.05, connect_timeout_s=10)
+    backend = RemoteWorker(url, token, connect_timeout_s=10, retry=RetryPolicy(first_delay_s=0.05, budget_s=2.0))
     await _replicas("michi", args.replicas)
     await _warm_up(backend, args.replicas)
     before = {s.actor_name: (s.pid, _rss_mb(s.pid)) for s in await replica_stats("michi")}

@@ -26,6 +26,7 @@ import torch
 from pipecat_michi.model.runtime import prepare_model_thread, resolve_device, resolve_dtype
 from pipecat_michi.model.config import MichiConfig
 from pipecat_michi.model.kv_cache import SlotKVCache
+from pipecat_michi.model import michi as michi_module
 from pipecat_michi.model.michi import MichiModel, Sampling, StepNoise
 from pipecat_michi.model.quantize import QUANTIZE_MODES, quantize_model, weight_bytes
 
@@ -51,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:1")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
     parser.add_argument("--quantize", default="none", choices=QUANTIZE_MODES, help="weight quantization")
+    parser.add_argument("--split", action="store_true",
+                        help="after the table, time each part of a batch-1 step (eager only)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the step (CUDA graphs on CUDA); compiling happens in the warm-up")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -102,6 +105,8 @@ def time_steps(model: MichiModel, template: SlotKVCache, batch: int, warmup: int
         temperature=torch.full((batch,), 0.8, device=device),
         top_k=torch.full((batch,), 50, dtype=torch.long, device=device),
         speak_threshold=torch.full((batch,), config.speak_threshold, device=device),
+        # As the engine: an eager step knows every call's top_k bound, a compiled one sorts all.
+        max_top_k=None if model.step_is_compiled else 50,
     )
     generators = [torch.Generator().manual_seed(seed + row) for row in range(batch)]
     audio_generator = torch.Generator().manual_seed(seed)
@@ -164,6 +169,51 @@ def bench_preset(name: str, args: argparse.Namespace, device: torch.device, dtyp
         floor_ratio = f"{p50 / floor_ms:8.2f}x" if batch == 1 else f"{'':>9}"
         print(f"{batch:>5} {batch_steps:>5} {p50:8.2f} {p99:8.2f} {ratio} {p50 / batch:8.2f}  "
               f"{'yes' if p99 <= frame_ms else 'no ':>15}  {floor_ratio}")
+    if args.split and not args.compile:
+        time_split(model, template, args)
+
+
+# The parts of a duplex step, as (label, object, method name): what --split times.
+def step_parts(model: MichiModel) -> list[tuple[str, object, str]]:
+    return [
+        ("listening head", model.listening, "step"),
+        ("backbone", model.backbone, "forward_kv"),
+        ("LM head", model.backbone, "logits"),
+        ("sampling", michi_module, "sample_tokens"),
+        ("flow head", model.flow, "sample"),
+        ("vocoder", model.codec.decoder, "step"),
+    ]
+
+
+def time_split(model: MichiModel, template: SlotKVCache, args: argparse.Namespace) -> None:
+    """p50 ms of each part of a batch-1 step: each part's method is wrapped with a timer."""
+    device = model.device
+    spent: dict[str, list[float]] = {label: [] for label, _, _ in step_parts(model)}
+    originals = []
+    for label, owner, name in step_parts(model):
+        method = getattr(owner, name)
+        originals.append((owner, name, method))
+
+        def timed(*call_args, _method=method, _label=label, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            synchronize(device)
+            start = time.perf_counter()
+            result = _method(*call_args, **kwargs)
+            synchronize(device)
+            spent[_label].append((time.perf_counter() - start) * 1000)
+            return result
+
+        setattr(owner, name, timed)
+    try:
+        steps = steps_for_batch(args.steps or CPU_DEFAULT_STEPS.get(model.config.name, 40), 1)
+        total = time_steps(model, template, 1, args.warmup, steps, args.seed)
+    finally:
+        for owner, name, method in originals:
+            if owner is michi_module:
+                setattr(owner, name, method)
+            else:
+                delattr(owner, name)  # drop the instance attribute: the class method shows again
+    parts = ", ".join(f"{label} {np.median(ms[args.warmup:]):.1f}" for label, ms in spent.items())
+    print(f"split of a batch-1 step, p50 ms: {parts}; whole step {np.median(total):.1f}")
 
 
 def main(argv: list[str] | None = None) -> None:

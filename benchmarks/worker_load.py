@@ -50,7 +50,8 @@ from pipecat_michi.engine.settings import SessionSettingsUpdate
 from pipecat_michi.worker.client import RemoteCall, RemoteWorker
 from pipecat_michi.worker.metrics import METRIC_PREFIX, StepMsSummary, WorkerStats
 from pipecat_michi.worker.protocol import CALL_PATH
-from pipecat_michi.worker.server import STATS_PATH
+from pipecat_michi.worker.retry import RetryPolicy
+from pipecat_michi.worker.app import STATS_PATH
 
 FRAME_S = 0.080
 DEFAULT_CALLS = (1, 4, 16, 64)
@@ -140,7 +141,7 @@ def started_worker(args: argparse.Namespace, token: str) -> Iterator[str]:
     port = free_port()
     slots = args.slots or max(args.calls)
     command = [
-        sys.executable, "-m", "pipecat_michi.worker.server", "--port", str(port), "--preset", args.preset,
+        sys.executable, "-m", "pipecat_michi.worker.cli", "--port", str(port), "--preset", args.preset,
         "--device", args.device, "--slots", str(slots), "--log-level", "warning",
         *(["--dtype", args.dtype] if args.dtype else []),
         *(["--quantize", args.quantize] if args.quantize else []),
@@ -306,7 +307,7 @@ def print_table(results: list[RunResult]) -> None:
 
 
 async def bench(url: str, token: str, args: argparse.Namespace) -> list[RunResult]:
-    backend = RemoteWorker(url, token, attempts=1, ready_timeout_s=60)
+    backend = RemoteWorker(url, token, retry=RetryPolicy.once(), ready_timeout_s=60)
     results = []
     async with httpx.AsyncClient(base_url=_http_url(url), timeout=10) as http:
         for calls in args.calls:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Final
@@ -101,6 +102,27 @@ class HeaderTimeoutH11Protocol(H11Protocol):
 
 
 @asynccontextmanager
+async def served(server: uvicorn.Server, sock: socket.socket, startup_timeout_s: float) -> AsyncIterator[None]:
+    """Run ``server`` on the bound ``sock`` in this event loop until the block exits, then shut
+    it down and close the socket. Raises what stopped it when it fails to start in time."""
+    serving = asyncio.create_task(server.serve(sockets=[sock]), name="uvicorn-server")
+    try:
+        async with asyncio.timeout(startup_timeout_s):
+            while not server.started:  # uvicorn offers no startup event to await
+                if serving.done():
+                    serving.result()  # raises what stopped it
+                    raise RuntimeError("the server stopped before it started")
+                await asyncio.sleep(0.01)
+        yield
+    finally:
+        server.should_exit = True
+        try:
+            await asyncio.wait_for(serving, 30)
+        finally:
+            sock.close()
+
+
+@asynccontextmanager
 async def serve_on_loopback(
     app,  # noqa: ANN001 - any ASGI app
     host: str = "127.0.0.1",
@@ -113,21 +135,8 @@ async def serve_on_loopback(
     sock.bind((host, 0))
     options = (limits or ServerLimits()).uvicorn_options()
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", **options))
-    serving = asyncio.create_task(server.serve(sockets=[sock]), name="loopback-server")
-    try:
-        async with asyncio.timeout(startup_timeout_s):
-            while not server.started:  # uvicorn offers no startup event to await
-                if serving.done():
-                    serving.result()
-                    raise RuntimeError("the server stopped before it started")
-                await asyncio.sleep(0.01)
+    async with served(server, sock, startup_timeout_s):
         yield f"{host}:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        try:
-            await asyncio.wait_for(serving, 30)
-        finally:
-            sock.close()
 
 
 def configure_production_logging(level: str = "INFO") -> None:
@@ -135,3 +144,77 @@ def configure_production_logging(level: str = "INFO") -> None:
     tracebacks, which puts tokens, prompts and callers' audio into the log of a failed call."""
     logger.remove()
     logger.add(sys.stderr, level=level.upper(), diagnose=False, backtrace=False)
+
+
+class RateLimitedLog:
+    """At most ``burst`` lines per ``period_s``; the rest are counted and summed up in the next
+    line that gets through. Refusals of hostile requests must not become a log flood."""
+
+    def __init__(self, burst: int = 10, period_s: float = 60.0) -> None:
+        self._burst, self._period_s = burst, period_s
+        self._window_start = 0.0
+        self._in_window = 0
+        self._suppressed = 0
+
+    def warning(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self._window_start > self._period_s:
+            self._window_start, self._in_window = now, 0
+        if self._in_window >= self._burst:
+            self._suppressed += 1
+            return
+        self._in_window += 1
+        if self._suppressed:
+            message += f" ({self._suppressed} similar line(s) suppressed)"
+            self._suppressed = 0
+        logger.warning(message)
+
+
+class BodyLimitMiddleware:
+    """ASGI middleware: HTTP request bodies over ``max_bytes`` get 413 -- by ``Content-Length``
+    before the app runs, and while streaming for a body without one (the app then sees the
+    client disconnect). Frameworks read a whole body before validating it; this bounds that."""
+
+    def __init__(self, app, max_bytes: int) -> None:  # noqa: ANN001 - any ASGI app
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001 - ASGI
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self._too_large(send)
+            return
+        received = 0
+        response_started = False
+
+        async def counting_receive():  # noqa: ANN202 - ASGI
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    if not response_started:
+                        await self._too_large(send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def tracking_send(message) -> None:  # noqa: ANN001 - ASGI
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                if received > self.max_bytes:
+                    return  # the 413 went out already
+                response_started = True
+            elif received > self.max_bytes and not response_started:
+                return
+            await send(message)
+
+        await self.app(scope, counting_receive, tracking_send)
+
+    async def _too_large(self, send) -> None:  # noqa: ANN001 - ASGI
+        body = f"request body over {self.max_bytes} bytes".encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})

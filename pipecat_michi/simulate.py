@@ -1,32 +1,36 @@
 """michi-simulate: one simulated duplex call on the embedded default model.
 
-The tiny preset with random (seeded) weights runs on the CPU: the caller's audio (a WAV file, or
-a synthetic 3 s signal of tone bursts and pauses) is fed one 80 ms frame at a time, paced in
-real time unless ``--fast``; each frame's step latency and outputs are printed, then a summary,
-and the bot's audio is written as a 24 kHz PCM16 WAV. The output is noise and random text:
-this checks the plumbing and the timing, not the voice.
+The demo checkpoint (``--checkpoint`` for another) runs on the CPU in a ``LocalEngine``, the backend
+the service embeds (the same slot, KV eviction, prompt checks and settings as a served call):
+the caller's audio (a WAV file, or a synthetic 3 s signal of tone bursts and pauses) is fed one
+80 ms frame at a time, paced in real time unless ``--fast``; each frame's step latency and
+outputs are printed, then a summary, and the bot's audio (silence while it listens) is written
+as a 24 kHz PCM16 WAV. The demo model's voice is speech-like sound and its text letters, not
+words: this checks the plumbing and the timing, not the voice.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import asyncio
 import time
 from pathlib import Path
 
 import numpy as np
 import soundfile
 import soxr
-import torch
 from loguru import logger
 
-from pipecat_michi.model.quantize import QUANTIZE_MODES, quantize_model
-from pipecat_michi.model.runtime import prepare_model_thread, resolve_device, resolve_dtype
-from pipecat_michi.model.config import MichiConfig
-from pipecat_michi.model.michi import MichiModel, Sampling, StepNoise
-from pipecat_michi.model.tokenizer import StreamingDetokenizer, load_tokenizer
+from pipecat_michi.engine.batch import ContextTooLongError
+from pipecat_michi.engine.call import LocalCall, LocalEngine
+from pipecat_michi.engine.config import EngineConfig
+from pipecat_michi.engine.engine import DuplexEngine
+from pipecat_michi.engine.settings import SessionSettingsUpdate
+from pipecat_michi.model.quantize import QUANTIZE_MODES
 
 DEFAULT_SYSTEM = "You are Michi, a friendly voice assistant. Keep answers short."
+# A step of the tiny model takes milliseconds; this only stops a broken engine hanging the run.
+STEP_TIMEOUT_S = 30.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -36,8 +40,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("artifacts/simulated_call.wav"), help="bot audio WAV")
     parser.add_argument("--frames", type=int, help="call length in 80 ms frames (default: the caller audio's)")
     parser.add_argument("--fast", action="store_true", help="step as fast as possible, not in real time")
+    parser.add_argument("--checkpoint", default="demo",
+                        help="MichiAI checkpoint directory, or demo (the one shipped in the package)")
     parser.add_argument("--device", default="cpu", help="cpu (the embedded default), auto or cuda")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the weights and the sampling noise")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the sampling noise")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
     parser.add_argument("--quantize", default="none", choices=QUANTIZE_MODES, help="weight quantization")
     parser.add_argument("--compile", action="store_true",
@@ -77,87 +83,81 @@ def to_frames(audio: np.ndarray, frame_samples: int, frames: int | None) -> np.n
     return padded.reshape(count, frame_samples)
 
 
-def main(argv: list[str] | None = None) -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub download must fail fast, never hang
-    args = parse_args(argv)
-    config = MichiConfig.preset("tiny")
-    prepare_model_thread()
-    device = resolve_device(args.device)
-    torch.manual_seed(args.seed)
-    dtype = resolve_dtype(args.dtype, device)
-    model = quantize_model(MichiModel(config).to(device, dtype).eval(), args.quantize)
-    if args.compile:
-        model.compile_step(mode="reduce-overhead" if device.type == "cuda" else None)
-    tokenizer = load_tokenizer(config)
-    logger.info(f"tiny preset, {model.num_parameters():,} random parameters on {device} ({dtype}, "
-                f"quantize {args.quantize}{', compiled' if args.compile else ''})")
+async def simulate(args: argparse.Namespace) -> None:
+    """One call on a ``LocalEngine`` (the service's embedded backend), frame by frame."""
+    config = EngineConfig(
+        checkpoint=args.checkpoint,
+        device=args.device,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        compile=args.compile,
+        seed=args.seed,
+        slot_capacity=1,
+    )
+    engine = DuplexEngine(config)
+    step_ms: list[float] = []
+    engine.tick_observers.append(lambda ms, calls, late: step_ms.append(ms))
+    backend = LocalEngine(engine=engine)
+    try:
+        start = time.perf_counter()
+        try:
+            call = await backend.open_call(SessionSettingsUpdate(seed=args.seed), system_prompt=args.system)
+        except ContextTooLongError as e:
+            raise SystemExit(f"--system does not fit the call's context: {e}") from None
+        logger.info(
+            f"{engine.model.num_parameters():,} parameters on {engine.model.device} "
+            f"({engine.model.dtype}, quantize {args.quantize}{', compiled' if args.compile else ''}); "
+            f"call open, system prompt prefilled, in {(time.perf_counter() - start) * 1000:.0f} ms"
+        )
+        await _run_call(args, call, engine, step_ms)
+    finally:
+        await backend.close()
 
-    caller = load_caller(args.wav, config.sample_rate_hz) if args.wav else synthetic_caller(config.sample_rate_hz)
-    frames = to_frames(caller, config.frame_samples, args.frames)
+
+async def _run_call(args: argparse.Namespace, call: LocalCall, engine: DuplexEngine, step_ms: list[float]) -> None:
+    caller = load_caller(args.wav, call.sample_rate_hz) if args.wav else synthetic_caller(call.sample_rate_hz)
+    frames = to_frames(caller, call.frame_samples, args.frames)
     if len(frames) == 0:
         raise SystemExit(f"{args.wav} holds no audio")
-    source = args.wav or "synthetic tone bursts"
-    logger.info(f"caller: {source}, {len(frames)} frames of {config.codec.frame_ms:.0f} ms")
+    frame_ms = engine.frame_ms
+    logger.info(f"caller: {args.wav or 'synthetic tone bursts'}, {len(frames)} frames of {frame_ms:.0f} ms")
 
-    cache, state = model.new_cache(1), model.init_state(1)
-    start = time.perf_counter()
-    system_tokens = tokenizer.encode(args.system)
-    if len(system_tokens) >= cache.capacity // 2:
-        raise SystemExit(f"--system is {len(system_tokens)} tokens; keep it under half the KV capacity "
-                         f"({cache.capacity}) so the call has room")
-    model.prefill_text(system_tokens, cache, slot=0, pinned=True)
-    logger.info(f"system prompt: {len(system_tokens)} tokens in {(time.perf_counter() - start) * 1000:.1f} ms")
-
-    sampling = Sampling(
-        temperature=torch.tensor([0.8], device=device),
-        top_k=torch.tensor([50], device=device),
-        speak_threshold=torch.tensor([config.speak_threshold], device=device),
-    )
-    generator = torch.Generator().manual_seed(args.seed)
-    text_detok, transcript_detok = StreamingDetokenizer(tokenizer), StreamingDetokenizer(tokenizer)
-    frame_s = config.codec.frame_ms / 1000
-    step_ms, bot_audio, bot_text, transcript = [], [], [], []
+    bot_audio, bot_text, transcript = [], [], []
     speaking_frames = 0
-
     print(f"{'frame':>5} {'step ms':>8} {'speak p':>7} {'speaking':>8}  {'text':<8} transcript")
     call_start = time.perf_counter()
     for index, frame in enumerate(frames):
         if not args.fast:  # a frame can be stepped once it has been fully heard
-            time.sleep(max(0.0, call_start + (index + 1) * frame_s - time.perf_counter()))
-        if cache.free_space(0) == 0:  # ring: drop the oldest quarter of the frames, keep the prompt
-            cache.evict(0, cache.capacity // 4)
-        user_audio = torch.from_numpy(frame)[None].to(device)
-        noise = StepNoise.draw([generator], config.codec.latent_dim, device)
-        start = time.perf_counter()
-        # A compiled step attends over the whole window: one shape for every frame.
-        key_count = cache.capacity if args.compile else None
-        out, state = model.step(user_audio, state, cache, sampling, noise, key_count=key_count)
-        bot_audio.append(out.audio[0].cpu().numpy())  # inside the timing: on CUDA this waits for the step
-        step_ms.append((time.perf_counter() - start) * 1000)
-        text = text_detok.push(int(out.text_tokens[0]))
-        heard = transcript_detok.push(int(out.transcript_tokens[0]))
-        bot_text.append(text)
-        transcript.append(heard)
-        speaking = bool(out.speaking[0])
-        speaking_frames += speaking
-        print(f"{index:>5} {step_ms[-1]:>8.2f} {float(out.speak_prob[0]):>7.2f} "
-              f"{'yes' if speaking else 'no':>8}  {text!r:<8} {heard!r}")
+            await asyncio.sleep(max(0.0, call_start + (index + 1) * frame_ms / 1000 - time.perf_counter()))
+        await call.send_audio(frame, index)
+        result = await call.receive(timeout=STEP_TIMEOUT_S)
+        silence = np.zeros(call.frame_samples, dtype=np.int16)
+        bot_audio.append(result.audio if result.audio is not None else silence)
+        bot_text.append(result.bot_text)
+        transcript.append(result.transcript)
+        speaking_frames += result.speaking
+        print(f"{index:>5} {step_ms[-1]:>8.2f} {result.speak_prob:>7.2f} "
+              f"{'yes' if result.speaking else 'no':>8}  {result.bot_text!r:<8} {result.transcript!r}")
 
-    timings = np.array(step_ms)
+    timings = np.array(step_ms[-len(frames) :])
     p50, p99 = np.percentile(timings, [50, 99])
-    late = int((timings > config.codec.frame_ms).sum())
-    real_time_factor = timings.sum() / 1000 / (len(frames) * frame_s)
+    late = int((timings > frame_ms).sum())
+    real_time_factor = timings.sum() / (len(frames) * frame_ms)
     print(f"\nstep ms p50 {p50:.2f}  p99 {p99:.2f}  max {timings.max():.2f}")
     print(f"bot spoke in {speaking_frames} of {len(frames)} frames")
-    print(f"frames over the {config.codec.frame_ms:.0f} ms budget: {late} of {len(frames)}")
+    print(f"frames over the {frame_ms:.0f} ms budget: {late} of {len(frames)}")
     print(f"real-time factor {real_time_factor:.3f} (compute time / call time; below 1 keeps up)")
     print(f"bot text: {''.join(bot_text)!r}")
     print(f"caller transcript: {''.join(transcript)!r}")
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     audio = np.concatenate(bot_audio)
-    soundfile.write(str(args.out), np.clip(audio, -1.0, 1.0), config.sample_rate_hz, subtype="PCM_16")
-    logger.info(f"bot audio: {args.out} ({len(audio) / config.sample_rate_hz:.2f} s)")
+    soundfile.write(str(args.out), audio, call.sample_rate_hz, subtype="PCM_16")
+    logger.info(f"bot audio: {args.out} ({len(audio) / call.sample_rate_hz:.2f} s)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    asyncio.run(simulate(parse_args(argv)))
 
 
 if __name__ == "__main__":

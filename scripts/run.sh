@@ -11,4 +11,6 @@ if ! command -v espeak-ng >/dev/null && [[ $(id -u) -eq 0 ]] && command -v apt-g
     || echo "run: could not install espeak-ng; the simulated caller will play tones" >&2
 fi
 export HF_HUB_OFFLINE=1
+# Loguru's default before the agent sets its own: no DEBUG lines from imports.
+export LOGURU_LEVEL=${LOGURU_LEVEL:-INFO}
 exec .venv/bin/python -m agents "$@"

@@ -45,10 +45,9 @@ from pipecat_michi.worker.protocol import (
     HelloMessage,
     encode_message,
 )
-from pipecat_michi.worker.server import WorkerConfig, create_app as create_worker_app
-from tests.agents.test_twilio import _config as twilio_config
-from tests.agents.test_twilio import _speech_8k
-from tests.support import eventually
+from pipecat_michi.worker.app import create_app as create_worker_app
+from pipecat_michi.worker.config import WorkerConfig
+from tests.support import eventually, speech_8k, twilio_agent_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -219,55 +218,55 @@ _twilio_event = st.one_of(
 twilio_messages = st.lists(_twilio_event | st.text(max_size=30) | st.binary(max_size=30), min_size=1, max_size=8)
 
 
-# Calls the fuzzing drove while their pipeline was live (so it fuzzed more than the handshake).
-LIVE_TWILIO_CALLS: list[str] = []
-
-
 @pytest.fixture(scope="module")
 def twilio_host() -> Iterator[tuple[str, LocalEngine]]:
     backend = LocalEngine(engine=DuplexEngine(ENGINE))
-    app = create_twilio_app(twilio_config(), backend=backend)
+    app = create_twilio_app(twilio_agent_config(), backend=backend)
     with served_in_thread(app) as host:
         yield host, backend
+
+
+async def _fuzz_a_twilio_stream(host: str, backend: LocalEngine, messages: list, start_first: bool) -> None:
+    """One stream of ``messages``; ``start_first``: after a valid start, so the pipeline is live."""
+    caller = await TwilioCaller.dial(host)  # the webhook first, as Twilio does
+    if start_first:
+        await caller.connect()  # a valid connected + start: the pipeline opens a model call
+        ws = caller._ws
+        async with asyncio.timeout(10):
+            while not backend.engine.sessions_in_use:
+                await asyncio.sleep(0.01)
+    else:
+        ws = await connect(f"ws://{host}/ws")
+    try:
+        for message in messages:
+            await ws.send(message)
+        # Hang up as Twilio does: stop, then close the socket (the agent may close first).
+        await ws.send(json.dumps({"event": "stop", "stop": {}}))
+    except ConnectionClosed:
+        pass
+    async with asyncio.timeout(CLOSE_TIMEOUT_S):
+        await ws.close()
 
 
 @fuzz(15)
 @given(messages=twilio_messages, start_first=st.booleans())
 def test_the_twilio_stream_survives_anything_a_caller_sends(twilio_host, messages: list, start_first: bool) -> None:
     host, backend = twilio_host
-
-    async def call() -> None:
-        caller = await TwilioCaller.dial(host)  # the webhook first, as Twilio does
-        if start_first:
-            await caller.connect()  # a valid connected + start: the pipeline opens a model call
-            ws = caller._ws
-            async with asyncio.timeout(10):
-                while not backend.engine.sessions_in_use:
-                    await asyncio.sleep(0.01)
-            LIVE_TWILIO_CALLS.append(caller.call_sid)
-        else:
-            ws = await connect(f"ws://{host}/ws")
-        try:
-            for message in messages:
-                await ws.send(message)
-            # Hang up as Twilio does: stop, then close the socket (the agent may close first).
-            await ws.send(json.dumps({"event": "stop", "stop": {}}))
-        except ConnectionClosed:
-            pass
-        async with asyncio.timeout(CLOSE_TIMEOUT_S):
-            await ws.close()
-
-    asyncio.run(call())
+    asyncio.run(_fuzz_a_twilio_stream(host, backend, messages, start_first))
     _wait_until(lambda: backend.engine.sessions_in_use == 0, 10.0, "the call's slot freed")
 
 
 def test_the_twilio_agent_still_answers_a_real_call_after_the_fuzzing(twilio_host) -> None:
     host, backend = twilio_host
-    assert len(LIVE_TWILIO_CALLS) >= 3, LIVE_TWILIO_CALLS
+    # Its own abuse first, so that it holds alone and in any order: live calls fed garbage.
+    garbage = ['{"event": "media", "media": {"payload": "not base64"}}', b"\xff\x00", "{", '{"event": 7}']
+    for start_first in (True, True, False):
+        asyncio.run(_fuzz_a_twilio_stream(host, backend, garbage, start_first))
+        _wait_until(lambda: backend.engine.sessions_in_use == 0, 10.0, "the call's slot freed")
 
     async def call() -> int:
         async with await TwilioCaller.dial(host) as caller:
-            await caller.send_audio(_speech_8k(1.0), realtime=False)
+            await caller.send_audio(speech_8k(1.0), realtime=False)
             async with asyncio.timeout(20):
                 while not caller.log.bot_audio:
                     await asyncio.sleep(0.05)
@@ -281,7 +280,7 @@ def test_the_twilio_agent_still_answers_a_real_call_after_the_fuzzing(twilio_hos
 @given(form=st.dictionaries(st.text(max_size=12), st.text(max_size=30), max_size=5), signature=st.text(max_size=40))
 def test_the_twiml_webhook_rejects_every_unsigned_or_forged_request(form: dict, signature: str) -> None:
     app = create_twilio_app(
-        twilio_config(public_host="bot.example.test", twilio_account_sid="AC" + "1" * 32, twilio_auth_token="fuzz-auth"),
+        twilio_agent_config(public_host="bot.example.test", twilio_account_sid="AC" + "1" * 32, twilio_auth_token="fuzz-auth"),
         backend=LocalEngine(ENGINE),
     )
 
@@ -310,7 +309,7 @@ _offer_body = st.one_of(
 def webrtc_app():  # noqa: ANN201
     # A short connect watchdog: an offer aiortc takes but no peer follows is dropped within the wait below.
     config = WebRTCAgentConfig(backend={"engine": {"preset": "tiny", "device": "cpu"}, "max_call_s": None},
-                               connect_timeout_s=2.0)
+                               connect_timeout_s=2.0, requests_per_minute=100_000)  # fuzzing is one client
     app = create_webrtc_app(config, backend=LocalEngine(ENGINE))
     with served_in_thread(app) as host:
         yield host, app

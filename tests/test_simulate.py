@@ -1,4 +1,4 @@
-"""michi-simulate runs a short call end to end and writes the bot's audio."""
+"""michi-simulate runs a short call end to end over a LocalEngine and writes the bot's audio."""
 
 from pathlib import Path
 
@@ -28,3 +28,8 @@ def test_caller_wav_is_resampled_to_the_model_rate(tmp_path: Path, capsys: pytes
     main(["--fast", "--wav", str(caller), "--out", str(out)])
     # 0.5 s at 24 kHz = 12000 samples -> 7 whole frames (the last one padded with silence).
     assert soundfile.info(str(out)).frames == 7 * 1920
+
+
+def test_a_system_prompt_the_engine_refuses_ends_the_run_with_its_reason(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="does not fit the call's context: pinned context"):
+        main(["--fast", "--frames", "2", "--system", "x" * 5000, "--out", str(tmp_path / "x.wav")])

@@ -37,7 +37,6 @@ from twilio.twiml.voice_response import Connect, Stream, VoiceResponse
 from agents.common import (
     CallerSilenceWatchdog,
     ObserverFactory,
-    RateLimitedLog,
     michi_pipeline,
     run_call_pipeline,
 )
@@ -54,6 +53,7 @@ from agents.twilio.security import (
     valid_call_sid,
 )
 from pipecat_michi.engine.call import DuplexBackend
+from pipecat_michi.serving import RateLimitedLog
 
 TWILIO_SAMPLE_RATE_HZ = 8000
 # Call details Twilio posts to the webhook that we forward to the stream as custom parameters.
@@ -97,7 +97,9 @@ class DTMFLogger(FrameProcessor):
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
         await super().process_frame(frame, direction)
         if isinstance(frame, InputDTMFFrame):
-            logger.info(f"caller pressed {frame.button.value}")
+            # Digits can be PINs or card numbers: which key, only at DEBUG.
+            logger.info("caller pressed a key")
+            logger.debug(f"caller pressed {frame.button.value}")
         await self.push_frame(frame, direction)
 
 

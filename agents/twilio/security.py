@@ -89,10 +89,9 @@ class CallRegistry:
         return len(self._calls)
 
     def _expire(self, now: float) -> None:
-        while self._calls:
-            sid, call = next(iter(self._calls.items()))
-            if call.streaming or call.expires_at >= now:
-                break
+        # A full scan (at most max_calls): a long call streaming at the front must not keep
+        # the expired ones behind it. Only signed webhooks and stream starts get here.
+        for sid in [sid for sid, call in self._calls.items() if not call.streaming and call.expires_at < now]:
             del self._calls[sid]
 
     def saw(self, call_sid: str) -> None:
@@ -100,7 +99,7 @@ class CallRegistry:
         self._expire(now)
         if call_sid not in self._calls:
             while len(self._calls) >= self._max_calls:
-                self._calls.popitem(last=False)
+                self._calls.popitem(last=False)  # oldest first; its stream, if any, runs on
             self._calls[call_sid] = _SeenCall(expires_at=now + self._ttl_s)
 
     def claim(self, call_sid: str) -> str | None:

@@ -38,9 +38,9 @@ from pipecat_ai_prebuilt.frontend import PipecatPrebuiltUI
 from pydantic import Field, SecretStr, TypeAdapter, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from agents.common import BackendSettings, RateLimitedLog, michi_pipeline, run_call_pipeline
+from agents.common import BackendSettings, michi_pipeline, run_call_pipeline
 from pipecat_michi.engine.call import DuplexBackend
-from pipecat_michi.serving import ServerLimits
+from pipecat_michi.serving import BodyLimitMiddleware, RateLimitedLog, ServerLimits
 
 # Sessions opened by /start that never made an offer are forgotten after this many.
 MAX_PENDING_SESSIONS = 256
@@ -65,6 +65,8 @@ class WebRTCAgentConfig(BaseSettings):
     token: SecretStr | None = Field(default=None, min_length=16)
     # Signalling requests one client address may make per minute (a sliding window).
     requests_per_minute: int = Field(default=60, ge=1)
+    # Largest signalling request body (413 beyond).
+    max_body_bytes: int = Field(default=64 * 1024, ge=4096)
     server: ServerLimits = ServerLimits(max_ws_message_bytes=64 * 1024)
 
 
@@ -123,7 +125,8 @@ def create_app(config: WebRTCAgentConfig, backend: DuplexBackend | None = None) 
         return HTTPException(status_code=status, detail=detail)
 
     async def guard(request: Request) -> None:
-        """What every signalling request must pass, before its body is read."""
+        """What every signalling request must pass before it is handled (its body, bounded by
+        BodyLimitMiddleware, is read by then)."""
         client = request.client.host if request.client else "?"
         if not rate.allow(client):
             raise refuse(429, "too many signalling requests; slow down", request)
@@ -151,6 +154,8 @@ def create_app(config: WebRTCAgentConfig, backend: DuplexBackend | None = None) 
 
     app = FastAPI(title="MichiAI WebRTC agent", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.admission = admission
+    # An SDP offer with its candidates is a few KiB; bodies are bounded before FastAPI reads them.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
     app.mount("/client", PipecatPrebuiltUI)
 
     @app.get("/", include_in_schema=False)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from pipecat_michi.model.michi import MichiModel, Sampling, StepNoise
+from pipecat_michi.pcm import float_to_pcm16
 
 
 # Batch sizes a compiled step is built for; a batch is padded (inactive rows) to the next one.
@@ -162,7 +163,7 @@ class SlotBatch:
         )
         for key, value in new_rows.items():
             rows[key].copy_(value)
-        pcm = (out.audio.clamp(-1.0, 1.0) * 32767.0).round().to(torch.int16).cpu().numpy()
+        pcm = float_to_pcm16(out.audio.float().cpu().numpy())
         return BatchStepOutput(
             text_tokens=out.text_tokens.tolist(),
             transcript_tokens=out.transcript_tokens.tolist(),

@@ -7,54 +7,14 @@ the engine in this process, the embedded CPU default; ``RemoteWorker``
 
 from __future__ import annotations
 
-from typing import Protocol
+import asyncio
 
 import numpy as np
 
+from pipecat_michi.contract import DuplexBackend, DuplexCall  # re-exported: the contract's old home
 from pipecat_michi.engine.config import EngineConfig
 from pipecat_michi.engine.engine import DuplexEngine, EngineSession, InjectResult, StepResult
 from pipecat_michi.engine.settings import SessionSettingsUpdate
-
-
-class DuplexCall(Protocol):
-    """A live call: 24 kHz PCM16 frames in, one ``StepResult`` per frame out."""
-
-    session_id: str
-    frame_samples: int
-    sample_rate_hz: int
-
-    async def send_audio(self, pcm: np.ndarray, frame_index: int | None = None) -> None:
-        """Send one frame of ``frame_samples`` int16 samples (24 kHz mono)."""
-        ...
-
-    async def receive(self, timeout: float | None = None) -> StepResult:
-        """The next step result; raises ``SessionClosedError`` (local) or ``WorkerConnectionError``
-        (remote) when the call is over."""
-        ...
-
-    async def inject_text(self, text: str, role: str = "system", pinned: bool = False) -> InjectResult: ...
-
-    async def update_settings(self, update: SessionSettingsUpdate) -> None: ...
-
-    async def reset(self) -> None: ...
-
-    async def close(self) -> None: ...
-
-
-class DuplexBackend(Protocol):
-    """Opens calls. One backend serves many calls (one per pipeline)."""
-
-    async def open_call(
-        self,
-        settings: SessionSettingsUpdate | None = None,
-        system_prompt: str | None = None,
-        voice_prompt: np.ndarray | None = None,
-    ) -> DuplexCall:
-        """Open a call. ``settings`` holds what differs from the model's defaults
-        (``DuplexEngine.session_defaults``: a checkpoint's calibrated speak threshold)."""
-        ...
-
-    async def close(self) -> None: ...
 
 
 class LocalCall:
@@ -90,13 +50,23 @@ class LocalCall:
 
 
 class LocalEngine:
-    """The embedded default: a ``DuplexEngine`` in this process (tiny preset on CPU unless told).
+    """The embedded default: a ``DuplexEngine`` in this process (the demo checkpoint on CPU unless told).
 
     Started on the first call, shared by every call of the process.
+
+    Args:
+        config: What engine to build (ignored when ``engine`` is given); ``None`` loads the demo
+            checkpoint (``EngineConfig(checkpoint="demo")``).
+        engine: An engine to use instead.
+        open_timeout_s: Limit on opening one call, the model load of the first call included.
     """
 
-    def __init__(self, config: EngineConfig | None = None, engine: DuplexEngine | None = None) -> None:
-        self.engine = engine or DuplexEngine(config or EngineConfig())
+    def __init__(
+        self, config: EngineConfig | None = None, engine: DuplexEngine | None = None, *, open_timeout_s: float = 60.0
+    ) -> None:
+        # No config: the demo checkpoint, so the embedded default speaks trained weights.
+        self.engine = engine or DuplexEngine(config or EngineConfig(checkpoint="demo"))
+        self._open_timeout_s = open_timeout_s
 
     async def open_call(
         self,
@@ -104,8 +74,9 @@ class LocalEngine:
         system_prompt: str | None = None,
         voice_prompt: np.ndarray | None = None,
     ) -> LocalCall:
-        await self.engine.start()
-        session = await self.engine.open_session(settings, system_prompt, voice_prompt)
+        async with asyncio.timeout(self._open_timeout_s):
+            await self.engine.start()
+            session = await self.engine.open_session(settings, system_prompt, voice_prompt)
         return LocalCall(session, self.engine)
 
     async def close(self) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 from loguru import logger
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipecat_michi.model.checkpoint import load_checkpoint
 from pipecat_michi.model.runtime import resolve_device, resolve_dtype
@@ -20,6 +20,11 @@ from pipecat_michi.model.tokenizer import Tokenizer, load_tokenizer
 __all__ = ["QUANTIZE_MODES", "EngineConfig", "load_model"]
 
 
+# The tiny preset trained for 10 minutes on CPU (its README says what it can and cannot do):
+# package data, so a wheel install runs trained weights, never random ones, by default.
+DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "michi-tiny-demo"
+
+
 class EngineConfig(BaseModel):
     """How a ``DuplexEngine`` runs.
 
@@ -30,6 +35,7 @@ class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     preset: str = "tiny"
+    # "demo" names the demo checkpoint shipped in the package (DEMO_CHECKPOINT).
     checkpoint: Path | None = None
     device: str = "auto"
     dtype: str = "auto"
@@ -65,6 +71,11 @@ class EngineConfig(BaseModel):
     # with the loop stalled steps from ~6 ms to ~500 ms).
     torch_threads: int | None = Field(default=None, ge=1)
 
+    @field_validator("checkpoint", mode="before")
+    @classmethod
+    def _resolve_demo(cls, value: object) -> object:
+        return DEMO_CHECKPOINT if value == "demo" else value
+
 
 def load_model(config: EngineConfig) -> tuple[MichiModel, Tokenizer]:
     """Build or load the model an engine config names, on its device and dtype."""
@@ -78,8 +89,6 @@ def load_model(config: EngineConfig) -> tuple[MichiModel, Tokenizer]:
         tokenizer = load_tokenizer(model.config, config.checkpoint)
         source = str(config.checkpoint)
     else:
-        # Random weights: a hub download can never be what a preset means.
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         torch.manual_seed(config.seed)
         model = MichiModel(MichiConfig.preset(config.preset)).to(device=device, dtype=dtype).eval()
         tokenizer = load_tokenizer(model.config)

@@ -26,51 +26,24 @@ import numpy as np
 import torch
 from loguru import logger
 
+from pipecat_michi.contract import (  # re-exported: the contract's old home
+    EngineError,
+    EngineFullError,
+    FrameOrderError,
+    InjectResult,
+    SessionClosedError,
+    SessionIdleError,
+    StepResult,
+)
 from pipecat_michi.engine.batch import BatchStepOutput, SlotBatch
 from pipecat_michi.engine.config import EngineConfig, load_model
 from pipecat_michi.model.runtime import prepare_model_thread
 from pipecat_michi.engine.settings import SessionSettings, SessionSettingsUpdate
 from pipecat_michi.model.michi import MichiModel, Sampling, StepNoise
+from pipecat_michi.pcm import pcm16_to_float
 from pipecat_michi.model.tokenizer import StreamingDetokenizer, Tokenizer, format_context
 
 T = TypeVar("T")
-
-
-class EngineError(RuntimeError):
-    """Base of the engine's errors."""
-
-
-class EngineFullError(EngineError):
-    """Every slot is taken; try another worker."""
-
-
-class SessionClosedError(EngineError):
-    """The call was closed (by its owner, or because the engine stopped)."""
-
-
-class FrameOrderError(EngineError):
-    """A frame index did not increase."""
-
-
-@dataclass(frozen=True)
-class StepResult:
-    """The model's output for one frame of one call."""
-
-    frame_index: int
-    filled: bool  # the input frame was missing and silence was used instead
-    late: bool  # the tick took longer than one frame
-    speaking: bool
-    speak_prob: float
-    bot_text: str
-    transcript: str
-    audio: np.ndarray | None  # int16 [frame_samples] when speaking
-    kv_length: int | None  # None when the engine is remote (the worker protocol does not carry it)
-
-
-@dataclass(frozen=True)
-class InjectResult:
-    token_count: int
-    kv_length: int
 
 
 @dataclass
@@ -130,7 +103,7 @@ class EngineSession:
             raise FrameOrderError(f"frame index {frame_index} after {self._last_pushed_index}: indices must increase")
         self._last_pushed_index = frame_index
         if pcm.dtype == np.int16:
-            samples = pcm.astype(np.float32) / 32768.0
+            samples = pcm16_to_float(pcm)
         else:
             samples = np.clip(pcm.astype(np.float32, copy=False), -1.0, 1.0)
         if self.next_frame_index is None:
@@ -213,7 +186,7 @@ class EngineSession:
 
     async def prefill_voice(self, pcm: np.ndarray) -> int:
         """Zero-shot voice: prefill a reference clip (int16 or float32, 24 kHz). Returns frames."""
-        samples = pcm.astype(np.float32) / 32768.0 if pcm.dtype == np.int16 else pcm.astype(np.float32)
+        samples = pcm16_to_float(pcm) if pcm.dtype == np.int16 else pcm.astype(np.float32)
         engine = self._engine
         embeds = await engine._run(engine._batch.encode_voice, self.slot, samples)
         # In chunks, each its own job on the model thread, like text injection: the other calls'
@@ -483,6 +456,13 @@ class DuplexEngine:
             session.frames_stepped += 1
             session._deliver(session._make_result(index, filled, late, out))
 
+    def _max_top_k(self, ticking: list[EngineSession]) -> int | None:
+        """The host-side top-k bound of a tick (see ``Sampling.max_top_k``). None for a compiled
+        step: its value would be baked into the graph, one recompile per distinct top_k."""
+        if self.config.compile or not all(s.settings.top_k for s in ticking):
+            return None
+        return max(s.settings.top_k for s in ticking)
+
     def _sampling_inputs(self, rows: int, ticking: list[EngineSession]) -> tuple[Sampling, StepNoise]:
         temperature = torch.zeros(rows)
         top_k = torch.zeros(rows, dtype=torch.long)
@@ -502,6 +482,7 @@ class DuplexEngine:
         sampling = Sampling(
             temperature.to(device), top_k.to(device), threshold.to(device), flow_steps.to(device),
             max_flow_steps=max(s.settings.flow_steps for s in ticking),
+            max_top_k=self._max_top_k(ticking),
         )
         return sampling, StepNoise(latent_noise.to(device), uniform.to(device))
 

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from pipecat_michi.model.config import BackboneConfig, MichiConfig
 from pipecat_michi.model.michi import MichiModel
+from pipecat_michi.model.quantize import Int8WeightOnlyLinear
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -28,6 +29,9 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(model: MichiModel, directory: str | Path) -> Path:
     """Write ``config.json`` and ``model.safetensors`` into ``directory``."""
+    if any(isinstance(module, Int8WeightOnlyLinear) for module in model.modules()):
+        # A checkpoint holds the float weights; serving quantizes after loading (EngineConfig.quantize).
+        raise CheckpointError("cannot save a quantized model: save the float model, quantize after loading")
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_FILE).write_text(model.config.model_dump_json(indent=2))

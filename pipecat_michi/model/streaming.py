@@ -25,11 +25,13 @@ from torch import nn
 StreamingState = dict[str, torch.Tensor]
 
 
-def _prefixed(prefix: str, state: StreamingState) -> StreamingState:
+def prefixed(prefix: str, state: StreamingState) -> StreamingState:
+    """A child's state as part of its parent's: every key under ``prefix.``."""
     return {f"{prefix}.{key}": value for key, value in state.items()}
 
 
-def _unprefixed(prefix: str, state: StreamingState) -> StreamingState:
+def unprefixed(prefix: str, state: StreamingState) -> StreamingState:
+    """The child's part of a parent's state (the keys under ``prefix.``, without it)."""
     # The trailing dot keeps "blocks.1." from matching "blocks.10.".
     head = f"{prefix}."
     return {key[len(head):]: value for key, value in state.items() if key.startswith(head)}
@@ -61,7 +63,7 @@ class StreamingModule(nn.Module):
         """Zero state: the union of the streaming submodules' states, keyed by their paths."""
         state: StreamingState = {}
         for path, child in _streaming_children(self):
-            state.update(_prefixed(path, child.init_state(batch_size, device, dtype)))
+            state.update(prefixed(path, child.init_state(batch_size, device, dtype)))
         return state
 
     def step(self, x: torch.Tensor, state: StreamingState) -> tuple[torch.Tensor, StreamingState]:
@@ -78,8 +80,8 @@ class StreamingModule(nn.Module):
         """Step the submodule at ``path`` on its part of ``state``; put its new state in
         ``new_state``."""
         child = self.get_submodule(path)
-        y, child_state = child.step(x, _unprefixed(path, state))
-        new_state.update(_prefixed(path, child_state))
+        y, child_state = child.step(x, unprefixed(path, state))
+        new_state.update(prefixed(path, child_state))
         return y
 
 

@@ -17,6 +17,9 @@ step's ``StepResult`` becomes frames:
   bot starts speaking, or the transcript stays quiet for ``user_turn_gap_frames``), bracketed by
   ``ProposedUserStarted/StoppedSpeakingFrame`` that the recommended
   ``ExternalUserTurnStrategies(enable_interruptions=False)`` resolve into turn frames.
+
+Over 400 lines: about a third is this frames contract and the class docstring; the code is a
+flat dispatch (frames in, turn events out) over ``CallSupervisor`` and ``TurnTracker``.
 """
 
 from __future__ import annotations
@@ -66,8 +69,7 @@ from pipecat.services.settings import LLMSettings
 from pipecat.turns.user_turn_strategies import ExternalUserTurnStrategies
 from pipecat.utils.time import time_now_iso8601
 
-from pipecat_michi.engine.call import DuplexBackend, DuplexCall, LocalEngine
-from pipecat_michi.engine.engine import InjectResult, StepResult
+from pipecat_michi.contract import DuplexBackend, DuplexCall, InjectResult, StepResult
 from pipecat_michi.engine.settings import SessionSettingsUpdate
 from pipecat_michi.service.audio import OutputResampler
 from pipecat_michi.service.context import Injection
@@ -141,10 +143,12 @@ class MichiLLMService(LLMService):
 
     Backend loss: when receiving or sending fails (a worker connection drops, the engine
     closes the call) or no step arrives for ``step_timeout_s`` while frames are outstanding,
-    the service opens a new call with back-off, re-sends the system prompt and replays the
-    context; after ``reconnect_attempts`` failures it pushes an ``ErrorFrame`` (the service
-    becomes unusable, the pipeline's ``ProcessorUnusablePolicy`` applies) and drops audio
-    from then on. No wait is unbounded.
+    the service opens a new call, re-sends the system prompt and replays the context. The
+    backend retries that open within its own budget (``RemoteWorker``'s ``RetryPolicy`` covers a
+    worker restart); when it still fails the service pushes a permanent ``ErrorFrame`` (it
+    becomes unusable, the pipeline's ``ProcessorUnusablePolicy`` applies: the agents end the
+    call) and drops audio from then on. A call the worker closed for idleness is reopened only
+    when caller audio comes again. Every other wait is bounded.
 
     Metrics: TTFB from the end of user speech (the step of the last transcript text, or a
     ``UserStoppedSpeakingFrame`` when the model transcribed nothing) to the bot's first audio;
@@ -188,7 +192,7 @@ class MichiLLMService(LLMService):
 
         Args:
             backend: Where calls run: ``RemoteWorker(url, token)`` or ``LocalEngine(...)``.
-                ``None`` embeds ``LocalEngine()`` (tiny preset, CPU), owned and closed by
+                ``None`` embeds ``LocalEngine()`` (the demo checkpoint, CPU), owned and closed by
                 this service; a backend passed in is shared and left open.
             settings: Settings delta over the defaults (those of ``SessionSettings``).
             system_instruction: System prompt, pinned in the call's context.
@@ -205,9 +209,14 @@ class MichiLLMService(LLMService):
             store.apply_update(settings)
         super().__init__(settings=store, **kwargs)
         self._owns_backend = backend is None
-        self._backend: DuplexBackend = backend if backend is not None else LocalEngine()
+        if backend is None:
+            # Imported here: the engine needs torch (the [engine] extra); a RemoteWorker does not.
+            from pipecat_michi.engine.call import LocalEngine
+
+            backend = LocalEngine()
+        self._backend: DuplexBackend = backend
         self._init_sample_rate = sample_rate
-        self._out_rate = sample_rate or 24000
+        self._out_rate = sample_rate  # or the pipeline's, known at setup (before any call opens)
         self._user_id = user_id
         self._params = params or MichiServiceParams()
         self._bot_text_filter = bot_text_filter
@@ -411,7 +420,8 @@ class MichiLLMService(LLMService):
         self._tools_prompt_sent = self._tools_prompt()  # part of the new call's pinned prompt
         self._tool_parser = ToolCallParser()  # a call half-written in the old call is gone
         self._tool_call_open_frames = 0
-        self._out = OutputResampler(call.sample_rate_hz, self._out_rate, self._params.resampler_quality)
+        out_rate = self._out_rate or call.sample_rate_hz
+        self._out = OutputResampler(call.sample_rate_hz, out_rate, self._params.resampler_quality)
         await self._call_event_handler("on_call_opened", call)
 
     async def _handle_injected(self, result: InjectResult) -> None:
@@ -422,12 +432,10 @@ class MichiLLMService(LLMService):
     async def _handle_refused(self, injection: Injection, error: Exception) -> None:
         await self.push_error(error_msg=f"MichiAI refused a {injection.role} message: {error}", exception=error)
 
-    async def _handle_gave_up(self, message: str, failure: BaseException | None) -> None:
-        await self.push_error(
-            error_msg=message,
-            exception=failure if isinstance(failure, Exception) else None,
-            force_treat_as_permanent=True,
-        )
+    async def _handle_gave_up(self, message: str, failure: Exception) -> None:
+        # Permanent: the processor becomes unusable and the pipeline's ProcessorUnusablePolicy
+        # applies (the agents end the call); Pipecat deprecated ErrorFrame.fatal for this.
+        await self.push_error(error_msg=message, exception=failure, force_treat_as_permanent=True)
 
     async def _close_turns(self) -> None:
         """Close the open bot and user turns, keeping turn and response frames balanced."""

@@ -104,12 +104,9 @@ class MichiServiceParams(BaseModel):
         text_lead_frames: Bot text produced while silent is kept for this many frames and
             spoken with the next turn (inner-monologue text may lead its audio); older is dropped.
         step_timeout_s: No step this long while frames are outstanding means the backend is lost.
-        open_timeout_s: Limit on opening a call (model load on the first local call included).
         inject_timeout_s: Limit on one context injection.
         drain_timeout_s: On ``EndFrame``, how long to wait for the steps of frames already sent.
         close_timeout_s: Limit on closing a call.
-        reconnect_attempts: New calls tried after the backend is lost, before giving up.
-        reconnect_backoff_s: Wait before the first attempt; doubled for each next one.
         max_held_frames: Caller frames held back while a pinned prompt is prefilled.
         resampler_quality: soxr quality of the input and output resamplers; see
             ``pipecat_michi.service.audio.DEFAULT_QUALITY`` for the latency each costs.
@@ -125,12 +122,9 @@ class MichiServiceParams(BaseModel):
     barge_in_window_frames: int = Field(default=3, ge=1)
     text_lead_frames: int = Field(default=4, ge=0)
     step_timeout_s: float = Field(default=5.0, gt=0)
-    open_timeout_s: float = Field(default=60.0, gt=0)
     inject_timeout_s: float = Field(default=10.0, gt=0)
     drain_timeout_s: float = Field(default=2.0, ge=0)
     close_timeout_s: float = Field(default=5.0, gt=0)
-    reconnect_attempts: int = Field(default=3, ge=0)
-    reconnect_backoff_s: float = Field(default=0.5, ge=0)
     max_held_frames: int = Field(default=25, ge=1)
     resampler_quality: SoxrQuality = DEFAULT_QUALITY
     tool_prompt_format: ToolPromptFormat = "hermes"

@@ -2,9 +2,15 @@
 
 ``CallSupervisor`` opens the call (system prompt pinned, the known context replayed), frames and
 sends the caller's audio, holds that audio back while pinned text is prefilled, injects context
-messages, and reads the step results; when the call fails it opens a new one with back-off and,
-past the budget, reports the backend unusable. It knows nothing of frames or turns: each step
-goes to ``on_step`` and the service makes frames of it.
+messages, and reads the step results. It knows nothing of frames or turns: each step goes to
+``on_step`` and the service makes frames of it.
+
+Failures: when the call is lost (the connection drops, the backend ends the call, no step comes
+for ``step_timeout_s``) it opens one new call, and when that open fails it reports the backend
+unusable. It never retries an open itself: the backend owns that policy (``RemoteWorker``'s
+``RetryPolicy``, whose budget covers a worker restart; a local engine has nothing to wait for),
+so there is one schedule and no outer timeout cutting an attempt short. A call the backend ended
+for idleness (``SessionIdleError``) is reopened only when the caller sends audio again.
 """
 
 from __future__ import annotations
@@ -18,8 +24,7 @@ import numpy as np
 from loguru import logger
 from pipecat.processors.aggregators.llm_context import LLMContext
 
-from pipecat_michi.engine.call import DuplexBackend, DuplexCall
-from pipecat_michi.engine.engine import InjectResult, SessionClosedError, StepResult
+from pipecat_michi.contract import DuplexBackend, DuplexCall, InjectResult, SessionClosedError, SessionIdleError, StepResult
 from pipecat_michi.engine.settings import SessionSettingsUpdate
 from pipecat_michi.service.audio import InputFramer
 from pipecat_michi.service.context import ContextSync, Injection, is_pending_tool_result
@@ -54,11 +59,11 @@ class CallSupervisor:
     - ``on_call_lost()``: the live call failed (close the open turns) before a reconnect;
     - ``on_injected(result)``: a message was prefilled (usage metrics);
     - ``on_refused(injection, error)``: the backend refused a message (too long); it was skipped;
-    - ``on_gave_up(message, error)``: reconnecting failed; the service is unusable.
+    - ``on_gave_up(message, error)``: opening a call failed; the service is unusable.
 
     Args:
         backend: Where calls run.
-        params: Timeouts, reconnect budget, held-frame bound, resampler quality.
+        params: Timeouts, held-frame bound, resampler quality.
         voice_prompt: Zero-shot voice of every call opened.
         session_settings: The settings a new call opens with, over the model's defaults (read at
             each open).
@@ -79,7 +84,7 @@ class CallSupervisor:
         on_call_lost: Callable[[], Awaitable[None]],
         on_injected: Callable[[InjectResult], Awaitable[None]],
         on_refused: Callable[[Injection, Exception], Awaitable[None]],
-        on_gave_up: Callable[[str, BaseException | None], Awaitable[None]],
+        on_gave_up: Callable[[str, Exception], Awaitable[None]],
         name: str,
     ) -> None:
         self._backend = backend
@@ -100,7 +105,9 @@ class CallSupervisor:
         self._call_lock = asyncio.Lock()  # opening, replaying and injecting: one at a time
         self._send_lock = asyncio.Lock()  # frame indices are given in send order
         self._closing = False
-        self._failure: BaseException | None = None
+        self._gave_up = False
+        self._failure: BaseException | None = None  # what lost the last call
+        self._caller_audio = asyncio.Event()  # set by caller audio while no call is open
 
         self._context: LLMContext | None = None
         self._sync = ContextSync()
@@ -134,22 +141,19 @@ class CallSupervisor:
     # --- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the first call; a failure is left for ``run()`` to retry with back-off."""
+        """Open the first call; when that fails (the backend retried), give up."""
         self._closing = False
         try:
             await self.open()
         except Exception as e:
-            logger.warning(f"{self}: could not open a MichiAI call: {e!r}")
-            self._failure = e
+            await self._give_up(e)
 
     async def open(self) -> None:
         """Open a call, then replay the context known so far. Raises when either fails."""
         async with self._call_lock:
             prompt = self._system_prompt()
-            call = await asyncio.wait_for(
-                self._backend.open_call(self._session_settings(), prompt, self._voice_prompt),
-                self._params.open_timeout_s,
-            )
+            # No timeout here: the backend bounds (and retries) its own attempts.
+            call = await self._backend.open_call(self._session_settings(), prompt, self._voice_prompt)
             self._call, self._ready = call, False
             self._framer = InputFramer(call.sample_rate_hz, call.frame_samples, self._params.resampler_quality)
             self._next_index, self._last_result_index = 0, -1
@@ -195,10 +199,12 @@ class CallSupervisor:
     async def send_audio(self, audio: bytes, sample_rate: int, num_channels: int) -> None:
         """Frame a chunk of caller audio and send the frames it completes.
 
-        With no call (starting, reconnecting, given up) the caller's audio is lost.
+        With no call (starting, reconnecting, given up, closed for idleness) the caller's audio
+        is lost; after an idle close it opens the next call.
         """
         call, framer = self._call, self._framer
         if call is None or not self._ready or framer is None:
+            self._caller_audio.set()
             return
         for pcm in await framer.push(audio, sample_rate, num_channels):
             await self._send_frame(call, pcm)
@@ -319,12 +325,11 @@ class CallSupervisor:
     # --- receiving and reconnecting ------------------------------------------------------
 
     async def run(self) -> None:
-        """The receive loop: steps to ``on_step``, and reconnection when the call fails."""
-        while not self._closing:
+        """The receive loop: steps to ``on_step``, and a new call when the call is lost."""
+        while not self._closing and not self._gave_up:
             call = self._call
             if call is None:
-                if not await self._reconnect():
-                    return
+                await self._reopen()
                 continue
             try:
                 result = await call.receive(timeout=self._params.step_timeout_s)
@@ -351,32 +356,33 @@ class CallSupervisor:
             self._caught_up.set()
 
     async def _drop_call(self, call: DuplexCall, failure: BaseException) -> None:
-        """Let go of a failed call: close its open turns, close it; the receive loop reconnects."""
+        """Let go of a failed call: close its open turns, close it; the receive loop reopens."""
         if self._call is not call:
             return
         self._call, self._ready, self._failure = None, False, failure
         await self._on_call_lost()
         await self._close_quietly(call)
 
-    async def _reconnect(self) -> bool:
-        """Open a new call with back-off; on giving up report it and return False."""
-        failure = self._failure
-        logger.warning(f"{self}: MichiAI backend lost ({failure!r}); reconnecting")
-        for attempt in range(self._params.reconnect_attempts):
-            await asyncio.sleep(self._params.reconnect_backoff_s * 2**attempt)
-            try:
-                await self.open()
-                logger.info(f"{self}: reconnected on attempt {attempt + 1}")
-                return True
-            except Exception as e:
-                failure = e
-                logger.warning(f"{self}: reconnect attempt {attempt + 1} failed: {e!r}")
-        await self._on_gave_up(
-            f"MichiAI backend unavailable: the call was lost ({self._failure!r}) and "
-            f"{self._params.reconnect_attempts} reconnect attempts failed (last: {failure!r})",
-            failure,
-        )
-        return False
+    async def _reopen(self) -> None:
+        """Open a new call after a loss (after an idle close: once caller audio comes again)."""
+        if isinstance(self._failure, SessionIdleError):
+            logger.info(f"{self}: the backend closed the idle call; a new one opens when the caller speaks")
+            self._caller_audio.clear()
+            await self._caller_audio.wait()  # cancelled with the receive task at shutdown
+        else:
+            logger.warning(f"{self}: MichiAI backend lost ({self._failure!r}); opening a new call")
+        try:
+            await self.open()
+        except Exception as e:
+            await self._give_up(e)
+            return
+        logger.info(f"{self}: reconnected")
+
+    async def _give_up(self, failure: Exception) -> None:
+        """Opening a call failed after the backend's own retries: the service is unusable."""
+        self._gave_up = True
+        lost = f"the call was lost ({self._failure!r}) and " if self._failure is not None else ""
+        await self._on_gave_up(f"MichiAI backend unavailable: {lost}opening a call failed: {failure!r}", failure)
 
     async def _close_quietly(self, call: DuplexCall) -> None:
         try:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipecat_michi.engine.engine import StepResult
+from pipecat_michi.contract import StepResult
 
 
 @dataclass(frozen=True)

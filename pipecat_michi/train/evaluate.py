@@ -13,16 +13,18 @@ import torch
 from pipecat_michi.model.codec import multi_resolution_stft_loss
 from pipecat_michi.model.michi import MichiModel
 from pipecat_michi.model.tokenizer import Tokenizer
-from pipecat_michi.train.features import mel_cepstral_distance
+from pipecat_michi.train.features import mel_cepstral_distance, white_noise_mcd
 
 
 @torch.no_grad()
 def codec_quality(model: MichiModel, wav: torch.Tensor) -> dict[str, float]:
-    """Reconstruct ``wav [B, F * frame_samples]``; STFT loss and mel-cepstral distance (dB)."""
+    """Reconstruct ``wav [B, F * frame_samples]``; STFT loss and mel-cepstral distance (dB), with
+    the MCD of the input plus white noise at 20 dB SNR as a calibration point."""
     recon = model.codec.decode(model.codec.encode(wav))
     return {
         "stft_loss": float(multi_resolution_stft_loss(recon, wav)),
         "mcd_db": mel_cepstral_distance(recon, wav, model.config.sample_rate_hz),
+        "noise20_mcd_db": white_noise_mcd(wav, model.config.sample_rate_hz),
     }
 
 

@@ -24,13 +24,31 @@ def log_mel(wav: torch.Tensor, sample_rate_hz: int) -> torch.Tensor:
     return torch.log(mel.clamp(min=1e-5)).reshape(*wav.shape[:-1], -1, MEL_BANDS)
 
 
-def mel_cepstral_distance(pred: torch.Tensor, target: torch.Tensor, sample_rate_hz: int) -> float:
-    """Mean mel-cepstral distance in dB over frames (coefficients 1..12, c0 = energy excluded),
-    from a DCT-II of the log-mel spectrum (the usual MCD on mel cepstra)."""
+def mel_cepstra(wav: torch.Tensor, sample_rate_hz: int) -> torch.Tensor:
+    """Mel cepstra ``c_0..c_12`` per frame: ``c_k = (1/N) sum_n log|M_n| cos(pi k (n + 1/2) / N)``.
+
+    That is the DCT-II without normalisation (scipy's ``dct(x, type=2, norm=None)``) divided by
+    ``2N``: the real-cepstrum convention ``log|M| ~ c_0 + 2 sum_k c_k cos(...)`` that the usual
+    MCD formula assumes. (An orthonormal DCT scales c_k by sqrt(2N), ~12.6x for 80 bands.)
+    """
     n = MEL_BANDS
-    k = torch.arange(CEPSTRAL_COEFFS)[:, None]
-    dct = torch.cos(math.pi / n * (torch.arange(n)[None, :] + 0.5) * k) * math.sqrt(2.0 / n)
-    cep_pred = log_mel(pred, sample_rate_hz) @ dct.T
-    cep_target = log_mel(target, sample_rate_hz) @ dct.T
-    diff = (cep_pred - cep_target)[..., 1:]
-    return float((10.0 / math.log(10.0) * torch.sqrt(2.0 * diff.square().sum(-1))).mean())
+    k = torch.arange(CEPSTRAL_COEFFS, dtype=torch.float32)[:, None]
+    dct = torch.cos(math.pi / n * (torch.arange(n, dtype=torch.float32)[None, :] + 0.5) * k) / n
+    return log_mel(wav, sample_rate_hz) @ dct.T.to(wav.device)
+
+
+def mel_cepstral_distance(pred: torch.Tensor, target: torch.Tensor, sample_rate_hz: int) -> float:
+    """Mean mel-cepstral distance in dB over frames, the standard definition:
+    ``10 sqrt(2) / ln(10) * sqrt(sum_{k=1..12} (c_k - c'_k)^2)`` (c_0, the energy, excluded),
+    on :func:`mel_cepstra`."""
+    diff = (mel_cepstra(pred, sample_rate_hz) - mel_cepstra(target, sample_rate_hz))[..., 1:]
+    return float((10.0 * math.sqrt(2.0) / math.log(10.0) * torch.sqrt(diff.square().sum(-1))).mean())
+
+
+def white_noise_mcd(target: torch.Tensor, sample_rate_hz: int, snr_db: float = 20.0, seed: int = 0) -> float:
+    """MCD of ``target`` plus white noise at ``snr_db``: a calibration point printed beside MCD."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(target.shape, generator=generator, dtype=torch.float32).to(target.device)
+    signal_power = target.float().square().mean()
+    noise = noise * torch.sqrt(signal_power / (10.0 ** (snr_db / 10.0)) / noise.square().mean())
+    return mel_cepstral_distance(target.float() + noise, target, sample_rate_hz)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 import uuid
 import weakref
 from collections.abc import Sequence
@@ -23,8 +24,10 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.uri import parse_uri
 
-from pipecat_michi.engine.engine import FrameOrderError, InjectResult, SessionClosedError, StepResult
-from pipecat_michi.engine.settings import SessionSettings, SessionSettingsUpdate
+from pipecat_michi.contract import FrameOrderError, InjectResult, SessionClosedError, SessionIdleError, StepResult
+from pipecat_michi.engine.settings import SessionSettingsUpdate
+from pipecat_michi.pcm import float_to_pcm16
+from pipecat_michi.worker.retry import RetryPolicy
 from pipecat_michi.worker.protocol import (
     DEFAULT_FRAME_SAMPLES,
     MAX_MESSAGE_BYTES,
@@ -95,9 +98,19 @@ class WorkerConnectionError(WorkerError, SessionClosedError):
         super().__init__(code, reason)
         self.reason = reason
 
+    @classmethod
+    def for_close(cls, code: int, reason: str) -> WorkerConnectionError:
+        """The error for a call the worker ended with ``code``."""
+        kind = WorkerIdleError if code == CloseCode.IDLE_TIMEOUT else cls
+        return kind(code, reason)
+
     def copy(self) -> WorkerConnectionError:
         """A fresh instance to raise (one instance raised again and again piles up tracebacks)."""
-        return WorkerConnectionError(self.code, self.reason)
+        return type(self)(self.code, self.reason)
+
+
+class WorkerIdleError(WorkerConnectionError, SessionIdleError):
+    """The worker ended the call for want of client messages (close code 4003)."""
 
 
 class _Retryable(Exception):
@@ -306,11 +319,11 @@ class RemoteCall:
     def _connection_outcome(self) -> WorkerConnectionError:
         code = self._ws.close_code if self._ws.close_code is not None else 1006
         if self._fatal is not None:
-            return WorkerConnectionError(self._fatal.code, self._fatal.message)
+            return WorkerConnectionError.for_close(self._fatal.code, self._fatal.message)
         if self._ended is not None:
-            return WorkerConnectionError(code, f"the worker ended the call: {self._ended.reason}")
+            return WorkerConnectionError.for_close(code, f"the worker ended the call: {self._ended.reason}")
         reason = self._ws.close_reason or "the connection closed"
-        return WorkerConnectionError(code, reason)
+        return WorkerConnectionError.for_close(code, reason)
 
     def _fail(self, failure: WorkerConnectionError) -> None:
         """The call is over: every current and future waiter gets ``failure``."""
@@ -332,8 +345,8 @@ class RemoteWorker:
             takes the next, so a full or dead worker sends the call to the following one.
         token: The workers' bearer token.
         connect_timeout_s: Limit for the TCP + WebSocket handshake of one attempt.
-        attempts: Attempts per call, over the URLs in turn.
-        backoff_s: Pause before the second attempt, doubled before each later one.
+        retry: When to try again after a pass over the URLs found none to take the call;
+            the default's budget covers a worker restart.
         ready_timeout_s: Limit from ``hello`` to ``ready`` (prompt prefill on the worker).
         send_timeout_s: Limit on one send while the socket's buffer is full.
         request_timeout_s: Limit on an ``inject_text`` answer.
@@ -346,9 +359,8 @@ class RemoteWorker:
         url: str | Sequence[str],
         token: str,
         connect_timeout_s: float = 5.0,
-        attempts: int = 3,
-        backoff_s: float = 0.2,
         *,
+        retry: RetryPolicy | None = None,
         ready_timeout_s: float = 60.0,
         send_timeout_s: float = 2.0,
         request_timeout_s: float = 60.0,
@@ -363,12 +375,9 @@ class RemoteWorker:
                 parse_uri(each)
             except InvalidURI as exc:
                 raise ValueError(f"not a WebSocket URL: {each!r} ({exc})") from None
-        if attempts < 1:
-            raise ValueError(f"attempts must be at least 1, got {attempts}")
         self._token = token
         self._connect_timeout_s = connect_timeout_s
-        self._attempts = attempts
-        self._backoff_s = backoff_s
+        self._retry = retry or RetryPolicy()
         self._ready_timeout_s = ready_timeout_s
         self._call_options = {
             "send_timeout_s": send_timeout_s,
@@ -381,7 +390,7 @@ class RemoteWorker:
 
     async def open_call(
         self,
-        settings: SessionSettings | None = None,
+        settings: SessionSettingsUpdate | None = None,
         system_prompt: str | None = None,
         voice_prompt: np.ndarray | None = None,
     ) -> RemoteCall:
@@ -395,27 +404,34 @@ class RemoteWorker:
         hello = encode_message(
             HelloMessage(
                 protocol_version=PROTOCOL_VERSION,
-                session=settings or SessionSettings(),
+                session=settings or SessionSettingsUpdate(),
                 system_prompt=system_prompt,
                 voice_prompt_pcm_b64=None if voice_prompt is None else encode_voice_prompt(_as_pcm16(voice_prompt)),
             )
         )
         failures: list[str] = []
-        for attempt in range(self._attempts):
-            if attempt:
-                await asyncio.sleep(self._backoff_s * 2 ** (attempt - 1))
-            url = self._urls[self._next_url % len(self._urls)]
-            self._next_url += 1
-            try:
-                call = await self._open_on(url, hello)
-            except _Retryable as exc:
-                logger.info(f"Worker {url} did not take the call: {exc}")
-                failures.append(f"{url}: {exc}")
-                continue
-            self._calls.add(call)
-            return call
+        started = time.monotonic()
+        pauses = self._retry.pauses()
+        while True:
+            for _ in self._urls:  # one pass, starting after the URL the last call took
+                url = self._urls[self._next_url % len(self._urls)]
+                self._next_url += 1
+                try:
+                    call = await self._open_on(url, hello)
+                except _Retryable as exc:
+                    logger.info(f"Worker {url} did not take the call: {exc}")
+                    failures.append(f"{url}: {exc}")
+                    continue
+                self._calls.add(call)
+                return call
+            pause = next(pauses)
+            if time.monotonic() - started + pause > self._retry.budget_s:
+                break
+            await asyncio.sleep(pause)
         raise WorkerUnavailableError(
-            None, f"no worker took the call in {self._attempts} attempt(s): " + "; ".join(failures)
+            None,
+            f"no worker took the call in {len(failures)} attempt(s) over {time.monotonic() - started:.1f} s; "
+            "last: " + "; ".join(failures[-len(self._urls) :]),
         )
 
     async def close(self) -> None:
@@ -501,5 +517,5 @@ def _as_pcm16(pcm: np.ndarray, frame_samples: int | None = None) -> np.ndarray:
     if pcm.dtype == np.int16:
         return pcm
     if np.issubdtype(pcm.dtype, np.floating):
-        return (np.clip(pcm, -1.0, 1.0) * 32767.0).round().astype(np.int16)
+        return float_to_pcm16(pcm)
     raise ValueError(f"audio must be int16 or float samples, got {pcm.dtype}")

@@ -37,6 +37,9 @@ from pipecat_michi.engine.settings import SessionSettingsUpdate
 PROTOCOL_VERSION: Final = 1
 CALL_PATH: Final = "/v1/call"
 
+# The one named place for the call's audio format: protocol version 1 carries 24 kHz mono
+# PCM16 in both directions (a model with another codec rate is refused when a worker starts).
+# ``ready`` announces both; clients take the frame size from it.
 SAMPLE_RATE_HZ: Final = 24_000
 DEFAULT_FRAME_SAMPLES: Final = 1920
 # Frames longer than a second make no sense for a full-duplex model; the bound keeps the
@@ -68,6 +71,8 @@ _AUDIO_HEADER: Final = struct.Struct("<I")
 _STEP_HEADER: Final = struct.Struct("<IBfHH")
 _MAX_UINT16: Final = 0xFFFF
 _MAX_UINT32: Final = 0xFFFF_FFFF
+# ``frame_index`` is a uint32 on the wire; a call whose steps would pass it ends with 4004.
+MAX_FRAME_INDEX: Final = _MAX_UINT32
 
 STEP_FLAG_SPEAKING: Final = 0x01
 STEP_FLAG_FILLED_SILENCE: Final = 0x02

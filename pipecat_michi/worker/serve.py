@@ -1,6 +1,6 @@
 """michi-serve: MichiAI workers as a Ray Serve application, one replica per GPU.
 
-Each replica runs the worker app of ``server.py`` (``create_app``: its own ``DuplexEngine``,
+Each replica runs the worker app of ``app.py`` (``create_app``: its own ``DuplexEngine``,
 the same ``/v1/call`` protocol, ``/healthz``, ``/readyz``, ``/metrics``, ``/v1/stats``) behind
 Serve's HTTP proxy, so a client reaches the whole application at one URL
 (``ws://host:8000/v1/call``) with the same ``RemoteWorker`` and token as a single worker.
@@ -53,7 +53,8 @@ from ray.exceptions import RayError
 from ray.serve.deployment import Application
 
 from pipecat_michi.worker.protocol import CALL_PATH
-from pipecat_michi.worker.server import WorkerConfig, WorkerConfigError, check_config, create_app, given_flags
+from pipecat_michi.worker.app import create_app
+from pipecat_michi.worker.config import WorkerConfig, WorkerConfigError, check_config, given_flags
 
 DEPLOYMENT_NAME: Final = "MichiWorker"
 # Serve names each replica's actor "SERVE_REPLICA::<app>#<deployment>#<id>" in this namespace.

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from tests.agents.test_webrtc import make_agent
+from tests.support import webrtc_agent as make_agent
 from tests.support import eventually, serve
 
 CHROMIUM = shutil.which("chromium")

@@ -1,13 +1,16 @@
-"""The main job: ``python -m agents call`` places a simulated phone call and reports on it."""
+"""The main job: ``python -m agents`` places a simulated phone call and reports what the caller heard."""
 
 import numpy as np
 import soundfile
 import torch
 
 from agents.__main__ import DEMO_CHECKPOINTS, main
+from agents.report import CallTimeline
 from pipecat_michi.model.checkpoint import save_checkpoint
 from pipecat_michi.model.config import MichiConfig
 from pipecat_michi.model.michi import MichiModel
+
+RATE = 8000
 
 
 def _caller_wav(tmp_path, seconds: float = 1.0):  # noqa: ANN001, ANN202
@@ -17,28 +20,60 @@ def _caller_wav(tmp_path, seconds: float = 1.0):  # noqa: ANN001, ANN202
     return caller
 
 
-def test_simulated_call_records_the_bot_and_prints_the_figures(tmp_path, capsys, monkeypatch) -> None:
-    # Random weights: that model speaks over the caller at once, so bot audio is certain.
-    monkeypatch.setattr("agents.__main__.DEMO_CHECKPOINTS", ())
-    out = tmp_path / "bot.wav"
-    main(["call", "--wav", str(_caller_wav(tmp_path)), "--listen-s", "0.5", "--out", str(out)])
-    printed = capsys.readouterr().out
-    assert "model: tiny preset, random weights" in printed
-    assert "== call summary ==" in printed and "model step: p50" in printed
-    audio, rate = soundfile.read(out, dtype="int16")
-    assert rate == 8000 and len(audio) > 0  # the bot's side, as the caller heard it
-
-
-def test_the_call_runs_on_the_demo_checkpoint_by_default_or_on_the_one_named(tmp_path, capsys) -> None:
-    caller = str(_caller_wav(tmp_path, seconds=0.5))
-    main(["call", "--wav", caller, "--listen-s", "0.3", "--out", str(tmp_path / "bot.wav")])
-    printed = capsys.readouterr().out
-    default = next(path for path in DEMO_CHECKPOINTS if (path / "config.json").is_file())  # one ships in assets/
-    assert f"model: checkpoint {default}" in printed and "== call summary ==" in printed
-
-    torch.manual_seed(7)
+def test_simulated_call_writes_the_stereo_wav_the_timeline_and_the_summary(tmp_path, capsys) -> None:
+    torch.manual_seed(0)
     checkpoint = save_checkpoint(MichiModel(MichiConfig.preset("tiny")), tmp_path / "ckpt")
-    main(["call", "--wav", caller, "--listen-s", "0.3", "--out", str(tmp_path / "bot.wav"),
-          "--checkpoint", str(checkpoint)])
+    out = tmp_path / "out"
+    main(["--wav", str(_caller_wav(tmp_path)), "--listen-s", "0.5", "--out-dir", str(out), "--checkpoint", str(checkpoint)])
     printed = capsys.readouterr().out
-    assert f"model: checkpoint {checkpoint}" in printed and "== call summary ==" in printed
+    assert f"model: {checkpoint}" in printed
+    assert "== what the caller heard ==" in printed and "barge-ins:" in printed and "model step: p50" in printed
+    audio, rate = soundfile.read(out / "call.wav", dtype="int16")
+    assert rate == RATE and audio.shape[1] == 2
+    assert np.abs(audio[:, 0]).max() > 1000  # the caller on the left; the bot's side is the right
+    assert (out / "call_timeline.png").stat().st_size > 1000 and (out / "call.log").is_file()
+
+
+def test_the_call_runs_on_the_demo_checkpoint_by_default(tmp_path, capsys) -> None:
+    main(["call", "--wav", str(_caller_wav(tmp_path, seconds=0.5)), "--listen-s", "0.3", "--out-dir", str(tmp_path)])
+    printed = capsys.readouterr().out
+    default = next(path for path in DEMO_CHECKPOINTS if (path / "config.json").is_file())
+    assert f"model: {default}" in printed and "== what the caller heard ==" in printed
+
+
+def _tone(seconds: float) -> np.ndarray:
+    return (3000 * np.sin(np.arange(int(seconds * RATE)) * 0.3)).astype(np.int16)
+
+
+def test_the_timeline_counts_what_a_listener_notices() -> None:
+    # Caller speaks 0-1 s and 2-3 s; the bot answers 0.2 s after the first turn and also cuts
+    # into the second one at 2.5 s (one 20 ms message of 160 samples per arrival).
+    voice = np.concatenate([_tone(1.0), np.zeros(RATE, np.int16), _tone(1.0)])
+    bot_at = [1.2 + 0.02 * i for i in range(25)] + [2.5 + 0.02 * i for i in range(25)]
+    timeline = CallTimeline.from_chunks(RATE, [(0.0, voice)], [(t, _tone(0.02)) for t in bot_at], [], clears=1)
+    figures = timeline.figures()
+    assert (figures.caller_turns, figures.bot_turns, figures.bot_over_caller, figures.barge_ins) == (2, 2, 1, 1)
+    assert figures.ttfa_ms[0] is not None and abs(figures.ttfa_ms[0] - 200) <= 20
+    assert figures.ttfa_ms[1] is None  # the bot said nothing after the caller's second turn
+
+
+async def test_the_recorder_writes_a_live_calls_report(tmp_path) -> None:
+    from pipecat.frames.frames import EndFrame, InputAudioRawFrame, TTSAudioRawFrame
+    from pipecat.processors.frame_processor import FrameDirection
+
+    from agents.report import CallRecorder
+
+    recorder = CallRecorder(tmp_path, "call-1")
+    caller, bot = recorder.caller_tap(), recorder.bot_tap()
+    for tap in (caller, bot):
+        tap.push_frame = _swallow  # no pipeline around the taps: frames go nowhere
+    await caller.process_frame(InputAudioRawFrame(_tone(0.5).tobytes(), RATE, 1), FrameDirection.DOWNSTREAM)
+    await bot.process_frame(TTSAudioRawFrame(_tone(0.5).tobytes(), 24000, 1), FrameDirection.DOWNSTREAM)
+    await bot.process_frame(EndFrame(), FrameDirection.DOWNSTREAM)
+    audio, rate = soundfile.read(tmp_path / "call-1.wav", dtype="int16")
+    assert rate == 16000 and audio.shape[1] == 2 and np.abs(audio).max(axis=0).min() > 1000
+    assert (tmp_path / "call-1_timeline.png").is_file()
+
+
+async def _swallow(*_args, **_kwargs) -> None:  # noqa: ANN002, ANN003
+    return None

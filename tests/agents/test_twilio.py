@@ -23,15 +23,12 @@ from pipecat_michi.engine.call import LocalEngine
 from pipecat_michi.engine.config import EngineConfig
 from tests.service.service_fakes import ScriptedBackend, ScriptedCall, Step
 from tests.support import eventually, serve
+from tests.support import speech_8k as _speech_8k
+from tests.support import twilio_agent_config as _config
 
 AUTH_TOKEN = "test-auth-token"
 PUBLIC_HOST = "bot.example.test"
 ACCOUNT_SID = "AC" + "0123456789abcdef" * 2
-
-
-def _config(max_call_s: float | None = None, **overrides) -> TwilioAgentConfig:
-    engine = {"preset": "tiny", "device": "cpu", "slot_capacity": 2}
-    return TwilioAgentConfig(backend={"engine": engine, "max_call_s": max_call_s}, **overrides)
 
 
 def _signed_config(api_host: str, **overrides) -> TwilioAgentConfig:
@@ -42,13 +39,6 @@ def _signed_config(api_host: str, **overrides) -> TwilioAgentConfig:
         twilio_api_base_url=f"http://{api_host}",
         **overrides,
     )
-
-
-def _speech_8k(seconds: float) -> np.ndarray:
-    rng = np.random.default_rng(0)
-    t = np.arange(int(8000 * seconds)) / 8000
-    voice = 0.3 * np.sin(2 * np.pi * 220 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
-    return ((voice + 0.01 * rng.standard_normal(len(t))) * 32767).astype(np.int16)
 
 
 @asynccontextmanager
@@ -267,3 +257,22 @@ async def test_a_stream_that_stops_sending_audio_is_ended_and_hung_up() -> None:
             await asyncio.wait_for(caller.closed.wait(), 15)  # then nothing more is sent
             await eventually(lambda: backend.opened[0].closed, what="the model call is closed")
     assert [path for _, path, _ in api_requests] == [f"/2010-04-01/Accounts/{ACCOUNT_SID}/Calls/{caller.call_sid}.json"]
+
+
+def test_the_call_registry_is_bounded_expiring_and_single_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agents.twilio import security
+
+    now = [1000.0]
+    monkeypatch.setattr(security.time, "monotonic", lambda: now[0])
+    registry = security.CallRegistry(max_calls=3, ttl_s=60)
+    sids = [f"CA{i:032x}" for i in range(5)]
+    for sid in sids:
+        registry.saw(sid)
+    assert len(registry) == 3 and not registry.knows(sids[0])  # bounded: oldest forgotten
+    assert registry.claim(sids[4]) is None
+    assert registry.claim(sids[4]) == "this call already has a media stream"
+    now[0] += 61
+    assert registry.claim(sids[3]) == "unknown call: the signed webhook did not answer it"  # expired
+    assert registry.knows(sids[4])  # a streaming call stays known until forgotten
+    registry.forget(sids[4])
+    assert len(registry) == 0

@@ -11,20 +11,11 @@ from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
 from agents.webrtc.app import WebRTCAgentConfig, create_app
-from pipecat_michi.engine.call import LocalEngine
-from pipecat_michi.engine.config import EngineConfig
 from tests.support import eventually, serve
+from tests.support import webrtc_agent as make_agent
 
 CALLER_RATE_HZ = 48000
 CALLER_FRAME_MS = 20
-
-
-def make_agent(**overrides) -> tuple:
-    """The agent on the tiny random model, and the engine it runs on (to watch its slots)."""
-    engine = {"preset": "tiny", "device": "cpu", "slot_capacity": 2}
-    config = WebRTCAgentConfig(backend={"engine": engine, "max_call_s": None}, **overrides)
-    backend = LocalEngine(EngineConfig(device="cpu", slot_capacity=2))
-    return create_app(config, backend=backend), backend
 
 
 class ToneTrack(MediaStreamTrack):
@@ -276,3 +267,17 @@ async def test_a_dead_backend_closes_the_peer_instead_of_leaving_it_silent() -> 
         finally:
             await caller.pc.close()
         await eventually(lambda: not app.state.calls, what="the call's pipeline is gone")
+
+
+async def test_big_signalling_bodies_are_refused_before_they_are_read() -> None:
+    app, _ = make_agent()
+
+    async def chunked():  # no Content-Length
+        for _ in range(200):
+            yield b" " * 1024
+
+    async with serve(app) as host, httpx.AsyncClient(base_url=f"http://{host}", timeout=10) as http:
+        declared = await http.post("/api/offer", content=b"{" + b" " * 1_000_000 + b"}",
+                                   headers={"content-type": "application/json"})
+        streamed = await http.post("/api/offer", content=chunked(), headers={"content-type": "application/json"})
+    assert [declared.status_code, streamed.status_code] == [413, 413]

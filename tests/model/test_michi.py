@@ -127,3 +127,13 @@ def test_streaming_detokenizer_never_splits_a_character() -> None:
     pieces = [detok.push(i) for i in ids]
     assert "".join(pieces) == "é😀 ok"
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_a_host_side_top_k_bound_samples_the_same_tokens_as_a_full_sort() -> None:
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(4, 300, generator=generator)
+    sampling = Sampling(torch.tensor([0.7, 1.0, 1.5, 0.0]), torch.tensor([5, 40, 1, 40]), torch.full((4,), 0.5))
+    bounded = Sampling(sampling.temperature, sampling.top_k, sampling.speak_threshold, max_top_k=40)
+    for _ in range(50):  # across the whole range of draws, not one point of each CDF
+        uniform = torch.rand(4, generator=generator)
+        assert sample_tokens(logits, bounded, uniform).tolist() == sample_tokens(logits, sampling, uniform).tolist()

@@ -2,11 +2,13 @@
 runs in every dtype and stays within the serving quality bar on a seeded call."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from pipecat_michi.model.checkpoint import CheckpointError, save_checkpoint
 from pipecat_michi.model.config import MichiConfig
 from pipecat_michi.model.michi import MichiModel
 from pipecat_michi.model.parity import compare, run_call, seeded_call_audio
@@ -53,6 +55,11 @@ def test_quantize_replaces_big_linears_and_gives_the_tied_head_an_int8_copy(refe
     assert quantize_model(copy.deepcopy(reference), "none").backbone.lm_head is None
     with pytest.raises(ValueError, match="int8"):
         quantize_model(copy.deepcopy(reference), "int4")
+
+
+def test_a_quantized_model_is_not_saved_as_a_checkpoint(reference: MichiModel, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="quantize after loading"):
+        save_checkpoint(quantize_model(copy.deepcopy(reference), "int8"), tmp_path)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -14,7 +14,8 @@ from pipecat_michi.engine.call import DuplexBackend, LocalEngine
 from pipecat_michi.engine.config import EngineConfig
 from pipecat_michi.engine.engine import DuplexEngine
 from pipecat_michi.worker.client import RemoteWorker
-from pipecat_michi.worker.server import WorkerConfig, running_worker
+from pipecat_michi.worker.config import WorkerConfig
+from pipecat_michi.worker.harness import running_worker
 
 WORKER_TOKEN = "service-test-token"
 

@@ -11,7 +11,9 @@ from pipecat.frames.frames import Frame, InputAudioRawFrame
 
 from pipecat_michi.engine.call import DuplexBackend, DuplexCall
 from pipecat_michi.engine.engine import InjectResult, SessionClosedError, StepResult
+from pipecat_michi.engine.batch import ContextTooLongError
 from pipecat_michi.engine.settings import SessionSettingsUpdate
+from pipecat_michi.worker.client import WorkerConnectionError, WorkerUnavailableError
 
 FRAME = 1920
 RATE = 24000
@@ -41,19 +43,24 @@ class Injected:
 class ScriptedCall:
     """A ``DuplexCall`` that answers each frame sent with the next scripted step.
 
-    ``die_after``: after that many steps, ``receive`` raises ``ConnectionError`` (the worker died).
-    ``refuse``: texts ``inject_text`` refuses, as a worker refuses one too long for the context.
+    ``die_after``: after that many steps, ``receive`` raises ``die_with`` (default: the worker died).
+    ``refuse``: texts ``inject_text`` refuses as the engine does one too long for the context.
     """
 
     frame_samples = FRAME
     sample_rate_hz = RATE
 
     def __init__(
-        self, script: list[Step] | None = None, die_after: int | None = None, refuse: set[str] | None = None
+        self,
+        script: list[Step] | None = None,
+        die_after: int | None = None,
+        refuse: set[str] | None = None,
+        die_with: Exception | None = None,
     ) -> None:
         self.session_id = f"scripted{id(self):x}"
         self.script = list(script or [])
         self.die_after = die_after
+        self.die_with = die_with or WorkerConnectionError(1006, "worker connection lost")
         self.refuse = refuse or set()
         self.sent: list[int | None] = []
         self.injected: list[Injected] = []
@@ -89,7 +96,7 @@ class ScriptedCall:
 
     async def receive(self, timeout: float | None = None) -> StepResult:
         if self.die_after is not None and self.delivered >= self.die_after:
-            raise ConnectionError("worker connection lost")
+            raise self.die_with
         item = await asyncio.wait_for(self._results.get(), timeout)
         if item is _CLOSED:
             self._results.put_nowait(_CLOSED)
@@ -99,7 +106,7 @@ class ScriptedCall:
 
     async def inject_text(self, text: str, role: str = "system", pinned: bool = False) -> InjectResult:
         if text in self.refuse:
-            raise RuntimeError(f"{len(text)} tokens do not fit the context")
+            raise ContextTooLongError(f"{len(text)} tokens do not fit the context")
         self._kv += len(text)
         result = InjectResult(token_count=len(text), kv_length=self._kv)
         self.injected.append(Injected(text, role, pinned, result))
@@ -124,6 +131,7 @@ class ScriptedBackend:
         self.opened: list[ScriptedCall] = []
         self.prompts: list[str | None] = []
         self.settings: list[SessionSettingsUpdate | None] = []
+        self.open_attempts = 0
 
     async def open_call(
         self,
@@ -131,8 +139,9 @@ class ScriptedBackend:
         system_prompt: str | None = None,
         voice_prompt: np.ndarray | None = None,
     ) -> ScriptedCall:
+        self.open_attempts += 1
         if not self.pending:
-            raise ConnectionError("connection refused")
+            raise WorkerUnavailableError(None, "no worker took the call")
         call = self.pending.pop(0)
         if isinstance(call, Exception):
             raise call

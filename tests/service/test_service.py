@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 
-import numpy as np
 import pytest
 from pipecat.frames.frames import (
     CancelFrame,
@@ -36,12 +35,10 @@ from pipecat.frames.frames import (
 )
 from pipecat.metrics.metrics import TTFBMetricsData
 from pipecat.pipeline.pipeline import Pipeline
-from pipecat.pipeline.worker import PipelineParams
 from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.aggregators.llm_response_universal import LLMContextAggregatorPair
-from pipecat.processors.frame_processor import FrameProcessor
 from pipecat.tests.utils import SleepFrame, run_test
-from service_fakes import FRAME, RATE, SILENT, ScriptedBackend, ScriptedCall, SpyBackend, Step, model_frames
+from service_fakes import FRAME, SILENT, ScriptedBackend, ScriptedCall, SpyBackend, Step, model_frames
 
 from pipecat_michi.engine.call import DuplexBackend, LocalEngine
 from pipecat_michi.engine.engine import DuplexEngine
@@ -49,42 +46,17 @@ from pipecat_michi.engine.settings import SessionSettingsUpdate
 from pipecat_michi.model.tokenizer import format_context
 from pipecat_michi.service import FRAME_INDEX_METADATA_KEY, MichiLLMService, MichiServiceParams, MichiSettings
 from pipecat_michi.service.turns import BotText
+from pipecat_michi.worker.client import WorkerIdleError
+from pipecat_michi.worker.protocol import CloseCode
 from tests.service.conftest import ENGINE_CONFIG
+from tests.support import Until, caller_audio, index_of, kinds, run_pipeline
 
 pytestmark = pytest.mark.timeout(60)
 
 # The random tiny model with this seed and threshold listens for one frame, then speaks on.
 SPEAKS = MichiSettings(seed=1, speak_threshold=0.45)
-FAST_RECONNECT = MichiServiceParams(reconnect_attempts=2, reconnect_backoff_s=0.01)
 # Wait for every step at EndFrame even when a loaded machine makes steps slow.
 PATIENT = MichiServiceParams(drain_timeout_s=20)
-
-
-def caller_audio(chunks: int, rate: int = 16000, chunk_ms: int = 20, seed: int = 0) -> list[Frame]:
-    """Noise in transport-sized chunks (20 ms at 16 kHz, as WebRTC delivers it)."""
-    rng = np.random.default_rng(seed)
-    samples = rate * chunk_ms // 1000
-    return [
-        InputAudioRawFrame(
-            audio=(rng.standard_normal(samples) * 3000).astype(np.int16).tobytes(), sample_rate=rate, num_channels=1
-        )
-        for _ in range(chunks)
-    ]
-
-
-async def run(processor: FrameProcessor, frames: list[Frame], *, out_rate: int = 24000, metrics: bool = False):
-    params = PipelineParams(audio_out_sample_rate=out_rate, enable_metrics=metrics)
-    return await asyncio.wait_for(
-        run_test(processor, frames_to_send=frames, pipeline_params=params, start_timeout=10), timeout=30
-    )
-
-
-def kinds(frames: list[Frame], *types: type) -> list[Frame]:
-    return [f for f in frames if isinstance(f, types)]
-
-
-def index_of(frames: list[Frame], kind: type, start: int = 0) -> int:
-    return next(i for i in range(start, len(frames)) if isinstance(frames[i], kind))
 
 
 # --- the embedded engine -------------------------------------------------------------------
@@ -96,7 +68,7 @@ async def test_caller_audio_in_gives_bot_audio_text_and_upstream_transcripts(
 ) -> None:
     service = MichiLLMService(backend, settings=SPEAKS, user_id="caller-1", params=PATIENT)
     sent = caller_audio(40)  # 0.8 s at 16 kHz: 10 model frames
-    down, up = await run(service, [*sent, SleepFrame(0.3)], out_rate=out_rate)
+    down, up = await run_pipeline(service, [*sent, SleepFrame(0.3)], out_rate=out_rate)
 
     # The caller's audio goes on downstream (recorders, the output transport's mixer).
     assert len(kinds(down, InputAudioRawFrame)) == len(sent)
@@ -140,7 +112,7 @@ async def test_the_embedded_engine_in_half_precision_speaks(dtype: str) -> None:
     await engine.start()
     try:
         service = MichiLLMService(backend, settings=SPEAKS, params=PATIENT)
-        down, up = await run(service, [*caller_audio(40), SleepFrame(0.3)])
+        down, up = await run_pipeline(service, [*caller_audio(40), SleepFrame(0.3)])
     finally:
         await backend.close()
     assert len(kinds(down, TTSAudioRawFrame)) >= 6 and kinds(down, TTSTextFrame)
@@ -160,7 +132,7 @@ async def test_context_aggregators_record_both_sides_and_nothing_is_read_twice(b
     service = MichiLLMService(spy, settings=SPEAKS, params=PATIENT)
     pipeline = Pipeline([pair.user(), service, pair.assistant()])
 
-    await run(pipeline, [LLMRunFrame(), SleepFrame(0.2), *caller_audio(40), SleepFrame(0.4)])
+    await run_pipeline(pipeline, [LLMRunFrame(), SleepFrame(0.2), *caller_audio(40), SleepFrame(0.4)])
 
     # Audio fed in a burst makes turns follow each other within milliseconds, faster than the
     # user aggregator settles them, so only what was recorded is checked here; the order of a
@@ -194,7 +166,7 @@ async def test_a_message_appended_mid_call_is_injected_without_reset(backend: Du
         *caller_audio(20, seed=1),
         SleepFrame(0.3),
     ]
-    await run(Pipeline([pair.user(), service, pair.assistant()]), frames)
+    await run_pipeline(Pipeline([pair.user(), service, pair.assistant()]), frames)
 
     (call,) = spy.calls
     assert call.resets == 0
@@ -222,7 +194,7 @@ async def test_settings_update_reaches_the_call_and_a_bad_one_is_refused(backend
         LLMUpdateSettingsFrame(delta=MichiSettings(speak_threshold=1.5)),
         SleepFrame(0.1),
     ]
-    _, up = await run(service, frames)
+    _, up = await run_pipeline(service, frames)
 
     (call,) = spy.calls
     assert call.updates == [SessionSettingsUpdate(speak_threshold=0.9, temperature=0.0)]
@@ -239,9 +211,15 @@ async def test_settings_update_reaches_the_call_and_a_bad_one_is_refused(backend
 async def test_interruption_stops_bot_output_at_once_until_the_next_turn() -> None:
     call = ScriptedCall([Step(True, "a")] * 3 + [Step(True, "b")] * 2 + [SILENT] + [Step(True, "c")] * 2)
     service = MichiLLMService(ScriptedBackend(call))
-    frames = [*model_frames(3), SleepFrame(0.2), InterruptionFrame(), SleepFrame(0.1), *model_frames(5)]
-    frames.append(SleepFrame(0.2))
-    down, _ = await run(service, frames)
+    frames = [
+        *model_frames(3),
+        Until(lambda: call.delivered == 3, "the first three steps"),
+        InterruptionFrame(),
+        SleepFrame(0.1),  # the interruption is a system frame: nothing observable to wait on
+        *model_frames(5),
+        Until(lambda: call.delivered == 8, "every step"),
+    ]
+    down, _ = await run_pipeline(service, frames)
 
     cut = index_of(down, InterruptionFrame)
     assert len(kinds(down[:cut], TTSAudioRawFrame)) == 3
@@ -262,7 +240,7 @@ async def test_a_bot_text_filter_rewrites_or_drops_text_before_it_becomes_frames
 
     call = ScriptedCall([Step(True, "hi "), Step(True, "<call>x</call>"), Step(True, "there")])
     service = MichiLLMService(ScriptedBackend(call), bot_text_filter=hide_calls)
-    down, _ = await run(service, [*model_frames(3), SleepFrame(0.2)])
+    down, _ = await run_pipeline(service, [*model_frames(3), Until(lambda: call.delivered == 3, "three steps")])
 
     assert [(e.text, e.frame_index) for e in seen] == [("hi ", 0), ("<call>x</call>", 1), ("there", 2)]
     assert [f.text for f in kinds(down, TTSTextFrame)] == ["HI ", "THERE"]
@@ -280,8 +258,10 @@ async def test_model_yielding_to_the_user_broadcasts_an_interruption_and_ttfb_is
         Step(False, transcript=" no"),  # ...and the model yields
         SILENT,
     ]
-    service = MichiLLMService(ScriptedBackend(ScriptedCall(script)))
-    down, up = await run(service, [*model_frames(len(script)), SleepFrame(0.2)], metrics=True)
+    call = ScriptedCall(script)
+    service = MichiLLMService(ScriptedBackend(call))
+    frames = [*model_frames(len(script)), Until(lambda: call.delivered == len(script), "every step")]
+    down, up = await run_pipeline(service, frames, metrics=True)
 
     out = [f for f in down if not isinstance(f, (InputAudioRawFrame, MetricsFrame))]
     first_end = index_of(out, LLMFullResponseEndFrame)
@@ -300,12 +280,18 @@ async def test_model_yielding_to_the_user_broadcasts_an_interruption_and_ttfb_is
 
 async def test_lost_backend_reconnects_and_replays_the_context() -> None:
     first, second = ScriptedCall([Step(True, "a")] * 9, die_after=2), ScriptedCall()
-    backend = ScriptedBackend(first, ConnectionError("refused"), second)
-    service = MichiLLMService(backend, system_instruction="Be brief.", params=FAST_RECONNECT)
+    backend = ScriptedBackend(first, second)
+    service = MichiLLMService(backend, system_instruction="Be brief.")
     context = LLMContext([{"role": "system", "content": "Use the menu."}, {"role": "user", "content": "Tea?"}])
-    frames = [LLMContextFrame(context), SleepFrame(0.1), *model_frames(4), SleepFrame(0.5), *model_frames(2)]
-    frames.append(SleepFrame(0.2))
-    down, up = await run(service, frames)
+    frames = [
+        LLMContextFrame(context),
+        Until(lambda: len(first.injected) == 2, "the context injected"),
+        *model_frames(4),
+        Until(lambda: len(second.injected) == 2, "the second call opened and replayed"),
+        *model_frames(2),
+        Until(lambda: second.delivered == 2, "both frames answered"),
+    ]
+    down, up = await run_pipeline(service, frames)
 
     assert backend.prompts == ["Be brief.", "Be brief."] and first.closed
     for call in (first, second):
@@ -318,13 +304,37 @@ async def test_lost_backend_reconnects_and_replays_the_context() -> None:
     assert len(kinds(down, LLMFullResponseStartFrame)) == len(kinds(down, LLMFullResponseEndFrame)) == 1
 
 
+async def test_a_call_closed_for_idleness_is_reopened_only_when_the_caller_speaks_again() -> None:
+    idle = WorkerIdleError(CloseCode.IDLE_TIMEOUT, "no message for 30 s")
+    first, second = ScriptedCall(die_after=2, die_with=idle), ScriptedCall()
+    backend = ScriptedBackend(first, second)
+    service = MichiLLMService(backend)
+    frames = [
+        *model_frames(2),
+        Until(lambda: first.closed, "the idle close"),
+        SleepFrame(0.3),  # time a reconnect would take: none happens while the caller is silent
+        Until(lambda: backend.open_attempts == 1, "no new call without caller audio", timeout_s=0.1),
+        *model_frames(1),  # the caller speaks: a new call opens (this frame is lost)
+        Until(lambda: service.call is second, "the new call"),
+        *model_frames(2),
+        Until(lambda: second.delivered == 2, "the new call answers"),
+    ]
+    _, up = await run_pipeline(service, frames)
+
+    assert backend.open_attempts == 2 and len(second.sent) == 2
+    assert not kinds(up, ErrorFrame) and service.is_usable
+
+
 async def test_a_backend_that_stays_down_gives_an_error_frame_and_the_pipeline_still_ends() -> None:
     first = ScriptedCall([Step(True, "a")] * 9, die_after=2)
-    service = MichiLLMService(ScriptedBackend(first), params=FAST_RECONNECT)
-    down, up = await run(service, [*model_frames(4), SleepFrame(0.5), *model_frames(2)])
+    backend = ScriptedBackend(first)
+    service = MichiLLMService(backend)
+    frames = [*model_frames(4), Until(lambda: not service.is_usable, "the service gave up"), *model_frames(2)]
+    down, up = await run_pipeline(service, frames)
 
     (error,) = kinds(up, ErrorFrame)
-    assert "MichiAI backend unavailable" in error.error and "reconnect attempts failed" in error.error
+    assert "MichiAI backend unavailable" in error.error and "opening a call failed" in error.error
+    assert backend.open_attempts == 2  # one new call asked for: retrying is the backend's job
     assert not service.is_usable and service.call is None
     assert kinds(down, TTSStoppedFrame) and kinds(down, LLMFullResponseEndFrame)
 
@@ -344,13 +354,12 @@ async def test_scripted_conversation_through_the_aggregators_injects_only_the_ap
     service = MichiLLMService(ScriptedBackend(call), system_instruction="Be brief.")
     frames = [
         LLMRunFrame(),
-        SleepFrame(0.1),
         *model_frames(len(script)),
-        SleepFrame(0.3),
+        Until(lambda: len(context.messages) == 4, "both sides' turns recorded"),
         LLMMessagesAppendFrame([{"role": "developer", "content": "Offer tea."}], run_llm=True),
-        SleepFrame(0.2),
+        Until(lambda: len(call.injected) == 1, "the app's message injected"),
     ]
-    _, up = await run(Pipeline([pair.user(), service, pair.assistant()]), frames)
+    _, up = await run_pipeline(Pipeline([pair.user(), service, pair.assistant()]), frames)
 
     assert [(m["role"], m["content"]) for m in context.messages] == [
         ("system", "Be brief."),
@@ -385,7 +394,7 @@ async def test_a_refused_message_is_reported_and_the_call_goes_on() -> None:
     context = LLMContext([{"role": "user", "content": "x" * 50}])
     later = LLMContext([*context.messages, {"role": "user", "content": "short"}])
     frames = [LLMContextFrame(context), SleepFrame(0.1), LLMContextFrame(later), *model_frames(2), SleepFrame(0.1)]
-    _, up = await run(service, frames)
+    _, up = await run_pipeline(service, frames)
 
     (error,) = kinds(up, ErrorFrame)
     assert "refused a user message" in error.error and service.is_usable

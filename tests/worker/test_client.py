@@ -4,6 +4,8 @@ retries and rotation, auth, and a dead connection never leaving a waiter hanging
 from __future__ import annotations
 
 import asyncio
+import random
+import re
 import socket
 import time
 
@@ -22,7 +24,9 @@ from pipecat_michi.worker.client import (
     WorkerUnavailableError,
 )
 from pipecat_michi.worker.protocol import ErrorMessage, encode_message
-from pipecat_michi.worker.server import WorkerConfig, running_worker
+from pipecat_michi.worker.retry import RetryPolicy
+from pipecat_michi.worker.config import WorkerConfig
+from pipecat_michi.worker.harness import running_worker
 from tests.support import eventually
 
 TOKEN = "client-test-token"
@@ -41,17 +45,33 @@ def _dead_url() -> str:
     return f"ws://127.0.0.1:{port}/v1/call"
 
 
-async def test_a_dead_worker_gives_worker_unavailable_after_the_attempts() -> None:
-    backend = RemoteWorker(_dead_url(), TOKEN, connect_timeout_s=2, attempts=2, backoff_s=0.01)
-    with pytest.raises(WorkerUnavailableError, match="2 attempt") as failed:
+async def test_a_dead_worker_gives_worker_unavailable_once_the_retry_budget_is_spent() -> None:
+    retry = RetryPolicy(first_delay_s=0.05, max_delay_s=0.1, jitter=0, budget_s=0.5)
+    backend = RemoteWorker(_dead_url(), TOKEN, connect_timeout_s=2, retry=retry)
+    started = time.monotonic()
+    with pytest.raises(WorkerUnavailableError, match="cannot connect") as failed:
         await backend.open_call()
-    assert failed.value.message.count("cannot connect") == 2
+    # Pauses 0.05, 0.1, 0.1, ...: attempts until the next pause would end past the budget.
+    assert 0.4 <= time.monotonic() - started < 2.0
+    assert re.search(r"in ([5-9]|1\d) attempt\(s\)", failed.value.message), failed.value.message
+
+
+def test_the_retry_pauses_double_up_to_the_cap_and_are_jittered_down_only() -> None:
+    policy = RetryPolicy(first_delay_s=0.25, max_delay_s=2.0, jitter=0.5, budget_s=15)
+    rng = random.Random(0)
+    pauses = [next(p) for p in [policy.pauses(rng)] for _ in range(8)]
+    for pause, full in zip(pauses, [0.25, 0.5, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0], strict=True):
+        assert full / 2 <= pause <= full
+    assert len(set(pauses)) == len(pauses)  # jittered: calls dropped together spread out
+    assert sum(pauses) < policy.budget_s  # several passes fit the budget (a restart: ~3 s)
+    with pytest.raises(ValueError, match="max_delay_s"):
+        RetryPolicy(first_delay_s=3, max_delay_s=1)
 
 
 async def test_a_wrong_token_raises_worker_auth_error_at_once() -> None:
     async with running_worker(_config()) as worker:
         # A retry would sleep 30 s first: the deadline proves there is none.
-        backend = RemoteWorker(worker.url, "wrong", attempts=3, backoff_s=30)
+        backend = RemoteWorker(worker.url, "wrong", retry=RetryPolicy(first_delay_s=30, max_delay_s=30))
         async with asyncio.timeout(10):
             with pytest.raises(WorkerAuthError, match="403"):
                 await backend.open_call()
@@ -60,7 +80,7 @@ async def test_a_wrong_token_raises_worker_auth_error_at_once() -> None:
 async def test_a_full_or_dead_worker_sends_the_call_to_the_next_url() -> None:
     async with running_worker(_config(slots=1)) as full, running_worker(_config()) as free:
         taken = await RemoteWorker(full.url, TOKEN).open_call()
-        backend = RemoteWorker([full.url, _dead_url(), free.url], TOKEN, attempts=3, backoff_s=0.01)
+        backend = RemoteWorker([full.url, _dead_url(), free.url], TOKEN, retry=RetryPolicy.once())
         call = await backend.open_call()
         assert call.url == free.url and free.engine.sessions_in_use == 1
         assert full.app.state.worker.metrics.stats().rejected_calls == 1
@@ -78,7 +98,7 @@ async def test_another_protocol_version_raises_worker_protocol_error() -> None:
 
     async with serve(refuse, "127.0.0.1", 0) as server:
         port = next(iter(server.sockets)).getsockname()[1]
-        backend = RemoteWorker(f"ws://127.0.0.1:{port}/v1/call", TOKEN, attempts=3, backoff_s=30)
+        backend = RemoteWorker(f"ws://127.0.0.1:{port}/v1/call", TOKEN, retry=RetryPolicy(first_delay_s=30, max_delay_s=30))
         async with asyncio.timeout(10):
             with pytest.raises(WorkerProtocolError, match="not supported") as refused:
                 await backend.open_call()

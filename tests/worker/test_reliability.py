@@ -14,44 +14,46 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from pipecat_michi.engine.settings import SessionSettingsUpdate
-from pipecat_michi.worker.client import RemoteWorker, WorkerConnectionError, WorkerUnavailableError
+from pipecat_michi.worker.client import RemoteWorker, WorkerAuthError, WorkerConnectionError, WorkerUnavailableError
 from pipecat_michi.worker.protocol import MAX_MESSAGE_BYTES, AudioFrame, EndedMessage, encode_message
-from pipecat_michi.worker.server import running_worker
-from tests.support import eventually
-from tests.worker.test_server import (
+from pipecat_michi.worker.retry import RetryPolicy
+from pipecat_michi.worker.harness import running_worker
+from tests.support import (
     FRAME,
-    TOKEN,
-    _audio,
-    _config,
-    _connect,
-    _hello,
-    _last_words,
-    _ready,
-    _serves_a_call,
-    _worker,
+    WORKER_TOKEN as TOKEN,
+    connect_raw,
+    eventually,
+    hello_bytes,
+    last_words,
+    noise_frames,
+    raw_ready,
+    serves_a_call,
+    tiny_worker,
+    worker_config,
 )
 
+ONCE = RetryPolicy.once()
 TENANT_A = "tenant-a-0123456789abcdef"
 TENANT_B = "tenant-b-0123456789abcdef"
 
 
 async def test_a_call_past_max_call_s_is_ended_with_max_duration_and_frees_its_slot() -> None:
-    async with _worker(max_call_s=0.5) as worker:
-        async with _connect(worker) as ws:
-            await _ready(ws)
-            messages, code = await _last_words(ws)  # nothing sent: the limit, not the idle timeout
+    async with tiny_worker(max_call_s=0.5) as worker:
+        async with connect_raw(worker) as ws:
+            await raw_ready(ws)
+            messages, code = await last_words(ws)  # nothing sent: the limit, not the idle timeout
         assert code == 1000 and messages == [EndedMessage(reason="max_duration", frames=0)]
         await eventually(lambda: worker.engine.sessions_in_use == 0, timeout_s=1.0, what="slot freed")
 
 
 async def test_each_token_holds_at_most_max_calls_per_token_and_others_are_not_counted() -> None:
-    config = _config(tenant_tokens=[TENANT_A, TENANT_B], max_calls_per_token=1, engine={"slot_capacity": 4})
+    config = worker_config(tenant_tokens=[TENANT_A, TENANT_B], max_calls_per_token=1, engine={"slot_capacity": 4})
     async with running_worker(config) as worker:
-        tenant_a = RemoteWorker(worker.url, TENANT_A, attempts=1)
+        tenant_a = RemoteWorker(worker.url, TENANT_A, retry=ONCE)
         first = await tenant_a.open_call()
         with pytest.raises(WorkerUnavailableError, match="max_calls_per_token"):
             await tenant_a.open_call()  # a slot is free, but tenant A has its one call
-        others = [await RemoteWorker(worker.url, token, attempts=1).open_call() for token in (TENANT_B, TOKEN)]
+        others = [await RemoteWorker(worker.url, token, retry=ONCE).open_call() for token in (TENANT_B, TOKEN)]
         assert worker.engine.sessions_in_use == 3
         await first.close()
         await eventually(lambda: worker.engine.sessions_in_use == 2, timeout_s=1.0, what="slot freed")
@@ -65,15 +67,15 @@ async def test_no_token_reaches_the_logs() -> None:
     lines: list[str] = []
     sink = logger.add(lambda message: lines.append(str(message) + repr(message.record["extra"])), level="DEBUG")
     try:
-        async with running_worker(_config(tenant_tokens=[TENANT_A])) as worker:
+        async with running_worker(worker_config(tenant_tokens=[TENANT_A])) as worker:
             for wrong in ("guess-" + TOKEN, TENANT_A[:-1]):
-                with pytest.raises(Exception):
-                    await RemoteWorker(worker.url, wrong, attempts=1).open_call()
+                with pytest.raises(WorkerAuthError, match="refused the token"):
+                    await RemoteWorker(worker.url, wrong, retry=ONCE).open_call()
             call = await RemoteWorker(worker.url, TENANT_A).open_call()
-            await call.send_audio(_audio(0, 1)[0])
+            await call.send_audio(noise_frames(0, 1)[0])
             await call.receive(timeout=10)
             await call.close()
-            await _serves_a_call(worker)
+            await serves_a_call(worker)
     finally:
         logger.remove(sink)
     text = "\n".join(lines)
@@ -88,7 +90,7 @@ async def test_a_client_that_stops_reading_loses_its_oldest_steps_and_never_slow
     # The worker's small send buffer (send_buffer_bytes) and the client's fill within a few
     # dozen STEPs; then the stalled call's bounded output queue must start dropping.
     max_frames, frames_after_drops = 300, 40
-    async with _worker(engine={"max_pending_outputs": 8}) as worker:
+    async with tiny_worker(engine={"max_pending_outputs": 8}) as worker:
         sock = socket.socket()
         # A small receive window: the worker's sends block after a few STEPs instead of filling
         # megabytes of kernel buffers first.
@@ -99,9 +101,9 @@ async def test_a_client_that_stops_reading_loses_its_oldest_steps_and_never_slow
             worker.url, sock=sock, max_queue=2, max_size=MAX_MESSAGE_BYTES, compression=None,
             additional_headers={"Authorization": f"Bearer {TOKEN}"},
         ) as stalled:
-            await stalled.send(_hello(session=speaking))
+            await stalled.send(hello_bytes(session=speaking))
             healthy = await RemoteWorker(worker.url, TOKEN).open_call(speaking)
-            audio = _audio(1, 8)
+            audio = noise_frames(1, 8)
             received = []
             first_drop = None
             for index in range(max_frames):
@@ -127,25 +129,25 @@ async def test_a_client_that_stops_reading_loses_its_oldest_steps_and_never_slow
 
 
 async def test_a_half_closed_connection_ends_the_call_and_frees_the_slot() -> None:
-    async with _worker() as worker:
-        ws = await _connect(worker)
-        await _ready(ws)
-        await ws.send(encode_message(AudioFrame(frame_index=0, pcm=_audio(2, 1)[0])))
+    async with tiny_worker() as worker:
+        ws = await connect_raw(worker)
+        await raw_ready(ws)
+        await ws.send(encode_message(AudioFrame(frame_index=0, pcm=noise_frames(2, 1)[0])))
         ws.transport.write_eof()  # the client's side of TCP is shut; no close frame, no end
         await eventually(lambda: worker.engine.sessions_in_use == 0, timeout_s=2.0, what="slot freed")
         with pytest.raises(ConnectionClosed):
             async with asyncio.timeout(5):
                 while True:
                     await ws.recv()
-        await _serves_a_call(worker)
+        await serves_a_call(worker)
 
 
 async def test_a_restarted_worker_serves_new_calls_and_its_old_calls_end_with_1001() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    config = _config()
-    backend = RemoteWorker(f"ws://127.0.0.1:{port}/v1/call", TOKEN, attempts=2, backoff_s=0.05)
+    config = worker_config()
+    backend = RemoteWorker(f"ws://127.0.0.1:{port}/v1/call", TOKEN, retry=RetryPolicy(first_delay_s=0.05, budget_s=0.2))
     async with running_worker(config, port=port):
         call = await backend.open_call(SessionSettingsUpdate(seed=4))
         await call.send_audio(np.zeros(FRAME, dtype=np.int16))

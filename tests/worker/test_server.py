@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import httpx
 import numpy as np
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import InvalidStatus
 
 from pipecat_michi.engine.config import EngineConfig
 from pipecat_michi.engine.engine import StepResult
@@ -22,100 +19,26 @@ from pipecat_michi.worker.client import RemoteCall, RemoteWorker, WorkerError
 from pipecat_michi.worker.protocol import (
     KIND_CONTROL,
     MAX_MESSAGE_BYTES,
-    PROTOCOL_VERSION,
     AudioFrame,
     EndedMessage,
-    EndMessage,
-    ErrorMessage,
-    HelloMessage,
-    ReadyMessage,
-    StepMessage,
-    WorkerMessage,
-    decode_worker_message,
     encode_message,
 )
-from pipecat_michi.worker.server import RunningWorker, WorkerConfig, WorkerConfigError, create_app, running_worker
-from tests.support import eventually
+from pipecat_michi.worker.app import create_app
+from pipecat_michi.worker.config import WorkerConfig, WorkerConfigError
+from tests.support import (
+    WORKER_TOKEN as TOKEN,
+    connect_raw,
+    expect_fatal,
+    hello_bytes,
+    last_words,
+    noise_frames,
+    raw_ready,
+    serves_a_call,
+    tiny_worker,
+    worker_config,
+    eventually,
+)
 
-TOKEN = "test-token-0123456789"
-FRAME = 1920
-
-
-def _audio(seed: int, frames: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return (rng.standard_normal((frames, FRAME)) * 3000).astype(np.int16)
-
-
-def _config(**overrides: object) -> WorkerConfig:
-    engine = {"preset": "tiny", "device": "cpu", "slot_capacity": 2, "fill_after_ms": 5000.0}
-    engine.update(overrides.pop("engine", {}))  # type: ignore[arg-type]
-    return WorkerConfig(token=TOKEN, engine=EngineConfig(**engine), **overrides)
-
-
-@asynccontextmanager
-async def _worker(**overrides: object) -> AsyncIterator[RunningWorker]:
-    async with running_worker(_config(**overrides)) as worker:
-        yield worker
-
-
-# --- raw WebSocket helpers: no client class, so the bad cases are the bytes we choose ---------
-
-
-def _connect(worker: RunningWorker, token: str | None = TOKEN):
-    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
-    return connect(worker.url, additional_headers=headers, max_size=MAX_MESSAGE_BYTES, compression=None)
-
-
-def _hello(**fields: object) -> bytes:
-    return encode_message(HelloMessage(protocol_version=PROTOCOL_VERSION, **fields))  # type: ignore[arg-type]
-
-
-async def _recv(ws: ClientConnection) -> WorkerMessage:
-    async with asyncio.timeout(10):
-        return decode_worker_message(await ws.recv(), FRAME)  # type: ignore[arg-type]
-
-
-async def _ready(ws: ClientConnection) -> ReadyMessage:
-    await ws.send(_hello(session=SessionSettingsUpdate(seed=1)))
-    ready = await _recv(ws)
-    assert isinstance(ready, ReadyMessage), ready
-    return ready
-
-
-async def _last_words(ws: ClientConnection) -> tuple[list[WorkerMessage], int]:
-    """Every control message the worker sends until it closes (STEPs skipped), and the close code."""
-    messages: list[WorkerMessage] = []
-    try:
-        while True:
-            message = await _recv(ws)
-            if not isinstance(message, StepMessage):
-                messages.append(message)
-    except ConnectionClosed as closed:
-        assert closed.rcvd is not None, "the worker dropped the connection without a close frame"
-        return messages, closed.rcvd.code
-
-
-async def _expect_fatal(ws: ClientConnection, code: int) -> None:
-    messages, close_code = await _last_words(ws)
-    assert close_code == code
-    assert len(messages) == 1 and isinstance(messages[0], ErrorMessage), messages
-    assert (messages[0].code, messages[0].fatal) == (code, True)
-    # The close reason is the error's message, shortened to fit a close frame.
-    reason = ws.close_reason or ""
-    assert len(reason.encode()) <= 123 and messages[0].message.startswith(reason.removesuffix("..."))
-
-
-async def _serves_a_call(worker: RunningWorker) -> None:
-    """The worker still works: a new call gets ready and a STEP, and its slot comes back."""
-    async with _connect(worker) as ws:
-        await _ready(ws)
-        await ws.send(encode_message(AudioFrame(frame_index=0, pcm=_audio(0, 1)[0])))
-        step = await _recv(ws)
-        assert isinstance(step, StepMessage) and step.frame_index == 0
-        await ws.send(encode_message(EndMessage()))
-        messages, code = await _last_words(ws)
-        assert code == 1000 and messages == [EndedMessage(reason="client_end", frames=1)]
-    await eventually(lambda: worker.engine.sessions_in_use == 0, timeout_s=1.0, what="slot freed")
 
 
 # --- batching --------------------------------------------------------------------------------
@@ -131,10 +54,10 @@ async def _stream(call: RemoteCall, audio: np.ndarray) -> list[StepResult]:
 
 
 async def test_concurrent_calls_get_one_step_per_frame_in_order_equal_to_running_alone() -> None:
-    audio_a, audio_b = _audio(1, 8), _audio(2, 8)
+    audio_a, audio_b = noise_frames(1, 8), noise_frames(2, 8)
     settings_a = SessionSettingsUpdate(seed=5, speak_threshold=0.3)
     settings_b = SessionSettingsUpdate(seed=6, speak_threshold=0.3)
-    async with _worker() as worker:
+    async with tiny_worker() as worker:
         backend = RemoteWorker(worker.url, TOKEN)
         call_a = await backend.open_call(settings_a, system_prompt="You are a helpful agent.")
         call_b = await backend.open_call(settings_b)
@@ -160,9 +83,9 @@ async def test_concurrent_calls_get_one_step_per_frame_in_order_equal_to_running
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 async def test_a_call_on_a_half_precision_worker(dtype: str) -> None:
-    async with _worker(engine={"dtype": dtype}) as worker:
+    async with tiny_worker(engine={"dtype": dtype}) as worker:
         call = await RemoteWorker(worker.url, TOKEN).open_call(SessionSettingsUpdate(seed=5, speak_threshold=0.3))
-        results = await _stream(call, _audio(1, 4))
+        results = await _stream(call, noise_frames(1, 4))
     assert [r.frame_index for r in results] == list(range(4))
     assert any(r.audio is not None and np.abs(r.audio).max() > 0 for r in results)
 
@@ -171,13 +94,13 @@ async def test_a_call_on_a_half_precision_worker(dtype: str) -> None:
 
 
 async def test_wrong_or_missing_token_is_refused_with_403_before_the_upgrade() -> None:
-    async with _worker() as worker:
+    async with tiny_worker() as worker:
         for token in ("wrong-token", None):
             with pytest.raises(InvalidStatus) as refused:
-                async with _connect(worker, token):
+                async with connect_raw(worker, token):
                     pass
             assert refused.value.response.status_code == 403
-        await _serves_a_call(worker)
+        await serves_a_call(worker)
 
 
 def test_a_worker_without_token_refuses_to_start_unless_told() -> None:
@@ -197,13 +120,13 @@ def test_config_reads_the_environment_with_nested_engine_settings(monkeypatch: p
 
 
 async def test_a_full_worker_answers_1013_at_once_and_admits_again_when_a_slot_frees() -> None:
-    async with _worker(engine={"slot_capacity": 1}) as worker:
-        async with _connect(worker) as first:
-            await _ready(first)
-            async with _connect(worker) as second:
-                await _expect_fatal(second, 1013)  # before any hello
+    async with tiny_worker(engine={"slot_capacity": 1}) as worker:
+        async with connect_raw(worker) as first:
+            await raw_ready(first)
+            async with connect_raw(worker) as second:
+                await expect_fatal(second, 1013)  # before any hello
         await eventually(lambda: worker.engine.sessions_in_use == 0, timeout_s=1.0, what="slot freed")
-        await _serves_a_call(worker)
+        await serves_a_call(worker)
         stats = worker.app.state.worker.metrics.stats()
         assert stats.rejected_calls == 1
 
@@ -222,93 +145,93 @@ BAD_MESSAGES = {
 
 
 async def test_bad_messages_end_their_call_with_4000_and_the_worker_serves_on() -> None:
-    async with _worker() as worker:
+    async with tiny_worker() as worker:
         for name, data in BAD_MESSAGES.items():
-            async with _connect(worker) as ws:
-                await _ready(ws)
+            async with connect_raw(worker) as ws:
+                await raw_ready(ws)
                 await ws.send(data)
                 try:
-                    await _expect_fatal(ws, 4000)
+                    await expect_fatal(ws, 4000)
                 except AssertionError as exc:
                     raise AssertionError(f"{name}: {exc}") from exc
-            await _serves_a_call(worker)
+            await serves_a_call(worker)
         # A garbage first message is a bad message too, before any hello.
-        async with _connect(worker) as ws:
+        async with connect_raw(worker) as ws:
             await ws.send(b"\x07\x00")
-            await _expect_fatal(ws, 4000)
+            await expect_fatal(ws, 4000)
         assert worker.engine.sessions_in_use == 0
 
 
 async def test_an_oversized_message_closes_with_1009() -> None:
-    async with _worker() as worker:
-        async with _connect(worker) as ws:
-            await _ready(ws)
+    async with tiny_worker() as worker:
+        async with connect_raw(worker) as ws:
+            await raw_ready(ws)
             await ws.send(bytes((KIND_CONTROL,)) + b" " * MAX_MESSAGE_BYTES)
-            _, code = await _last_words(ws)
+            _, code = await last_words(ws)
             assert code == 1009
         await eventually(lambda: worker.engine.sessions_in_use == 0, timeout_s=1.0, what="slot freed")
-        await _serves_a_call(worker)
+        await serves_a_call(worker)
 
 
 async def test_another_protocol_version_gets_4001() -> None:
-    async with _worker() as worker:
-        async with _connect(worker) as ws:
+    async with tiny_worker() as worker:
+        async with connect_raw(worker) as ws:
             await ws.send(bytes((KIND_CONTROL,)) + json.dumps({"type": "hello", "protocol_version": 2}).encode())
-            await _expect_fatal(ws, 4001)
-        await _serves_a_call(worker)
+            await expect_fatal(ws, 4001)
+        await serves_a_call(worker)
 
 
 async def test_unexpected_messages_get_4004() -> None:
-    pcm = _audio(3, 1)[0]
-    async with _worker() as worker:
+    pcm = noise_frames(3, 1)[0]
+    async with tiny_worker() as worker:
         # Audio before hello.
-        async with _connect(worker) as ws:
+        async with connect_raw(worker) as ws:
             await ws.send(encode_message(AudioFrame(frame_index=0, pcm=pcm)))
-            await _expect_fatal(ws, 4004)
+            await expect_fatal(ws, 4004)
         # A frame index that does not increase.
-        async with _connect(worker) as ws:
-            await _ready(ws)
+        async with connect_raw(worker) as ws:
+            await raw_ready(ws)
             await ws.send(encode_message(AudioFrame(frame_index=3, pcm=pcm)))
             await ws.send(encode_message(AudioFrame(frame_index=3, pcm=pcm)))
-            await _expect_fatal(ws, 4004)
+            await expect_fatal(ws, 4004)
         # A second hello.
-        async with _connect(worker) as ws:
-            await _ready(ws)
-            await ws.send(_hello())
-            await _expect_fatal(ws, 4004)
+        async with connect_raw(worker) as ws:
+            await raw_ready(ws)
+            await ws.send(hello_bytes())
+            await expect_fatal(ws, 4004)
         await eventually(lambda: worker.engine.sessions_in_use == 0, timeout_s=1.0, what="slot freed")
-        await _serves_a_call(worker)
+        await serves_a_call(worker)
 
 
 async def test_no_hello_in_time_gets_4002() -> None:
-    async with _worker(handshake_timeout_s=0.3) as worker:
-        async with _connect(worker) as ws:
-            await _expect_fatal(ws, 4002)
-        await _serves_a_call(worker)
+    async with tiny_worker(handshake_timeout_s=0.3) as worker:
+        async with connect_raw(worker) as ws:
+            await expect_fatal(ws, 4002)
+        await serves_a_call(worker)
 
 
 async def test_a_silent_client_gets_ended_idle_timeout_and_4003() -> None:
-    async with _worker(idle_timeout_s=0.5) as worker:
-        async with _connect(worker) as ws:
-            await _ready(ws)
-            messages, code = await _last_words(ws)
+    async with tiny_worker(idle_timeout_s=0.5) as worker:
+        async with connect_raw(worker) as ws:
+            await raw_ready(ws)
+            messages, code = await last_words(ws)
             assert code == 4003
             assert messages == [EndedMessage(reason="idle_timeout", frames=0)]
         await eventually(lambda: worker.engine.sessions_in_use == 0, timeout_s=1.0, what="slot freed")
 
 
 async def test_an_abrupt_disconnect_frees_the_slot_within_a_second() -> None:
-    async with _worker() as worker:
+    async with tiny_worker() as worker:
         for frames in (0, 3):
-            ws = await _connect(worker)
-            await _ready(ws)
-            for index, frame in enumerate(_audio(4, frames)):
+            ws = await connect_raw(worker)
+            await raw_ready(ws)
+            for index, frame in enumerate(noise_frames(4, frames)):
                 await ws.send(encode_message(AudioFrame(frame_index=index, pcm=frame)))
             assert worker.engine.sessions_in_use == 1
             ws.transport.abort()  # TCP gone, no close frame, no end
             await eventually(lambda: worker.engine.sessions_in_use == 0, timeout_s=1.0, what="slot freed")
             await ws.close()
-        await _serves_a_call(worker)
+        await serves_a_call(worker)
         await eventually(lambda: not worker.app.state.worker.calls, timeout_s=1.0, what="calls forgotten")
 
 
@@ -316,9 +239,9 @@ async def test_an_abrupt_disconnect_frees_the_slot_within_a_second() -> None:
 
 
 async def test_injection_mid_call_grows_the_context_by_its_tokens_and_a_refusal_keeps_the_call() -> None:
-    async with _worker(engine={"kv_capacity": 64}) as worker:
+    async with tiny_worker(engine={"kv_capacity": 64}) as worker:
         call = await RemoteWorker(worker.url, TOKEN).open_call(SessionSettingsUpdate(seed=2))
-        for frame in _audio(5, 2):
+        for frame in noise_frames(5, 2):
             await call.send_audio(frame)
             await call.receive(timeout=10)
         first = await call.inject_text("Open 9 to 5.", role="document")
@@ -331,7 +254,7 @@ async def test_injection_mid_call_grows_the_context_by_its_tokens_and_a_refusal_
         with pytest.raises(WorkerError) as refused:
             await call.inject_text("x" * 200, role="document", pinned=True)
         assert refused.value.code == 4000 and "half" in refused.value.message
-        await call.send_audio(_audio(6, 1)[0])
+        await call.send_audio(noise_frames(6, 1)[0])
         assert (await call.receive(timeout=10)).frame_index == 2
         await call.close()
 
@@ -340,17 +263,17 @@ async def test_injection_mid_call_grows_the_context_by_its_tokens_and_a_refusal_
 
 
 async def test_a_shutting_down_worker_ends_calls_with_ended_shutdown_and_1001() -> None:
-    async with _worker() as worker:
-        ws = await _connect(worker)
-        await _ready(ws)
+    async with tiny_worker() as worker:
+        ws = await connect_raw(worker)
+        await raw_ready(ws)
         worker.server.should_exit = True
-        messages, code = await _last_words(ws)
+        messages, code = await last_words(ws)
         assert code == 1001 and messages == [EndedMessage(reason="shutdown", frames=0)]
 
 
 async def test_health_readiness_metrics_and_stats_endpoints() -> None:
-    async with _worker() as worker:
-        await _serves_a_call(worker)
+    async with tiny_worker() as worker:
+        await serves_a_call(worker)
         async with httpx.AsyncClient(base_url=worker.http_url, timeout=10) as http:
             assert (await http.get("/healthz")).status_code == 200
             ready = await http.get("/readyz")
@@ -379,7 +302,24 @@ async def test_health_readiness_metrics_and_stats_endpoints() -> None:
             assert stats["step_ms"]["count"] == stats["ticks"] and stats["step_ms"]["p50"] > 0
             assert stats["step_ms_by_batch"]["1"]["count"] >= 1
     # Without a running engine (no lifespan), the worker is not ready.
-    app = create_app(_config())
+    app = create_app(worker_config())
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://worker") as http:
         assert (await http.get("/healthz")).status_code == 200
         assert (await http.get("/readyz")).status_code == 503
+
+
+def test_a_model_whose_codec_rate_the_protocol_cannot_carry_is_refused_at_start() -> None:
+    from fastapi.testclient import TestClient
+
+    from pipecat_michi.engine.engine import DuplexEngine
+    from pipecat_michi.model.config import MichiConfig
+    from pipecat_michi.model.michi import MichiModel
+    from pipecat_michi.model.tokenizer import load_tokenizer
+
+    tiny = MichiConfig.preset("tiny")
+    config = tiny.model_copy(update={"codec": tiny.codec.model_copy(update={"sample_rate_hz": 16000})})
+    engine = DuplexEngine(model=MichiModel(config).eval(), tokenizer=load_tokenizer(config))
+    app = create_app(WorkerConfig(token=TOKEN, engine=EngineConfig(device="cpu", slot_capacity=1)), engine)
+    with pytest.raises(WorkerConfigError, match="16000 Hz; protocol version 1 carries 24000 Hz"):
+        with TestClient(app):
+            pass

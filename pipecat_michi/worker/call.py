@@ -1,7 +1,7 @@
-"""michi-worker: the GPU worker, a FastAPI app serving one ``DuplexEngine`` over WebSockets.
+"""One call on one WebSocket, from the upgrade to the close: ``CallHandler``, the worker's
+per-call state machine, speaking the protocol of ``docs/protocol.md`` (codec in ``protocol.py``).
 
-One WebSocket per call at ``CALL_PATH``, speaking the protocol of ``docs/protocol.md``
-(codec in ``protocol.py``). Per call, tasks owned by its ``_CallHandler``:
+Per call, tasks owned by its ``CallHandler``:
 
 - the reader decodes client messages: audio goes straight into the engine session, settings
   apply from the next tick, a reset waits for earlier injections then empties the slot, and
@@ -14,50 +14,33 @@ Whichever task finishes first decides how the call ends (``_Ending``); the other
 cancelled and the engine session is closed on every path, so a slot is free again within one
 tick of a disconnect. A bad message ends its call, never the process.
 
-Also ``/healthz``, ``/readyz``, Prometheus ``/metrics`` and ``GET /v1/stats`` (bearer token).
+Over 400 lines on purpose: one state machine (admission, handshake, the four tasks, the
+ending), whose states and transitions read best top to bottom in one place.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
-import hmac
-import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
-import uvicorn
-from fastapi import FastAPI, Request, Response, WebSocket
-from fastapi.responses import JSONResponse
+from fastapi import WebSocket
 from loguru import logger
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
-from pydantic import Field, SecretStr, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.websockets import WebSocketDisconnect
 
 from pipecat_michi.engine.batch import ContextTooLongError
-from pipecat_michi.engine.config import QUANTIZE_MODES, EngineConfig
 from pipecat_michi.engine.engine import (
-    DuplexEngine,
     EngineFullError,
     EngineSession,
     FrameOrderError,
     SessionClosedError,
     StepResult,
 )
-from pipecat_michi.serving import ServerLimits, configure_production_logging
-from pipecat_michi.worker.metrics import WorkerMetrics, WorkerStats
 from pipecat_michi.worker.protocol import (
-    CALL_PATH,
-    HANDSHAKE_TIMEOUT_S,
-    IDLE_TIMEOUT_S,
-    MAX_MESSAGE_BYTES,
+    MAX_FRAME_INDEX,
     MAX_TEXT_CHARS,
     PROTOCOL_VERSION,
     AudioFrame,
@@ -78,82 +61,15 @@ from pipecat_michi.worker.protocol import (
     encode_message,
     close_reason,
 )
+from pipecat_michi.worker.state import Worker
 
-STATS_PATH: Final = "/v1/stats"
 # Injections queued behind a slow one before the reader stops reading (the client's socket
 # then fills: back-pressure instead of unbounded memory).
 MAX_PENDING_INJECTIONS: Final = 16
 # Bound on the last messages of a call (ended/error, close): a client that stopped reading
 # must not hold its handler forever.
 FINAL_SEND_TIMEOUT_S: Final = 2.0
-# How long a shutting-down worker waits for its calls to say goodbye.
-SHUTDOWN_GRACE_S: Final = 3.0
-# Per-call socket send buffer: ~16 STEPs with audio, about 1.3 s of speech (see WorkerConfig).
-SEND_BUFFER_BYTES: Final = 64 * 1024
-# Default bound on one call's length: a client streaming forever would hold its slot forever.
-MAX_CALL_S: Final = 3600.0
 _MAX_TRACKED_ARRIVALS: Final = 256
-_OPEN_RATE_WINDOW_S: Final = 60.0
-
-
-class WorkerConfigError(ValueError):
-    """The worker's configuration cannot be served as given."""
-
-
-class WorkerConfig(BaseSettings):
-    """How a worker serves: address, auth, limits and its engine.
-
-    Read from the environment with the prefix ``MICHI_WORKER_`` (``MICHI_WORKER_TOKEN``,
-    ``MICHI_WORKER_PORT``, ...); nested engine settings use ``__``, for instance
-    ``MICHI_WORKER_ENGINE__SLOT_CAPACITY=32``. Keyword arguments win over the environment.
-
-    Parameters:
-        host: Interface to bind; loopback unless told otherwise.
-        port: TCP port.
-        token: Bearer token every call and ``/v1/stats`` must present. ``None`` refuses to
-            start unless ``allow_unauthenticated`` (or ``tenant_tokens`` are set).
-        tenant_tokens: More accepted tokens, e.g. one per customer, each counted on its own by
-            ``max_calls_per_token`` (``MICHI_WORKER_TENANT_TOKENS='["...", "..."]'``).
-        allow_unauthenticated: Serve without a token (development on loopback only).
-        engine: The engine's configuration (model, device, slots, clocks).
-        handshake_timeout_s: Upgrade to ``hello``; then close 4002.
-        idle_timeout_s: Silence from a client after ``ready``; then close 4003.
-        max_message_bytes: Largest WebSocket message accepted; larger ones close with 1009.
-        send_buffer_bytes: Kernel send buffer of each call's socket (Linux doubles it). Small on
-            purpose: a call needs ~50 kB/s, and a client that stops reading should make the
-            worker drop its oldest STEPs (it gets recent audio when it recovers) after about a
-            second, not after the OS's autotuned megabytes of stale audio. ``None``: the OS's.
-        max_call_s: Longest a call may last from ``ready``; then ``ended(max_duration)`` and
-            close 1000. ``None``: no limit.
-        max_calls_per_token: Calls one bearer token (``token`` or one of ``tenant_tokens``) may
-            hold on this worker at once; one more gets a fatal ``error`` 1013 (the client tries
-            another worker). ``None``: no limit beyond the slots.
-        max_call_opens_per_minute: Calls one token may open per minute (a sliding window); more
-            get 1013. Opening a call prefills prompts, which delays every other call's ticks.
-        max_flow_steps: Most ``flow_steps`` a call may ask for: every call in the batch waits
-            for the slowest one's flow head. More is refused with 4000.
-        server: HTTP limits (header timeout, keep-alive, max connections) against slow clients.
-    """
-
-    model_config = SettingsConfigDict(
-        env_prefix="MICHI_WORKER_", env_nested_delimiter="__", extra="forbid", frozen=True
-    )
-
-    host: str = "127.0.0.1"
-    port: int = Field(default=8765, ge=0, le=65535)
-    token: SecretStr | None = None
-    tenant_tokens: list[SecretStr] = Field(default_factory=list)
-    allow_unauthenticated: bool = False
-    engine: EngineConfig = EngineConfig()
-    handshake_timeout_s: float = Field(default=HANDSHAKE_TIMEOUT_S, gt=0)
-    idle_timeout_s: float = Field(default=IDLE_TIMEOUT_S, gt=0)
-    max_message_bytes: int = Field(default=MAX_MESSAGE_BYTES, ge=1024, le=MAX_MESSAGE_BYTES)
-    send_buffer_bytes: int | None = Field(default=SEND_BUFFER_BYTES, ge=4096)
-    max_call_s: float | None = Field(default=MAX_CALL_S, gt=0)
-    max_calls_per_token: int | None = Field(default=None, ge=1)
-    max_call_opens_per_minute: int | None = Field(default=120, ge=1)
-    max_flow_steps: int = Field(default=4, ge=1)
-    server: ServerLimits = ServerLimits()
 
 
 @dataclass(frozen=True)
@@ -185,86 +101,10 @@ class _CallEnded(Exception):
         self.ending = ending
 
 
-class _Worker:
-    """What the app's endpoints share: config, engine, metrics, and the live calls."""
-
-    def __init__(self, config: WorkerConfig, engine: DuplexEngine) -> None:
-        self.config = config
-        self.engine = engine
-        self.metrics = WorkerMetrics(engine)
-        self.started = False
-        self.stopping = False
-        self.calls: set[_CallHandler] = set()
-        self._tokens = [
-            secret.get_secret_value().encode("utf-8")
-            for secret in (config.token, *config.tenant_tokens)
-            if secret is not None
-        ]
-        # Per token id: monotonic times of its recent call opens (max_call_opens_per_minute).
-        self._opens: dict[int, collections.deque[float]] = {}
-
-    def token_id(self, authorization: str | None) -> int | None:
-        """Which accepted token an ``Authorization`` header carries (0: ``token``, then the
-        ``tenant_tokens`` in order), ``None`` for none. Tokens are known by this index only:
-        the secret itself is never kept with a call, logged or counted under."""
-        if not self._tokens:
-            return 0  # allow_unauthenticated, checked at creation
-        scheme, _, presented = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer":
-            return None
-        guess = presented.strip().encode("utf-8")
-        match = None
-        # Constant time, and every token compared: the timing tells neither how much of a guess
-        # matched nor which token it was closest to.
-        for index, token in enumerate(self._tokens):
-            if hmac.compare_digest(guess, token) and match is None:
-                match = index
-        return match
-
-    def authorized(self, authorization: str | None) -> bool:
-        """Whether an ``Authorization`` header carries one of the worker's bearer tokens."""
-        return self.token_id(authorization) is not None
-
-    def may_open(self, token_id: int) -> bool:
-        """Count one call open for ``token_id``; ``False`` when it is over its per-minute rate."""
-        limit = self.config.max_call_opens_per_minute
-        if limit is None:
-            return True
-        now = time.monotonic()
-        opens = self._opens.setdefault(token_id, collections.deque(maxlen=limit))
-        while opens and now - opens[0] > _OPEN_RATE_WINDOW_S:
-            opens.popleft()
-        if len(opens) >= limit:
-            return False
-        opens.append(now)
-        return True
-
-    def admitted_calls(self, token_id: int) -> int:
-        """Calls past admission that presented token ``token_id``."""
-        return sum(1 for call in self.calls if call.admitted and call.token_id == token_id)
-
-    async def end_calls(self, timeout_s: float = SHUTDOWN_GRACE_S) -> None:
-        """Tell every live call the worker is going away (``ended(shutdown)``, 1001); wait
-        for them to finish, at most ``timeout_s``."""
-        self.stopping = True
-        calls = list(self.calls)
-        if not calls:
-            return
-        logger.info(f"Ending {len(calls)} call(s): the worker is shutting down")
-        for call in calls:
-            call.shut_down()
-        waiters = [asyncio.create_task(call.finished.wait()) for call in calls]
-        _, late = await asyncio.wait(waiters, timeout=timeout_s)
-        for waiter in late:
-            waiter.cancel()
-        if late:
-            logger.warning(f"{len(late)} call(s) did not end within {timeout_s:g} s")
-
-
-class _CallHandler:
+class CallHandler:
     """One call on one WebSocket, from the upgrade to the close."""
 
-    def __init__(self, websocket: WebSocket, worker: _Worker) -> None:
+    def __init__(self, websocket: WebSocket, worker: Worker) -> None:
         self._ws = websocket
         self._worker = worker
         self._engine = worker.engine
@@ -281,7 +121,7 @@ class _CallHandler:
         self._tasks: list[asyncio.Task[_Ending]] = []
         self.finished = asyncio.Event()
         self.admitted = False
-        self.token_id = worker.token_id(websocket.headers.get("authorization"))
+        self.token_id = worker.auth.token_id(websocket.headers.get("authorization"))
         client = websocket.client
         self._log = logger.bind(call=uuid.uuid4().hex[:8], peer=f"{client.host}:{client.port}" if client else "?")
 
@@ -292,7 +132,7 @@ class _CallHandler:
     async def handle(self) -> None:
         if self.token_id is None:
             # Before accept: the ASGI server answers the upgrade with HTTP 403.
-            self._log.warning("Refused a call: missing or wrong bearer token")
+            self._worker.refusals.warning("Refused a call: missing or wrong bearer token")
             await self._ws.close(code=CloseCode.POLICY_VIOLATION)
             return
         await self._ws.accept()
@@ -337,7 +177,7 @@ class _CallHandler:
                     "end one or try another worker",
                 )
             )
-        if not self._worker.may_open(self.token_id):
+        if not self._worker.auth.may_open(self.token_id):
             self._worker.metrics.count_rejected_call()
             self._log.info(f"Refused a call: token #{self.token_id} opened too many calls in the last minute")
             raise _CallEnded(
@@ -490,6 +330,12 @@ class _CallHandler:
                 result = await session.receive()
             except SessionClosedError:
                 return self._session_lost()
+            if result.frame_index > MAX_FRAME_INDEX:
+                # Only a client that started near 2**32 gets here (a real call needs 10 years).
+                return _Ending(
+                    CloseCode.UNEXPECTED_MESSAGE,
+                    f"frame indexes ran past {MAX_FRAME_INDEX}: start at 0 (docs/protocol.md)",
+                )
             await self._send_bytes(encode_message(_step_message(result)))
             self._frames_sent += 1
             self._observe_residence(result)
@@ -635,232 +481,3 @@ def _describe(message: ClientMessage) -> str:
 
 def _clip(text: str, max_chars: int) -> str:
     return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
-
-
-
-def check_config(config: WorkerConfig) -> None:
-    """Refuse a configuration no worker may serve.
-
-    Raises:
-        WorkerConfigError: No token and ``allow_unauthenticated`` is not set, or an empty token.
-    """
-    if config.token is None and not config.tenant_tokens and not config.allow_unauthenticated:
-        raise WorkerConfigError(
-            "no token: set MICHI_WORKER_TOKEN (or --token), or allow unauthenticated calls for local "
-            "development (--allow-unauthenticated, MICHI_WORKER_ALLOW_UNAUTHENTICATED=1)"
-        )
-    if config.token is not None and not config.token.get_secret_value().strip():
-        raise WorkerConfigError("the token is empty: set a long random MICHI_WORKER_TOKEN")
-    if any(not secret.get_secret_value().strip() for secret in config.tenant_tokens):
-        raise WorkerConfigError("a tenant token is empty: every one of MICHI_WORKER_TENANT_TOKENS must be long and random")
-
-
-def create_app(config: WorkerConfig, engine: DuplexEngine | None = None) -> FastAPI:
-    """The worker's ASGI app. Its lifespan starts ``engine`` (default: one built from
-    ``config.engine``) and stops it. Serve it with ``create_server`` (WebSocket limits, and
-    calls told ``ended(shutdown)`` before the server goes away).
-
-    Raises:
-        WorkerConfigError: See ``check_config``.
-    """
-    check_config(config)
-    if config.token is None and not config.tenant_tokens:
-        logger.warning(
-            "!!! michi-worker runs WITHOUT AUTHENTICATION: anyone who reaches "
-            f"{config.host}:{config.port} can open calls. Use a token anywhere but local development. !!!"
-        )
-    worker = _Worker(config, engine or DuplexEngine(config.engine))
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await worker.engine.start()
-        worker.engine.tick_observers.append(worker.metrics.observe_tick)
-        worker.started, worker.stopping = True, False
-        try:
-            yield
-        finally:
-            worker.started = False
-            await worker.end_calls()  # no-op when WorkerServer already did it
-            worker.engine.tick_observers.remove(worker.metrics.observe_tick)
-            await worker.engine.stop()
-
-    app = FastAPI(title="michi-worker", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.worker = worker
-
-    @app.websocket(CALL_PATH)
-    async def call(websocket: WebSocket) -> None:
-        await _CallHandler(websocket, worker).handle()
-
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        """Liveness: the process answers."""
-        return {"status": "ok"}
-
-    @app.get("/readyz")
-    async def readyz() -> JSONResponse:
-        """Readiness: 200 while the engine runs and the worker is not shutting down."""
-        ready = worker.started and not worker.stopping
-        body: dict[str, Any] = {
-            "ready": ready,
-            "slots_in_use": worker.engine.sessions_in_use,
-            "slot_capacity": worker.engine.capacity,
-        }
-        return JSONResponse(body, status_code=200 if ready else 503)
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(worker.metrics.render(), media_type=CONTENT_TYPE_PLAIN_0_0_4)
-
-    @app.get(STATS_PATH, response_model=WorkerStats)
-    async def stats(request: Request) -> WorkerStats | JSONResponse:
-        """Counters and step-time percentiles (bearer token required)."""
-        if not worker.authorized(request.headers.get("authorization")):
-            return JSONResponse(
-                {"detail": "missing or wrong bearer token"}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
-            )
-        return worker.metrics.stats()
-
-    return app
-
-
-class WorkerServer(uvicorn.Server):
-    """uvicorn's server, which first ends the app's calls with ``ended(shutdown)`` and 1001
-    (uvicorn alone would drop them with 1012) before it stops."""
-
-    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
-        super().__init__(config)
-        self._worker: _Worker = app.state.worker
-
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        await self._worker.end_calls()
-        await super().shutdown(sockets=sockets)
-
-
-def create_server(app: FastAPI, config: WorkerConfig, **uvicorn_options: Any) -> WorkerServer:
-    """A ``WorkerServer`` for ``app``: binds ``config.host``/``config.port`` (unless it is
-    given sockets), WebSocket messages limited to ``config.max_message_bytes`` (larger ones
-    close with 1009)."""
-    options: dict[str, Any] = {
-        "host": config.host,
-        "port": config.port,
-        # The sans-I/O websockets implementation: 1009 on oversized messages, 403 on a close
-        # before accept, and write back-pressure on sends.
-        "ws": "websockets-sansio",
-        "ws_max_size": config.max_message_bytes,
-        # PCM does not compress; deflate would only cost CPU on both ends.
-        "ws_per_message_deflate": False,
-        "lifespan": "on",
-        "log_level": "info",
-        **config.server.uvicorn_options(),
-    }
-    options.update(uvicorn_options)
-    return WorkerServer(uvicorn.Config(app, **options), app)
-
-
-def bind_listener(host: str, port: int, send_buffer_bytes: int | None) -> socket.socket:
-    """The worker's listening socket. Accepted sockets inherit its send buffer size."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if send_buffer_bytes is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer_bytes)
-    sock.bind((host, port))
-    return sock
-
-
-@dataclass(frozen=True)
-class RunningWorker:
-    """A worker served by ``running_worker``: where to reach it, and its parts."""
-
-    url: str  # the call URL, ws://host:port/v1/call
-    http_url: str  # http://host:port, for /healthz, /readyz, /metrics, /v1/stats
-    app: FastAPI
-    server: WorkerServer
-
-    @property
-    def engine(self) -> DuplexEngine:
-        return self.app.state.worker.engine
-
-
-@asynccontextmanager
-async def running_worker(
-    config: WorkerConfig, engine: DuplexEngine | None = None, startup_timeout_s: float = 60.0, port: int = 0
-) -> AsyncIterator[RunningWorker]:
-    """Serve a worker in this event loop on ``config.host`` and ``port`` (0: one the OS picks;
-    tests, embedding); shut it down (calls told ``ended(shutdown)``) on exit."""
-    sock = bind_listener(config.host, port, config.send_buffer_bytes)
-    host, port = sock.getsockname()[:2]
-    app = create_app(config, engine)
-    server = create_server(app, config, log_config=None, log_level="warning")
-    serving = asyncio.create_task(server.serve(sockets=[sock]), name="michi-worker-server")
-    try:
-        async with asyncio.timeout(startup_timeout_s):
-            while not server.started:
-                if serving.done():
-                    serving.result()  # raises what stopped it
-                    raise RuntimeError("the worker stopped before it started")
-                await asyncio.sleep(0.01)
-        yield RunningWorker(f"ws://{host}:{port}{CALL_PATH}", f"http://{host}:{port}", app, server)
-    finally:
-        server.should_exit = True
-        try:
-            await serving
-        finally:
-            sock.close()
-
-
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="michi-worker",
-        description="Serve MichiAI calls over WebSockets (docs/protocol.md). Settings also come "
-        "from MICHI_WORKER_* environment variables; flags win.",
-    )
-    parser.add_argument("--host", help="interface to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="TCP port (default 8765)")
-    parser.add_argument("--token", help="bearer token; prefer MICHI_WORKER_TOKEN, flags show up in ps")
-    parser.add_argument("--allow-unauthenticated", action="store_true", help="serve without a token (local only)")
-    parser.add_argument("--preset", help="model preset with random weights (tiny, michi-530m)")
-    parser.add_argument("--checkpoint", type=Path, help="MichiAI checkpoint directory (wins over --preset)")
-    parser.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", help="auto, float32, bfloat16, float16")
-    parser.add_argument("--quantize", choices=QUANTIZE_MODES, help="weight quantization: none, int8")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the step (CUDA graphs on CUDA); compiles before /readyz is ready")
-    parser.add_argument("--slots", type=int, help="slot capacity: concurrent calls")
-    parser.add_argument("--log-level", default="info", help="uvicorn log level")
-    return parser.parse_args(argv)
-
-
-def given_flags(**flags: Any) -> dict[str, Any]:
-    """The command-line flags that were given (not ``None``): settings overrides, so that what
-    is left out still comes from the environment."""
-    return {name: value for name, value in flags.items() if value is not None}
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``michi-worker``: build the config from the environment and flags, serve until stopped."""
-    args = _parse_args(argv)
-    configure_production_logging(args.log_level)
-    overrides = given_flags(
-        host=args.host, port=args.port, token=args.token, allow_unauthenticated=args.allow_unauthenticated or None
-    )
-    engine_overrides = given_flags(
-        preset=args.preset, checkpoint=args.checkpoint, device=args.device, dtype=args.dtype,
-        quantize=args.quantize, compile=args.compile or None, slot_capacity=args.slots,
-    )
-    if engine_overrides:
-        overrides["engine"] = engine_overrides  # merged with MICHI_WORKER_ENGINE__* by pydantic-settings
-    try:
-        config = WorkerConfig(**overrides)
-        app = create_app(config)
-    except (ValidationError, WorkerConfigError) as exc:
-        raise SystemExit(f"michi-worker: {exc}") from None
-    try:
-        sock = bind_listener(config.host, config.port, config.send_buffer_bytes)
-    except OSError as exc:
-        raise SystemExit(f"michi-worker: cannot listen on {config.host}:{config.port}: {exc}") from None
-    create_server(app, config, log_level=args.log_level).run(sockets=[sock])
-
-
-if __name__ == "__main__":
-    main()

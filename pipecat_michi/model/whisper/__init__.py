@@ -1,0 +1,1 @@
+"""Whisper-based listening head: exact front-end, weight loaders, streaming encoder."""

