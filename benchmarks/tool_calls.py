@@ -63,6 +63,7 @@ TOOLS = ToolsSchema(
     ]
 )
 SYSTEM = "You are a helpful voice assistant."
+CALL_OPENING = '<tool_call>\n{"name": "'
 CANONICAL_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 
 #: (user request, the function it should call)
@@ -112,24 +113,32 @@ class TextBackbone:
         with tempfile.TemporaryDirectory() as tmp:
             self.tokenizer = HFTokenizer(save_gguf_tokenizer(smollm2_gguf_file(), tmp), self.config.tokens)
 
-    def prompt(self, request: str) -> str:
+    def prompt(self, request: str, opened: str = "") -> str:
+        """The chat up to the assistant's turn, which starts with ``opened``."""
         system = f"{SYSTEM}\n\n{render_tools_prompt(tool_specs(TOOLS))}"
         return (
             format_context(self.tokenizer, "system", system)
             + format_context(self.tokenizer, "user", request)
             + "<|im_start|>assistant\n"
+            + opened
         )
 
     @torch.no_grad()
-    def run(self, request: str, expected: str, max_new_tokens: int) -> Outcome:
+    def run(self, request: str, expected: str, max_new_tokens: int, opened: str = "") -> Outcome:
+        """Greedy decoding of the assistant's turn, through the parser, up to its first call.
+
+        ``opened``: text the turn starts with, as if the model wrote it (``CALL_OPENING`` asks
+        whether it picks the right function and arguments once a call is started).
+        """
         backbone = self.model.backbone
-        ids = self.tokenizer.encode(self.prompt(request))
+        ids = self.tokenizer.encode(self.prompt(request, opened))
         cache = backbone.new_cache(1, len(ids) + max_new_tokens + 1)
         rows = slice(0, 1)
         hidden = backbone.forward_cached(backbone.embed_tokens(torch.tensor([ids])), cache, rows)
         detokenizer = StreamingDetokenizer(self.tokenizer)
         parser = ToolCallParser()
-        pieces: list[str] = []
+        parser.feed(opened)
+        pieces: list[str] = [opened]
         call: ToolCall | None = None
         for _ in range(max_new_tokens):
             token = int(backbone.logits(hidden[0, -1]).argmax())
@@ -209,18 +218,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--limit", type=int, default=len(PROMPTS))
+    parser.add_argument(
+        "--open-call", action="store_true", help=f"start each turn with {CALL_OPENING!r} (the model picks the function)"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     backbone = TextBackbone()
     outcomes = []
     for request, expected in PROMPTS[: args.limit]:
         started = time.perf_counter()
-        outcome = backbone.run(request, expected, args.max_new_tokens)
+        outcome = backbone.run(request, expected, args.max_new_tokens, CALL_OPENING if args.open_call else "")
         outcomes.append(outcome)
         mark = "HIT " if outcome.hit else "miss"
         print(f"{mark} {time.perf_counter() - started:5.1f}s {request!r} -> {outcome.call or outcome.text[:90]!r}")
     hits = [o for o in outcomes if o.hit]
-    print(f"hit rate: {len(hits)}/{len(outcomes)} (a parseable call of the right function)")
+    opened = f", turns opened with {CALL_OPENING!r}" if args.open_call else ""
+    print(f"hit rate: {len(hits)}/{len(outcomes)} (a parseable call of the right function{opened})")
     tokenizer = backbone.tokenizer
     pieces = [tokenizer.decode([token]) for token in tokenizer.encode(CANONICAL_CALL)]
     latencies = [asyncio.run(call_to_handler_ms(pieces)) for _ in range(5)]

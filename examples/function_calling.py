@@ -37,9 +37,10 @@ from pipecat.processors.aggregators.llm_response_universal import LLMContextAggr
 from pipecat.services.llm_service import FunctionCallParams  # noqa: E402
 
 from examples.smoke import run_smoke_call  # noqa: E402
-from pipecat_michi.engine.call import DuplexBackend, DuplexCall, LocalEngine  # noqa: E402
+from pipecat_michi.contract import DuplexBackend, DuplexCall  # noqa: E402
+from pipecat_michi.engine.call import LocalEngine  # noqa: E402
 from pipecat_michi.engine.config import EngineConfig  # noqa: E402
-from pipecat_michi.engine.engine import StepResult  # noqa: E402
+from pipecat_michi.contract import StepResult  # noqa: E402
 from pipecat_michi.service import MichiLLMService, MichiServiceParams  # noqa: E402
 
 SYSTEM = "You are Michi, the phone host of Trattoria Sole. Check availability before you book."

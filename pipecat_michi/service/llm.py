@@ -101,7 +101,7 @@ from pipecat_michi.service.turns import (
 FRAME_INDEX_METADATA_KEY = "michi_frame_index"
 
 #: Sees each piece of bot text before it becomes frames and returns what to forward ("" drops
-#: it), e.g. a tool-call parser that takes calls out of the model's text channel.
+#: it), e.g. to redact text. Tool calls are taken out before this, by the service itself.
 BotTextFilter = Callable[[BotText], Awaitable[str]]
 
 # LLMSettings fields LLMService itself reacts to.
@@ -156,8 +156,9 @@ class MichiLLMService(LLMService):
 
     Structure: ``CallSupervisor`` (``supervisor.py``) owns the call (open, send, inject,
     reconnect); ``TurnTracker`` (``turns.py``) turns step results into turn events; this class
-    makes frames of those events. Bot text passes through ``bot_text_filter`` (when given) before
-    it becomes frames, e.g. to take tool calls out of the model's text channel.
+    makes frames of those events. Each step's bot text loses its tool calls (``tools.py``) before
+    the tracker sees it, then passes through ``bot_text_filter`` (when given) before it becomes
+    frames.
 
     Function calling (``docs/function_calling.md``): the context's tools (else the settings'
     ``tools``) are written into the call's prompt in the backbone's tool format, again whenever

@@ -33,15 +33,17 @@ from pipecat.services.llm_service import FunctionCallParams
 from pipecat.tests.utils import SleepFrame
 from service_fakes import SILENT, ScriptedBackend, ScriptedCall, SpyBackend, SpyCall, Step, model_frames
 
-from pipecat_michi.engine.engine import StepResult
+from pipecat_michi.contract import StepResult
 from pipecat_michi.service import MichiLLMService, MichiServiceParams, MichiSettings
 from pipecat_michi.service.tools import render_tools_prompt, tool_specs
 from pipecat_michi.worker.client import RemoteWorker
-from pipecat_michi.worker.server import WorkerConfig, running_worker
+from pipecat_michi.worker.config import WorkerConfig
+from pipecat_michi.worker.harness import running_worker
 from tests.service.conftest import ENGINE_CONFIG
-from tests.service.test_service import caller_audio, kinds, run
+from tests.support import caller_audio, kinds, run_pipeline as run
 
 pytestmark = pytest.mark.timeout(60)
+TOKEN = "tools-remote-service-token"
 
 WEATHER = FunctionSchema(
     name="get_weather",
@@ -138,7 +140,7 @@ async def test_a_bad_call_is_answered_to_the_model_with_an_error_and_the_turn_go
 
     assert weather.calls == []
     assert not kinds(up + down, FunctionCallsStartedFrame)
-    assert spoken(down) == "Hm. Sorry."
+    assert spoken(down) == shown(down) == "Hm. Sorry."  # nothing of the call spoken or shown
     [answer] = [i for i in call.injected if i.role == "tool"]
     assert error in json.loads(answer.text.split("\n")[1])["error"]
 
@@ -204,8 +206,8 @@ class ScriptedTextCall(SpyCall):
 
 async def test_remote_worker_reads_the_tools_and_the_result_as_a_tool_turn() -> None:
     texts = ["", '<tool_call>{"name": "get_weather", ', '"arguments": {"city": "Oslo"}}</tool_call>']
-    async with running_worker(WorkerConfig(token="tools-token", engine=ENGINE_CONFIG)) as worker:
-        remote = RemoteWorker(worker.url, "tools-token")
+    async with running_worker(WorkerConfig(token=TOKEN, engine=ENGINE_CONFIG)) as worker:
+        remote = RemoteWorker(worker.url, TOKEN)
         backend = SpyBackend(remote)
         calls: list[ScriptedTextCall] = []
 
