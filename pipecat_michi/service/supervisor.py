@@ -29,6 +29,8 @@ from pipecat_michi.engine.settings import SessionSettingsUpdate
 from pipecat_michi.service.audio import InputFramer
 from pipecat_michi.service.context import ContextSync, Injection, is_pending_tool_result
 from pipecat_michi.service.settings import MichiServiceParams
+from pipecat_michi.worker.client import WorkerProtocolError
+from pipecat_michi.worker.protocol import CloseCode
 
 # Frames the engine dropped as late never get a step; past this many outstanding, forget old ones.
 _MAX_TRACKED_SENDS = 64
@@ -46,6 +48,14 @@ def backend_lost(error: BaseException) -> bool:
     (``OSError``, ``TimeoutError``) means the same. Anything else is a refusal of that message.
     """
     return isinstance(error, (SessionClosedError, OSError, TimeoutError))
+
+
+def prompt_refused(error: BaseException) -> bool:
+    """Whether opening a call failed because the backend refused its prompts (too long for the
+    KV window): ``ValueError`` (``ContextTooLongError``) locally, close 4000 from a worker."""
+    if isinstance(error, WorkerProtocolError):
+        return error.code == CloseCode.BAD_MESSAGE
+    return isinstance(error, ValueError)
 
 
 class CallSupervisor:
@@ -152,8 +162,19 @@ class CallSupervisor:
         """Open a call, then replay the context known so far. Raises when either fails."""
         async with self._call_lock:
             prompt = self._system_prompt()
+            unpinned_prompt: str | None = None
             # No timeout here: the backend bounds (and retries) its own attempts.
-            call = await self._backend.open_call(self._session_settings(), prompt, self._voice_prompt)
+            try:
+                call = await self._backend.open_call(self._session_settings(), prompt, self._voice_prompt)
+            except Exception as e:
+                if not prompt or not prompt_refused(e):
+                    raise
+                # A prompt longer than the KV window allows pinned (e.g. tools on the small
+                # embedded demo model) must not turn into a reconnect loop: open without it,
+                # then prefill it like any context system message (unpinned when it must be).
+                logger.warning(f"{self}: the system prompt cannot open a call ({e}); opening without it")
+                call = await self._backend.open_call(self._session_settings(), None, self._voice_prompt)
+                unpinned_prompt = prompt
             self._call, self._ready = call, False
             self._framer = InputFramer(call.sample_rate_hz, call.frame_samples, self._params.resampler_quality)
             self._next_index, self._last_result_index = 0, -1
@@ -164,6 +185,8 @@ class CallSupervisor:
             if prompt:
                 self._sync.record_own("system", prompt)
             try:
+                if unpinned_prompt is not None:
+                    await self._inject(call, Injection(role="system", text=unpinned_prompt))
                 if self._context is not None:
                     await self._sync_context(call)
             except BaseException:

@@ -15,6 +15,7 @@ import pytest
 from pipecat.adapters.llm.schemas.function_schema import FunctionSchema
 from pipecat.adapters.llm.schemas.tools_schema import ToolsSchema
 from pipecat.frames.frames import (
+    ErrorFrame,
     FunctionCallCancelFrame,
     FunctionCallInProgressFrame,
     FunctionCallResultFrame,
@@ -34,13 +35,15 @@ from pipecat.tests.utils import SleepFrame
 from service_fakes import SILENT, ScriptedBackend, ScriptedCall, SpyBackend, SpyCall, Step, model_frames
 
 from pipecat_michi.contract import StepResult
+from pipecat_michi.engine.call import LocalEngine
+from pipecat_michi.engine.config import EngineConfig
 from pipecat_michi.service import MichiLLMService, MichiServiceParams, MichiSettings
 from pipecat_michi.service.tools import render_tools_prompt, tool_specs
 from pipecat_michi.worker.client import RemoteWorker
 from pipecat_michi.worker.config import WorkerConfig
 from pipecat_michi.worker.harness import running_worker
 from tests.service.conftest import ENGINE_CONFIG
-from tests.support import caller_audio, kinds, run_pipeline as run
+from tests.support import Until, caller_audio, kinds, run_pipeline as run
 
 pytestmark = pytest.mark.timeout(60)
 TOKEN = "tools-remote-service-token"
@@ -232,3 +235,37 @@ async def test_remote_worker_reads_the_tools_and_the_result_as_a_tool_turn() -> 
     assert injected == [("system", render_tools_prompt(tool_specs(TOOLS), "compact")), ("tool", RESULT_TURN)]
     assert all(i.result.token_count > 0 for i in calls[0].injected)  # the worker read them
     assert "tool_call" not in spoken(down)
+
+
+async def test_tools_too_long_for_the_small_embedded_model_are_refused_once_not_a_reconnect_loop() -> None:
+    # The embedded default's KV window (256) takes at most 128 tokens of prompt; these tools
+    # (bytes, for the tiny tokenizer) do not fit. The call must open anyway and say so once.
+    many = ToolsSchema(
+        standard_tools=[
+            FunctionSchema(
+                name=f"lookup_{i}",
+                description=f"Look up record number {i} of the restaurant's booking ledger.",
+                properties={"record": {"type": "string"}},
+                required=["record"],
+            )
+            for i in range(6)
+        ]
+    )
+    engine = LocalEngine(EngineConfig(preset="tiny", device="cpu", slot_capacity=1, kv_capacity=256))
+    spy = SpyBackend(engine)
+    service = MichiLLMService(spy, settings=MichiSettings(tools=many))
+    try:
+        down, up = await run(
+            service,
+            [
+                *model_frames(4),
+                Until(lambda: bool(spy.calls) and len(spy.calls[0].steps) >= 4, "the caller's frames stepped"),
+            ],
+        )
+    finally:
+        await engine.close()
+
+    assert len(spy.calls) == 1  # opened once, without the prompt: no reconnect loop
+    assert len(spy.calls[0].steps) >= 4  # and the caller's frames are stepped
+    (refusal,) = kinds(up, ErrorFrame)
+    assert not refusal.fatal and "refused a system message" in refusal.error
