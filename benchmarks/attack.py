@@ -8,6 +8,9 @@ afterwards, process RSS before/after. A genuine phone call runs last and must st
 non-zero when a row fails. Stops by itself (``--budget-s``, default 240 s).
 
     .venv/bin/python benchmarks/attack.py
+
+One file of ~460 lines on purpose: each attack is a short function beside the others, so the
+whole set reads (and is reviewed) as one table.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ that arrive after their index was filled are dropped, keeping every call's laten
 All tensor work runs on one model thread (``SlotBatch``); the asyncio side only moves frames
 and results. Injections (system prompt, RAG passages, tool results) are prefilled on that same
 thread in chunks, queued between ticks, so a long document delays the batch by one chunk at most.
+
+Over 400 lines: the tick loop, the per-call clocks and the injection queue share one lock-free
+schedule on the event loop; the tensor side already lives in ``batch.py``.
 """
 
 from __future__ import annotations

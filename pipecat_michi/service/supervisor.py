@@ -1,4 +1,5 @@
 """Call supervision: one live duplex call behind a Pipecat service, kept open through failures.
+(Just over 400 lines: open, send, inject and reconnect share the call's locks and state.)
 
 ``CallSupervisor`` opens the call (system prompt pinned, the known context replayed), frames and
 sends the caller's audio, holds that audio back while pinned text is prefilled, injects context

@@ -8,7 +8,9 @@ One WebSocket per call, binary messages only: a one-byte kind, then a payload.
 
 This module is pure: encoding, decoding and validation, no I/O, so that the server and the
 Python client share one definition. ``docs/protocol.md`` is the full specification (handshake,
-flow rules, limits, close codes); keep the two in step.
+flow rules, limits, close codes); keep the two in step. It is over 400 lines because it is the
+whole wire format in one place (every message a documented pydantic model, the binary codecs
+and the decoders' error mapping); splitting it would split one specification.
 """
 
 from __future__ import annotations
