@@ -25,10 +25,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # One fused kernel where there are five (the decode step runs 65 norms).
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class Float32Buffers(nn.Module):
@@ -81,6 +79,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+        # Set by ``quantize.fuse_projections`` in place of q/k/v_proj: one matmul, one read.
+        self.qkv_proj: nn.Module | None = None
 
     def forward(
         self,
@@ -97,10 +97,17 @@ class Attention(nn.Module):
         written at ``write_index`` and attention reads the first K cache entries.
         """
         batch, steps, _ = x.shape
-        q = self.q_proj(x).view(batch, steps, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(batch, steps, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(batch, steps, self.kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.qkv_proj is not None:
+            # The fused projection's q and k columns are adjacent: rotate them in one pass.
+            qkv = self.qkv_proj(x).view(batch, steps, self.num_heads + 2 * self.kv_heads, self.head_dim)
+            qk = apply_rotary(qkv[:, :, : self.num_heads + self.kv_heads], cos, sin)
+            q, k = qk.split([self.num_heads, self.kv_heads], dim=2)
+            v = qkv[:, :, self.num_heads + self.kv_heads :]
+        else:
+            q = self.q_proj(x).view(batch, steps, self.num_heads, self.head_dim)
+            k = self.k_proj(x).view(batch, steps, self.kv_heads, self.head_dim)
+            v = self.v_proj(x).view(batch, steps, self.kv_heads, self.head_dim)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             layer_keys, layer_values, write_index = cache
             rows = torch.arange(batch, device=x.device)[:, None]
@@ -144,8 +151,13 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        # Set by ``quantize.fuse_projections`` in place of gate/up_proj: one matmul, one read.
+        self.gate_up_proj: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

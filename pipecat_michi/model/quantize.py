@@ -80,7 +80,7 @@ def quantize_model(model: nn.Module, mode: str) -> nn.Module:
         raise ValueError(f"unknown quantize mode {mode!r}: use one of {', '.join(QUANTIZE_MODES)}")
     if mode == "none":
         return model
-    replaced, weights = 0, 0
+    replaced, weights = fuse_projections(model)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and child.weight.numel() >= MIN_QUANTIZED_WEIGHTS:
@@ -92,6 +92,40 @@ def quantize_model(model: nn.Module, mode: str) -> nn.Module:
         replaced, weights = replaced + 1, weights + backbone.embed_tokens.weight.numel()
     logger.info(f"int8 weight-only: {replaced} linears, {weights / 1e6:.1f}M weights")
     return model
+
+
+# (module type, fused attribute, the linears it replaces, in output order)
+def _fusable() -> list[tuple[type, str, tuple[str, ...]]]:
+    from pipecat_michi.model.backbone import MLP, Attention
+
+    return [(Attention, "qkv_proj", ("q_proj", "k_proj", "v_proj")), (MLP, "gate_up_proj", ("gate_proj", "up_proj"))]
+
+
+def fuse_projections(model: nn.Module) -> tuple[int, int]:
+    """Replace each attention's q/k/v_proj and each MLP's gate/up_proj by one int8 linear.
+
+    Per-row scales make the fused weight quantize exactly as the separate ones would; the
+    win is one kernel call (and one pass of threads) instead of three or two, 96 fewer calls
+    per step in a 32-layer backbone. The checkpoint keeps the separate names: fusing
+    happens here, after loading. Returns (linears replaced, weights quantized).
+    """
+    replaced, weights = 0, 0
+    fusable = _fusable()
+    for module in list(model.modules()):
+        for module_type, fused_name, names in fusable:
+            if not isinstance(module, module_type):
+                continue
+            parts = [getattr(module, name, None) for name in names]
+            if not all(isinstance(p, nn.Linear) and p.bias is None for p in parts):
+                continue
+            weight = torch.cat([p.weight.detach() for p in parts])
+            if weight.numel() < MIN_QUANTIZED_WEIGHTS:
+                continue
+            setattr(module, fused_name, Int8WeightOnlyLinear.from_weight(weight))
+            for name in names:
+                delattr(module, name)
+            replaced, weights = replaced + len(parts), weights + weight.numel()
+    return replaced, weights
 
 
 def weight_bytes(model: nn.Module) -> int:

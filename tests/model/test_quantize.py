@@ -45,7 +45,10 @@ def test_int8_linear_matches_the_float_linear(dtype: torch.dtype, in_features: i
 
 def test_quantize_replaces_big_linears_and_gives_the_tied_head_an_int8_copy(reference: MichiModel) -> None:
     model = quantize_model(copy.deepcopy(reference), "int8")
-    assert isinstance(model.backbone.layers[0].mlp.up_proj, Int8WeightOnlyLinear)
+    # q/k/v and gate/up are fused into one int8 linear each (one kernel call per group).
+    assert isinstance(model.backbone.layers[0].mlp.gate_up_proj, Int8WeightOnlyLinear)
+    assert isinstance(model.backbone.layers[0].self_attn.qkv_proj, Int8WeightOnlyLinear)
+    assert not hasattr(model.backbone.layers[0].mlp, "up_proj")
     assert isinstance(model.listening.transcript_head, Int8WeightOnlyLinear)
     assert isinstance(model.backbone.lm_head, Int8WeightOnlyLinear)
     assert isinstance(model.listening.speak_head, nn.Linear)  # too small to bother
