@@ -96,7 +96,8 @@ async def headless_chromium() -> AsyncIterator[DevTools]:
             await eventually(
                 lambda: (active_port.is_file() and len(active_port.read_text().splitlines()) >= 2)
                 or browser.poll() is not None,
-                timeout_s=20,
+                # A first start on a loaded 2-core machine (CI, a fresh profile) can take 20 s+.
+                timeout_s=60,
                 what="chromium opens its DevTools port",
             )
             assert browser.poll() is None, f"chromium exited with {browser.returncode}"
