@@ -29,7 +29,7 @@ from pipecat_michi.model.parity import compare, run_call, seeded_call_audio
 from pipecat_michi.model.quantize import quantize_model, weight_bytes
 from pipecat_michi.model.runtime import prepare_model_thread, resolve_dtype
 
-DEFAULT_MODES = ("bfloat16:none", "float16:none", "float32:int8", "bfloat16:int8")
+DEFAULT_MODES = ("bfloat16:none", "float16:none", "float32:int8", "bfloat16:int8", "bfloat16:int8-dynamic")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

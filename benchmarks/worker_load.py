@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preset", default="tiny", help="started worker: model preset")
     parser.add_argument("--device", default="cpu", help="started worker: device")
     parser.add_argument("--dtype", help="started worker: auto, float32, bfloat16, float16")
-    parser.add_argument("--quantize", choices=("none", "int8"), help="started worker: weight quantization")
+    parser.add_argument("--quantize", choices=("none", "int8", "int8-dynamic"), help="started worker: weight quantization")
     parser.add_argument("--compile", action="store_true", help="started worker: torch.compile the step")
     parser.add_argument("--ready-timeout-s", type=float, default=120.0,
                         help="started worker: how long loading (and compiling) may take before /readyz")

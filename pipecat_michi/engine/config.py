@@ -40,7 +40,8 @@ class EngineConfig(BaseModel):
     device: str = "auto"
     dtype: str = "auto"
     # Weight quantization for serving: "int8" stores every big linear as int8 weights with
-    # per-row scales (model/quantize.py), 4x fewer bytes per step than float32.
+    # per-row scales (model/quantize.py), 4x fewer bytes per step than float32; "int8-dynamic"
+    # also quantizes each linear's input per call (fbgemm int8 x int8 GEMM on the CPU).
     quantize: QuantizeMode = "none"
     # torch.compile the step (CUDA: mode reduce-overhead, i.e. CUDA graphs). Batches are padded
     # to fixed sizes (BATCH_BUCKETS) so calls coming and going never recompile, and every size

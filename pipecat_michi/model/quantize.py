@@ -11,6 +11,11 @@ still, and its fast path needs ``torch.compile``. PyTorch core ships the CPU ker
 ``torch._weight_int8pack_mm`` (bf16/fp16 activations, int8 weights, per-row scales), so on the
 CPU we call it directly; elsewhere the dequantize-then-matmul form is used, which
 ``torch.compile`` fuses into one int8 read, as torchao does on CUDA.
+
+``int8-dynamic`` (``Int8DynamicLinear``) keeps the same weights and also quantizes each input
+per call, for fbgemm's int8 x int8 GEMM: at batch 1 ``_weight_int8pack_mm`` is compute-bound
+(~5 GMAC/s per core here), fbgemm ran one 960x5120 matmul ~3x faster. Its cost is the
+activations' rounding (see benchmarks/quantize_quality.py and the README).
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ import torch.nn.functional as F
 from loguru import logger
 from torch import nn
 
-QuantizeMode = Literal["none", "int8"]
-QUANTIZE_MODES: tuple[str, ...] = ("none", "int8")
+QuantizeMode = Literal["none", "int8", "int8-dynamic"]
+QUANTIZE_MODES: tuple[str, ...] = ("none", "int8", "int8-dynamic")
 
 # Smaller linears (the speak head, the latent projections of the tiny preset) are not worth
 # a kernel switch; their bytes are noise next to the backbone's.
@@ -69,6 +74,56 @@ class Int8WeightOnlyLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+def _has_fbgemm_linear() -> bool:
+    return hasattr(torch.ops.quantized, "linear_prepack") and "fbgemm" in torch.backends.quantized.supported_engines
+
+
+class Int8DynamicLinear(Int8WeightOnlyLinear):
+    """int8 weights (per output row) x int8 activations quantized per call (``int8-dynamic``).
+
+    On the CPU the weight is prepacked once for fbgemm's ``quantized.linear_dynamic``, which
+    quantizes the float32 input per call (one scale per tensor), runs an int8 x int8 GEMM
+    with int32 accumulation and returns float32: about 3x the MACs/s of
+    ``_weight_int8pack_mm``, which is compute-bound at batch 1 on this project's CPU. Inputs
+    of another dtype are cast to float32 and back. Off the CPU (or without fbgemm) it falls
+    back to the weight-only dequantize-then-matmul form of its parent.
+    """
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__(qweight, scales, bias)
+        self._packed = None
+        self._packed_key: tuple | None = None
+
+    def __getstate__(self) -> dict:
+        # The packed weight is a cache (and not copyable): copies and pickles pack again.
+        state = super().__getstate__()
+        return {**state, "_packed": None, "_packed_key": None}
+
+    def _cpu_packed(self) -> torch.Tensor:
+        key = (self.qweight.data_ptr(), self.scales.data_ptr(), None if self.bias is None else self.bias.data_ptr())
+        if self._packed is None or self._packed_key != key:
+            # torch 2.13 warns here (quantized tensor creation is deprecated, pytorch#184982):
+            # the prepack op still takes a per-channel qint8 tensor; the GEMM op itself does not warn.
+            zero_points = torch.zeros(self.out_features, dtype=torch.long)
+            w = torch._make_per_channel_quantized_tensor(self.qweight, self.scales.double(), zero_points, 0)
+            bias = None if self.bias is None else self.bias.detach().float()
+            previous = torch.backends.quantized.engine
+            torch.backends.quantized.engine = "fbgemm"
+            try:
+                self._packed = torch.ops.quantized.linear_prepack(w, bias)
+            finally:
+                torch.backends.quantized.engine = previous
+            self._packed_key = key
+        return self._packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or not _has_fbgemm_linear():
+            return super().forward(x)
+        flat = x.reshape(-1, self.in_features).float()
+        y = torch.ops.quantized.linear_dynamic(flat, self._cpu_packed(), False).to(x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
 def quantize_model(model: nn.Module, mode: str) -> nn.Module:
     """Quantize ``model``'s big linears in place (``mode`` ``"none"`` leaves it as it is).
 
@@ -80,17 +135,18 @@ def quantize_model(model: nn.Module, mode: str) -> nn.Module:
         raise ValueError(f"unknown quantize mode {mode!r}: use one of {', '.join(QUANTIZE_MODES)}")
     if mode == "none":
         return model
-    replaced, weights = fuse_projections(model)
+    linear_type = Int8DynamicLinear if mode == "int8-dynamic" else Int8WeightOnlyLinear
+    replaced, weights = fuse_projections(model, linear_type)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and child.weight.numel() >= MIN_QUANTIZED_WEIGHTS:
-                setattr(parent, name, Int8WeightOnlyLinear.from_weight(child.weight, child.bias))
+                setattr(parent, name, linear_type.from_weight(child.weight, child.bias))
                 replaced, weights = replaced + 1, weights + child.weight.numel()
     backbone = getattr(model, "backbone", None)
     if backbone is not None and backbone.lm_head is None:
-        backbone.lm_head = Int8WeightOnlyLinear.from_weight(backbone.embed_tokens.weight)
+        backbone.lm_head = linear_type.from_weight(backbone.embed_tokens.weight)
         replaced, weights = replaced + 1, weights + backbone.embed_tokens.weight.numel()
-    logger.info(f"int8 weight-only: {replaced} linears, {weights / 1e6:.1f}M weights")
+    logger.info(f"{mode}: {replaced} linears, {weights / 1e6:.1f}M weights")
     return model
 
 
@@ -101,7 +157,9 @@ def _fusable() -> list[tuple[type, str, tuple[str, ...]]]:
     return [(Attention, "qkv_proj", ("q_proj", "k_proj", "v_proj")), (MLP, "gate_up_proj", ("gate_proj", "up_proj"))]
 
 
-def fuse_projections(model: nn.Module) -> tuple[int, int]:
+def fuse_projections(
+    model: nn.Module, linear_type: type[Int8WeightOnlyLinear] = Int8WeightOnlyLinear
+) -> tuple[int, int]:
     """Replace each attention's q/k/v_proj and each MLP's gate/up_proj by one int8 linear.
 
     Per-row scales make the fused weight quantize exactly as the separate ones would; the
@@ -121,7 +179,7 @@ def fuse_projections(model: nn.Module) -> tuple[int, int]:
             weight = torch.cat([p.weight.detach() for p in parts])
             if weight.numel() < MIN_QUANTIZED_WEIGHTS:
                 continue
-            setattr(module, fused_name, Int8WeightOnlyLinear.from_weight(weight))
+            setattr(module, fused_name, linear_type.from_weight(weight))
             for name in names:
                 delattr(module, name)
             replaced, weights = replaced + len(parts), weights + weight.numel()

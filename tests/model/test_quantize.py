@@ -12,7 +12,7 @@ from pipecat_michi.model.checkpoint import CheckpointError, save_checkpoint
 from pipecat_michi.model.config import MichiConfig
 from pipecat_michi.model.michi import MichiModel
 from pipecat_michi.model.parity import compare, run_call, seeded_call_audio
-from pipecat_michi.model.quantize import Int8WeightOnlyLinear, quantize_model, weight_bytes
+from pipecat_michi.model.quantize import Int8DynamicLinear, Int8WeightOnlyLinear, quantize_model, weight_bytes
 
 TINY = MichiConfig.preset("tiny")
 
@@ -73,4 +73,42 @@ def test_an_int8_model_passes_the_quality_bar_against_float32(reference: MichiMo
     # Measured on seeds 0-2, 25 frames: float32 + int8 text 1.0, cosine 0.999999+; bf16 + int8
     # text 0.96-1.0, cosine 0.999995. (Random codecs barely depend on the latent: audio SNR
     # means little here; benchmarks/quantize_quality.py measures it on the demo checkpoint.)
+    assert agreement.passes(min_text_agreement=0.9, min_latent_cosine=0.999), agreement
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("in_features", [64, 40])
+def test_int8_dynamic_linear_matches_the_float_linear(dtype: torch.dtype, in_features: int) -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(in_features, 96).to(dtype)
+    quantized = Int8DynamicLinear.from_weight(linear.weight, linear.bias)
+    x = torch.randn(3, 5, in_features, dtype=dtype)
+    with torch.no_grad():
+        got, expected = quantized(x), linear(x)
+        again = copy.deepcopy(quantized)(x)  # a copy packs its own weight
+        fallback = Int8WeightOnlyLinear.forward(quantized, x)  # the path off the CPU
+    assert got.shape == expected.shape and got.dtype == dtype
+    # int8 weights plus int8 activations (one scale per call): measured ~0.9% on a 960x5120
+    # layer, 0.5-1.5% here.
+    assert 0 < _relative_error(got, expected) < 0.03
+    assert torch.equal(again, got)
+    assert _relative_error(fallback, expected) < 0.02
+
+
+def test_int8_dynamic_quantizes_the_same_linears(reference: MichiModel) -> None:
+    model = quantize_model(copy.deepcopy(reference), "int8-dynamic")
+    assert isinstance(model.backbone.layers[0].mlp.gate_up_proj, Int8DynamicLinear)
+    assert isinstance(model.backbone.layers[0].self_attn.qkv_proj, Int8DynamicLinear)
+    assert isinstance(model.listening.transcript_head, Int8DynamicLinear)
+    assert isinstance(model.backbone.lm_head, Int8DynamicLinear)
+    assert isinstance(model.listening.speak_head, nn.Linear)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_an_int8_dynamic_model_passes_the_quality_bar_against_float32(
+    reference: MichiModel, dtype: torch.dtype
+) -> None:
+    audio = seeded_call_audio(reference, frames=25, seed=0)
+    candidate = quantize_model(copy.deepcopy(reference).to(dtype), "int8-dynamic")
+    agreement = compare(run_call(reference, audio, seed=0), run_call(candidate, audio, seed=0))
     assert agreement.passes(min_text_agreement=0.9, min_latent_cosine=0.999), agreement
