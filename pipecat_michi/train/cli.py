@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 from pipecat_michi.train.config import TrainConfig
 from pipecat_michi.train.corpus import CorpusConfig, generate_corpus
+from pipecat_michi.train.fluent import FluentCorpusConfig, generate_fluent_corpus
 from pipecat_michi.train.loop import Trainer
 from pipecat_michi.train.smollm2 import smollm2_gguf_file
 
@@ -47,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     corpus = commands.add_parser("corpus", help="synthesise an espeak-ng corpus with exact word timings")
     _add_fields(corpus, CorpusConfig, skip=set())
+    fluent = commands.add_parser("fluent-corpus", help="fluent sentences from flite/festival/espeak-ng voices (listening)")
+    _add_fields(fluent, FluentCorpusConfig, skip=set())
     for stage, text in STAGE_HELP.items():
         sub = commands.add_parser(stage, help=text)
         _add_fields(sub, TrainConfig, skip={"stage"})
@@ -60,6 +63,9 @@ def main(argv: list[str] | None = None) -> None:
     given = {k: v for k, v in args.items() if v is not None and v is not False}
     if command == "corpus":
         generate_corpus(CorpusConfig(**given))
+        return
+    if command == "fluent-corpus":
+        generate_fluent_corpus(FluentCorpusConfig(**given))
         return
     if given.get("backbone_gguf") == "smollm2":
         given["backbone_gguf"] = smollm2_gguf_file()

@@ -50,5 +50,16 @@ class TrainConfig(BaseModel):
     discriminator_channels: int = Field(default=16, ge=1)
     # auto: CUDA when present, else CPU. Training stays in float32 (no mixed precision yet).
     device: str = "auto"
+    # Listening stage. Transcript targets delayed by this many 80 ms frames (the transcript's
+    # latency); telephone (8 kHz mu-law) and noise augmentation probabilities.
+    transcript_lag_frames: int = Field(default=3, ge=0)
+    telephone_prob: float = Field(default=0.5, ge=0, le=1)
+    noise_prob: float = Field(default=0.5, ge=0, le=1)
+    # Whisper listening head: initial weights when starting from a preset (default: the
+    # preset's ``listening.whisper_weights``), and distillation toward the offline Whisper
+    # encoder on those weights (0 turns it off), lagged by ``distill_lag_tokens`` 20 ms tokens.
+    whisper_weights: str | None = None
+    distill_weight: float = Field(default=1.0, ge=0)
+    distill_lag_tokens: int = Field(default=2, ge=0)
     checkpoint_every: int = Field(default=50, ge=1)
     seed: int = 0

@@ -30,6 +30,8 @@ from pipecat_michi.train.config import TrainConfig
 from pipecat_michi.train.data import ExampleBuilder, sample_batch, split_entries
 from pipecat_michi.train.manifest import read_manifest
 from pipecat_michi.train.plot import plot_losses
+from pipecat_michi.train.augment import Augmenter
+from pipecat_michi.train.distill import Teacher
 from pipecat_michi.train.stages import STAGES, LossWeights, set_trainable
 
 TRAIN_STATE_FILE = "train_state.pt"
@@ -63,12 +65,23 @@ def build_model(config: TrainConfig) -> tuple[MichiModel, Path | None]:
         return load_checkpoint(config.init), config.init
     torch.manual_seed(config.seed)
     model = MichiModel(MichiConfig.preset(config.preset))
+    whisper_source = whisper_weights_source(config, model)
+    if whisper_source is not None:
+        logger.info(f"initialising the Whisper listening head from {whisper_source}")
+        model.listening.load_whisper(whisper_source)
     if config.backbone_gguf is None:
         return model, None
     logger.info(f"loading backbone weights from {config.backbone_gguf}")
     load_gguf_backbone(model, config.backbone_gguf)
     save_gguf_tokenizer(config.backbone_gguf, config.out_dir)
     return model, config.out_dir
+
+
+def whisper_weights_source(config: TrainConfig, model: MichiModel) -> str | None:
+    """Where a Whisper listening head's weights come from: the flag, else the preset's."""
+    if model.config.listening.kind != "whisper":
+        return None
+    return config.whisper_weights or model.config.listening.whisper_weights
 
 
 class Trainer:
@@ -91,7 +104,20 @@ class Trainer:
             raise ValueError(f"manifest {config.manifest} has no examples for the {config.stage} stage")
         use_text = self.stage.uses_text_lm and config.text_lm_weight > 0
         self.text = TextStream([e.text for e in entries], self.tokenizer) if use_text else None
-        self.weights = LossWeights(mel=config.mel_weight, text_lm=config.text_lm_weight)
+        self.weights = LossWeights(
+            mel=config.mel_weight, text_lm=config.text_lm_weight, transcript_lag_frames=config.transcript_lag_frames,
+            distill=config.distill_weight, distill_lag_tokens=config.distill_lag_tokens,
+        )
+        self.listening_extras: dict[str, object] = {}
+        if config.stage == "listening":
+            self.listening_extras["augmenter"] = Augmenter(
+                model_config.sample_rate_hz, config.telephone_prob, config.noise_prob
+            )
+            whisper_source = whisper_weights_source(config, self.model)
+            if whisper_source is not None and config.distill_weight > 0:
+                self.listening_extras["teacher"] = Teacher(
+                    model_config.listening, whisper_source, model_config.sample_rate_hz
+                ).to(self.model.device)
         self.optimizer = torch.optim.AdamW(
             set_trainable(self.model, self.stage), lr=config.lr, weight_decay=config.weight_decay
         )
@@ -137,6 +163,7 @@ class Trainer:
         text = None if self.text is None else self.text.sample(cfg.text_batch_size, cfg.text_tokens, self.generator)
         text = None if text is None else text.to(device)
         extra = {"adversary": self.adversary, "step": self.step} if self.adversary is not None else {}
+        extra.update(self.listening_extras)
         losses = self.stage.losses(self.model, batch, text, self.generator, self.weights, **extra)
         self.optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()

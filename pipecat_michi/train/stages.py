@@ -22,6 +22,8 @@ from torch import nn
 from pipecat_michi.model.codec import multi_resolution_stft_loss
 from pipecat_michi.model.michi import MichiModel
 from pipecat_michi.train.adversarial import Adversary
+from pipecat_michi.train.augment import Augmenter
+from pipecat_michi.train.distill import Teacher
 from pipecat_michi.train.data import Batch, Example, ExampleBuilder
 from pipecat_michi.train.features import log_mel
 from pipecat_michi.train.manifest import ManifestEntry
@@ -36,6 +38,12 @@ class LossWeights:
     mel: float = 1.0
     latent_rms: float = 1.0
     text_lm: float = 0.5
+    # Transcript targets move this many frames later than the word's first frame, so a causal
+    # head hears some of a word before it must name it: the transcript's latency (x 80 ms).
+    transcript_lag_frames: int = 0
+    # Whisper head: token t learns the offline Whisper encoder's token t - distill_lag_tokens.
+    distill: float = 0.0
+    distill_lag_tokens: int = 2
 
 
 def codec_examples(builder: ExampleBuilder, singles: list[ManifestEntry], pairs: Pairs) -> list[Example]:
@@ -84,20 +92,42 @@ def codec_losses(
     return losses
 
 
-def _listening_terms(model: MichiModel, batch: Batch) -> tuple[torch.Tensor, Losses]:
-    embeds, transcript_logits, speak_logits = model.listening(batch.user_wav)
+def _delay(tokens: torch.Tensor, frames: int, pad_id: int) -> torch.Tensor:
+    if frames == 0:
+        return tokens
+    return torch.cat([torch.full_like(tokens[:, :frames], pad_id), tokens[:, :-frames]], dim=1)
+
+
+def _listening_terms(
+    model: MichiModel, batch: Batch, w: LossWeights, heard: torch.Tensor | None = None,
+    teacher: Teacher | None = None, g: torch.Generator | None = None,
+) -> tuple[torch.Tensor, Losses]:
+    """Transcript (delayed targets) and speak/hold losses on ``heard`` (default: the user's
+    audio), plus distillation toward ``teacher`` on the clean audio when given."""
+    heard = batch.user_wav if heard is None else heard
+    losses: Losses = {}
+    if teacher is not None:
+        # Random absolute start: positions past Whisper's 30 s must be trained too.
+        offset = int(torch.randint(teacher.max_position_offset + 1, (1,), generator=g))
+        tokens = model.listening.encode(heard, position_offset=offset)
+        losses["distill"] = teacher.loss(tokens, batch.user_wav, w.distill_lag_tokens)
+        embeds, transcript_logits, speak_logits = model.listening.heads(tokens)
+    else:
+        embeds, transcript_logits, speak_logits = model.listening(heard)
     valid = batch.valid
-    return embeds, {
-        "transcript": F.cross_entropy(transcript_logits[valid].float(), batch.user_text[valid]),
-        "speak": F.binary_cross_entropy_with_logits(speak_logits[valid].float(), batch.speak[valid]),
-    }
+    targets = _delay(batch.user_text, w.transcript_lag_frames, model.config.tokens.pad_id)
+    losses["transcript"] = F.cross_entropy(transcript_logits[valid].float(), targets[valid])
+    losses["speak"] = F.binary_cross_entropy_with_logits(speak_logits[valid].float(), batch.speak[valid])
+    return embeds, losses
 
 
 def listening_losses(
-    model: MichiModel, batch: Batch, text: torch.Tensor | None, g: torch.Generator, w: LossWeights
+    model: MichiModel, batch: Batch, text: torch.Tensor | None, g: torch.Generator, w: LossWeights,
+    augmenter: Augmenter | None = None, teacher: Teacher | None = None,
 ) -> Losses:
-    _, losses = _listening_terms(model, batch)
-    losses["total"] = losses["transcript"] + losses["speak"]
+    heard = None if augmenter is None else augmenter(batch.user_wav, g)
+    _, losses = _listening_terms(model, batch, w, heard, teacher, g)
+    losses["total"] = losses["transcript"] + losses["speak"] + w.distill * losses.get("distill", 0.0)
     return losses
 
 
@@ -141,7 +171,7 @@ def speaking_losses(
 def joint_losses(
     model: MichiModel, batch: Batch, text: torch.Tensor | None, g: torch.Generator, w: LossWeights
 ) -> Losses:
-    listen_embeds, losses = _listening_terms(model, batch)
+    listen_embeds, losses = _listening_terms(model, batch, w)
     losses.update(_speaking_terms(model, batch, listen_embeds, text, g))
     losses["total"] = (losses["transcript"] + losses["speak"] + losses["monologue"] + losses["flow"]
                        + w.text_lm * losses.get("text_lm", 0.0))

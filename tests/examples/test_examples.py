@@ -1,4 +1,5 @@
-"""The examples' building blocks in real pipelines: retrieval injected once per call, a recorded call."""
+"""The examples' building blocks in real pipelines: retrieval injected once per call, a recorded call,
+the booking bot's tool calls."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.aggregators.llm_response_universal import LLMContextAggregatorPair
 from pipecat.tests.utils import SleepFrame, run_test
 
+from examples.function_calling import ScriptedTextBackend, run_booking_call
 from examples.rag_injection import BM25, DOCUMENTS, RetrievalInjector
 from examples.record_call import record_smoke_call
 from pipecat_michi.engine.call import LocalEngine
@@ -89,3 +91,21 @@ async def test_the_recorded_smoke_call_has_both_sides_and_a_transcript(tmp_path:
     for turn in turns:
         assert isinstance(turn["text"], str) and turn["started_at"] and turn["offset_s"] >= 0
     assert all("interrupted" in t for t in turns if t["role"] == "assistant")
+
+
+async def test_the_booking_bot_calls_both_tools_and_records_their_results(capsys: pytest.CaptureFixture[str]) -> None:
+    backend = ScriptedTextBackend(LocalEngine(engine=tiny_engine()))
+    context = await asyncio.wait_for(run_booking_call(backend, seconds=1.5), timeout=30)
+
+    calls = [m["tool_calls"][0]["function"] for m in context.messages if m.get("tool_calls")]
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [
+        ("check_availability", {"people": 2, "time": "19:00"}),
+        ("book_table", {"name": "Ada", "people": 2, "time": "19:00"}),
+    ]
+    results = [json.loads(m["content"]) for m in context.messages if m["role"] == "tool"]
+    assert results[0] == {"available": True, "table": 7} and results[1]["confirmation"] == "TS-1907"
+    spoken = " ".join(m["content"] for m in context.messages if m["role"] == "assistant" and m.get("content"))
+    assert spoken == "Let me check. We have a table at seven. You're booked, Ada."
+    printed = capsys.readouterr().out
+    assert "call: book_table({'name': 'Ada', 'people': 2, 'time': '19:00'})" in printed
+    assert "result: {'available': True, 'table': 7}" in printed

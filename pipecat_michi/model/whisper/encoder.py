@@ -157,7 +157,7 @@ class WhisperListeningHead(nn.Module):
     def _dtype(self) -> torch.dtype:
         return self.encoder.conv1.weight.dtype
 
-    def _heads(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def heads(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pooled = F.gelu(self.frame_proj(tokens.reshape(tokens.shape[0], -1, self.tokens_per_frame * tokens.shape[-1])))
         return self.to_backbone(pooled), self.transcript_head(pooled), self.speak_head(pooled).squeeze(-1)
 
@@ -182,7 +182,7 @@ class WhisperListeningHead(nn.Module):
     def forward(self, wav: torch.Tensor, position_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Offline: ``wav [B, F * frame_samples]`` -> embeddings ``[B, F, H]``, transcript logits
         ``[B, F, V]``, speak logits ``[B, F]``."""
-        return self._heads(self.encode(wav, position_offset))
+        return self.heads(self.encode(wav, position_offset))
 
     def init_state(
         self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None
@@ -235,7 +235,7 @@ class WhisperListeningHead(nn.Module):
             new_state[f"layer{i}.v"] = values[:, steps:]
             x = x + layer.attn.attend(q, keys, values, mask)
             x = x + layer.ffn(x)
-        embedding, transcript_logits, speak_logit = self._heads(enc.final_norm(x))
+        embedding, transcript_logits, speak_logit = self.heads(enc.final_norm(x))
         return (embedding[:, 0], transcript_logits[:, 0], speak_logit[:, 0]), new_state
 
     def load_whisper(self, source: str) -> None:

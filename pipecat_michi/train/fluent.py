@@ -1,0 +1,92 @@
+"""A listening corpus of fluent sentences (whole-sentence synthesis, not word by word).
+
+Voices: flite's (awb, kal, kal16, rms, slt), festival's slt HTS voice and espeak-ng variants,
+minus the judge's held-out voices (``judge.HELD_OUT_VOICES``); texts: the corpus sentences plus
+any lines of ``extra_text`` (e.g. lines SmolLM2 wrote), minus the judge's held-out sentences.
+
+Fluent synthesis gives no word timings, so they are approximate: the voiced span (silence
+trimmed) is split among the words in proportion to their letters plus one. Transcript targets
+are delayed by a few frames in training (``transcript_lag_frames``), which absorbs most of the
+error; the speak/hold label only needs the end of speech, which the trim makes exact.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import soxr
+from loguru import logger
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipecat_michi.train.corpus import SENTENCES
+from pipecat_michi.train.judge import (
+    ESPEAK_VOICES,
+    FESTIVAL_HTS_VOICE,
+    FLITE_VOICES,
+    HELD_OUT_SENTENCES,
+    HELD_OUT_VOICES,
+    fluent_speech,
+)
+from pipecat_michi.train.manifest import ManifestEntry, WordTiming, write_manifest
+
+TRAINING_VOICES = tuple(
+    v for v in (*FLITE_VOICES, FESTIVAL_HTS_VOICE, *ESPEAK_VOICES) if v not in HELD_OUT_VOICES
+)
+SPEEDS_WPM = (140, 170, 200)
+
+
+class FluentCorpusConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    out_dir: Path
+    utterances: int = Field(default=400, ge=1)
+    extra_text: Path | None = Field(default=None, description="more sentences, one per line")
+    sample_rate_hz: int = 24000
+    lead_ms: float = 200.0
+    tail_ms: float = 800.0  # silence after the sentence: where the model should take its turn
+    seed: int = 0
+
+
+def approximate_word_timings(words: list[str], start: int, end: int) -> list[WordTiming]:
+    """Split ``[start, end)`` among ``words`` in proportion to ``len(word) + 1``."""
+    weights = np.array([len(w) + 1 for w in words], dtype=np.float64)
+    edges = start + np.round(np.concatenate([[0.0], np.cumsum(weights)]) / weights.sum() * (end - start)).astype(int)
+    return [WordTiming(word=w, start_sample=int(a), end_sample=int(max(b, a + 1))) for w, a, b in zip(words, edges, edges[1:])]
+
+
+def training_sentences(extra_text: Path | None) -> list[str]:
+    lines = list(SENTENCES)
+    if extra_text is not None:
+        lines += [line.strip() for line in extra_text.read_text().splitlines() if line.strip()]
+    held_out = {s.lower() for s in HELD_OUT_SENTENCES}
+    return [s for s in lines if s.lower() not in held_out]
+
+
+def generate_fluent_corpus(config: FluentCorpusConfig) -> Path:
+    """Write ``audio/*.wav`` and ``manifest.jsonl`` under ``config.out_dir``; return the manifest."""
+    rng = random.Random(config.seed)
+    sentences = training_sentences(config.extra_text)
+    audio_dir = config.out_dir / "audio"
+    audio_dir.mkdir(parents=True, exist_ok=True)
+    rate = config.sample_rate_hz
+    lead, tail = round(config.lead_ms * rate / 1000), round(config.tail_ms * rate / 1000)
+    entries = []
+    for i in range(config.utterances):
+        text, voice, speed = rng.choice(sentences), rng.choice(TRAINING_VOICES), rng.choice(SPEEDS_WPM)
+        audio, source_rate = fluent_speech(text, voice, speed)
+        audio = soxr.resample(audio, source_rate, rate).astype(np.float32)
+        loud = np.flatnonzero(np.abs(audio) > 0.02 * max(float(np.abs(audio).max()), 1e-6))
+        audio = audio[loud[0]: loud[-1] + 1] if loud.size else audio
+        audio = 0.7 * audio / max(float(np.abs(audio).max()), 1e-6)
+        wav = np.concatenate([np.zeros(lead, np.float32), audio, np.zeros(tail, np.float32)])
+        name = f"fluent{i:05d}.wav"
+        soundfile.write(audio_dir / name, wav, rate, subtype="FLOAT")
+        words = approximate_word_timings(text.split(), lead, lead + len(audio))
+        entries.append(ManifestEntry(id=f"fluent{i:05d}", audio=f"audio/{name}", sample_rate_hz=rate,
+                                     text=text, words=words, speaker=f"{voice}@{speed}"))
+    manifest = write_manifest(config.out_dir / "manifest.jsonl", entries)
+    logger.info(f"fluent corpus: {config.utterances} sentences, {len(TRAINING_VOICES)} voices -> {manifest}")
+    return manifest

