@@ -75,7 +75,9 @@ class EngineConfig(BaseModel):
     @field_validator("checkpoint", mode="before")
     @classmethod
     def _resolve_demo(cls, value: object) -> object:
-        return DEMO_CHECKPOINT if value == "demo" else value
+        # str or Path (CLIs parse --checkpoint as a Path): "demo" always means the packaged one;
+        # a local directory of that name needs its absolute path.
+        return DEMO_CHECKPOINT if isinstance(value, (str, Path)) and str(value) == "demo" else value
 
 
 def load_model(config: EngineConfig) -> tuple[MichiModel, Tokenizer]:

@@ -534,6 +534,9 @@ class MichiLLMService(LLMService):
             await self.push_frame(frame)
 
     async def _handle_bot_text(self, event: BotText) -> None:
+        # A model's byte tokens can decode to control bytes or U+FFFD (random or small models do):
+        # never text that a user, a TTS-text consumer or the context should see.
+        event = BotText("".join(ch for ch in event.text if ch.isprintable() and ch != "\ufffd"), event.frame_index)
         text = event.text if self._bot_text_filter is None else await self._bot_text_filter(event)
         if not text:
             return

@@ -25,7 +25,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--token", help="bearer token; prefer MICHI_WORKER_TOKEN, flags show up in ps")
     parser.add_argument("--allow-unauthenticated", action="store_true", help="serve without a token (local only)")
     parser.add_argument("--preset", help="model preset with random weights (tiny, michi-530m)")
-    parser.add_argument("--checkpoint", type=Path, help="MichiAI checkpoint directory (wins over --preset)")
+    parser.add_argument("--checkpoint", type=Path, help="MichiAI checkpoint directory, or demo (wins over --preset)")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", help="auto, float32, bfloat16, float16")
     parser.add_argument("--quantize", choices=QUANTIZE_MODES, help="weight quantization: none, int8, int8-dynamic")

@@ -247,6 +247,14 @@ async def test_a_bot_text_filter_rewrites_or_drops_text_before_it_becomes_frames
     assert [f.text for f in kinds(down, LLMTextFrame)] == ["HI ", "THERE"]
 
 
+async def test_bot_text_is_always_printable() -> None:
+    call = ScriptedCall([Step(True, "\ufffdM\x1cN,"), Step(True, "\x07\ufffd"), Step(True, " ok")])
+    service = MichiLLMService(ScriptedBackend(call))
+    down, _ = await run_pipeline(service, [*model_frames(3), Until(lambda: call.delivered == 3, "three steps")])
+
+    assert [f.text for f in kinds(down, TTSTextFrame)] == ["MN,", " ok"]
+
+
 async def test_model_yielding_to_the_user_broadcasts_an_interruption_and_ttfb_is_measured() -> None:
     script = [
         Step(transcript="hello"),  # the user speaks
