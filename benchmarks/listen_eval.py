@@ -14,15 +14,18 @@ streaming mask, which the tests show equals stepping) and offline Whisper tiny.e
 from __future__ import annotations
 
 import argparse
+import difflib
 import itertools
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import soxr
 import torch
 
 from pipecat_michi.model.checkpoint import load_checkpoint
 from pipecat_michi.model.michi import MichiModel
-from pipecat_michi.model.tokenizer import Tokenizer, load_tokenizer
+from pipecat_michi.model.tokenizer import StreamingDetokenizer, Tokenizer, load_tokenizer
 from pipecat_michi.train.evaluate import transcribe
 from pipecat_michi.train.judge import (
     HELD_OUT_SENTENCES,
@@ -31,6 +34,7 @@ from pipecat_michi.train.judge import (
     OfflineWhisper,
     fluent_speech,
     human_clips,
+    normalise_text,
     twilio_path,
     wer,
 )
@@ -68,6 +72,90 @@ def evaluate_set(name: str, clips: list[Clip], judge: OfflineWhisper, model: Mic
             print(f"    {clip.name}: ref={clip.text!r}\n      whisper={off!r}\n      head={st!r}")
 
 
+@dataclass(frozen=True)
+class Turn:
+    """One held-out caller turn heard by the head: was the floor taken too early, and when after
+    the caller stopped; per word, how long after Whisper's word end its text came out."""
+
+    early: bool
+    floor_s: float | None  # None: the head never took the floor in the trailing silence
+    word_latencies_s: list[float]
+
+
+@torch.no_grad()
+def judge_turn(model: MichiModel, tokenizer: Tokenizer, judge: OfflineWhisper, clip: Clip, twilio: bool) -> Turn:
+    """``clip``'s speech (trimmed) between 0.5 s and 1.5 s of silence, as one caller turn."""
+    rate, frame = model.config.sample_rate_hz, model.config.frame_samples
+    speech = clip.resampled(rate)
+    loud = np.flatnonzero(np.abs(speech) > 0.02 * float(np.abs(speech).max()))
+    speech = speech[loud[0]: loud[-1] + 1]
+    lead, tail = round(0.5 * rate), round(1.5 * rate)
+    audio = np.concatenate([np.zeros(lead, np.float32), speech, np.zeros(tail + (-(lead + speech.size + tail)) % frame,
+                                                                          np.float32)])
+    speech_end_s = (lead + speech.size) / rate
+    references = judge.word_ends(soxr.resample(audio, rate, 16000).astype(np.float32))
+    heard = twilio_path(audio, rate) if twilio else audio
+    _, logits, speak_logits = model.listening(torch.from_numpy(heard)[None].to(model.device, model.dtype))
+    # Offline with the streaming mask equals stepping (tests/model/whisper): frame f's outputs
+    # exist when frame f has been heard, at (f + 1) * 80 ms.
+    frame_s = frame / rate
+    ends = (np.arange(speak_logits.shape[1]) + 1) * frame_s
+    speaking = (torch.sigmoid(speak_logits[0].float()) > model.config.speak_threshold).cpu().numpy()
+    early = bool(speaking[ends <= speech_end_s].any())
+    after = np.flatnonzero(speaking & (ends > speech_end_s))
+    floor_s = float(ends[after[0]] - speech_end_s) if after.size else None
+    return Turn(early, floor_s, _word_latencies(model, tokenizer, logits, frame_s, references))
+
+
+def _word_latencies(model: MichiModel, tokenizer: Tokenizer, logits: torch.Tensor, frame_s: float,
+                    references: list[tuple[str, float]]) -> list[float]:
+    if model.config.listening.transcript == "ctc":
+        ids, _ = model.listening.decode_transcript(logits, torch.zeros(1, dtype=torch.long, device=model.device))
+        per_frame = ids[0].view(-1, model.listening.tokens_per_frame).tolist()
+    else:
+        per_frame = [[i] for i in logits[0].argmax(dim=-1).tolist()]
+    detokenizer = StreamingDetokenizer(tokenizer)
+    words: list[tuple[str, float]] = []  # (word, time its last character came out)
+    current, last_time = "", 0.0
+    for index, frame_ids in enumerate(per_frame):
+        for char in detokenizer.push_many(frame_ids):
+            if char.isspace():
+                if current:
+                    words.append((current, last_time))
+                current = ""
+            else:
+                current, last_time = current + char, (index + 1) * frame_s
+    if current:
+        words.append((current, last_time))
+    hypothesis = [(normalise_text(w), t) for w, t in words if normalise_text(w)]
+    matcher = difflib.SequenceMatcher(a=[w for w, _ in references], b=[w for w, _ in hypothesis], autojunk=False)
+    latencies = []
+    for block in matcher.get_matching_blocks():
+        for k in range(block.size):
+            latencies.append(hypothesis[block.b + k][1] - references[block.a + k][1])
+    return latencies
+
+
+def turn_taking(model: MichiModel, tokenizer: Tokenizer, judge: OfflineWhisper, clips: list[Clip], twilio: bool) -> None:
+    """Print the speak/hold rates and the transcript latency over ``clips`` (one turn each)."""
+    turns = [judge_turn(model, tokenizer, judge, clip, twilio) for clip in clips]
+    early = sum(t.early for t in turns)
+    in_time = sum(t.floor_s is not None and t.floor_s <= 0.4 for t in turns)
+    floors = [t.floor_s for t in turns if t.floor_s is not None]
+    latencies = [x for t in turns for x in t.word_latencies_s]
+    path = " (Twilio)" if twilio else ""
+    print(f"turn taking{path}: {len(turns)} turns, spoke during the caller's sentence in {early} "
+          f"({100 * early / len(turns):.0f}%), took the floor within 400 ms in {in_time} "
+          f"({100 * in_time / len(turns):.0f}%), floor delay p50 "
+          f"{1000 * float(np.median(floors)) if floors else float('nan'):.0f} ms")
+    if latencies:
+        p50, p90 = np.percentile(latencies, [50, 90])
+        print(f"transcript latency{path} (Whisper's word end -> the word's last character out), "
+              f"{len(latencies)} words: p50 {1000 * p50:.0f} ms, p90 {1000 * p90:.0f} ms")
+    else:
+        print(f"transcript latency{path}: no transcript word matched the reference")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, help="a MichiAI checkpoint; without it only offline Whisper runs")
@@ -96,6 +184,8 @@ def judge_listening(model: MichiModel | None, tokenizer: Tokenizer | None, twili
         evaluate_set("pocketsphinx human" + path, humans, judge, model, tokenizer, twilio, verbose)
     else:
         print("pocketsphinx-testdata not installed (apt-get install -y pocketsphinx-testdata): no human clips")
+    if model is not None:
+        turn_taking(model, tokenizer, judge, synthetic_clips(sentences), twilio)
 
 
 if __name__ == "__main__":

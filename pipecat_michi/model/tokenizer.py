@@ -139,6 +139,10 @@ class StreamingDetokenizer:
             self._pending, self._emitted = [], ""
         return piece
 
+    def push_many(self, token_ids: list[int]) -> str:
+        """Add a frame's tokens in order; return the text they complete."""
+        return "".join(self.push(token_id) for token_id in token_ids)
+
     def reset(self) -> None:
         self._utf8.reset()
         self._pending, self._emitted = [], ""

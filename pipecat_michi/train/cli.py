@@ -20,7 +20,8 @@ from pipecat_michi.train.config import TrainConfig
 from pipecat_michi.train.corpus import CorpusConfig, generate_corpus
 from pipecat_michi.train.fluent import FluentCorpusConfig, generate_fluent_corpus
 from pipecat_michi.train.loop import Trainer
-from pipecat_michi.train.smollm2 import smollm2_gguf_file
+from pipecat_michi.model.smollm2 import smollm2_gguf_file
+from pipecat_michi.train.export import ExportConfig, export_checkpoint
 
 STAGE_HELP = {
     "codec": "causal autoencoder + HiFi-GAN decoder (STFT + mel reconstruction)",
@@ -50,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fields(corpus, CorpusConfig, skip=set())
     fluent = commands.add_parser("fluent-corpus", help="fluent sentences from flite/festival/espeak-ng voices (listening)")
     _add_fields(fluent, FluentCorpusConfig, skip=set())
+    export = commands.add_parser("export", help="a checkpoint's trained parts only, compact, for shipping")
+    _add_fields(export, ExportConfig, skip=set())
     for stage, text in STAGE_HELP.items():
         sub = commands.add_parser(stage, help=text)
         _add_fields(sub, TrainConfig, skip={"stage"})
@@ -66,6 +69,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if command == "fluent-corpus":
         generate_fluent_corpus(FluentCorpusConfig(**given))
+        return
+    if command == "export":
+        export_checkpoint(ExportConfig(**given))
         return
     if given.get("backbone_gguf") == "smollm2":
         given["backbone_gguf"] = smollm2_gguf_file()

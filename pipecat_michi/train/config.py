@@ -61,5 +61,8 @@ class TrainConfig(BaseModel):
     whisper_weights: str | None = None
     distill_weight: float = Field(default=1.0, ge=0)
     distill_lag_tokens: int = Field(default=2, ge=0)
+    # Learning-rate multiplier for the parts a pretrained source did not initialise (e.g. the
+    # Whisper listening head's CTC and output layers over Whisper's pretrained encoder).
+    new_parts_lr_scale: float = Field(default=1.0, gt=0)
     checkpoint_every: int = Field(default=50, ge=1)
     seed: int = 0

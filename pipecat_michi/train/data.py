@@ -8,8 +8,9 @@ both, one token per 80 ms frame, PAD where no token falls.
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import soundfile as sf
 import torch
@@ -33,6 +34,10 @@ class Example:
     user_text: torch.Tensor  # [F] long: the user's transcript token per frame
     bot_text: torch.Tensor  # [F] long: the bot's inner monologue per frame
     speak: torch.Tensor  # [F] float: 1 where the bot holds the turn
+    # The user's whole transcript as CTC symbols (1..len(alphabet)); empty when the model's
+    # transcript is per frame. Only a crop that keeps the whole example keeps it (``ctc_whole``).
+    user_chars: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    ctc_whole: bool = True
 
     @property
     def num_frames(self) -> int:
@@ -49,9 +54,17 @@ class Batch:
     bot_text: torch.Tensor
     speak: torch.Tensor
     valid: torch.Tensor  # [B, F] bool
+    # CTC transcript targets: symbols ``[B, L]`` (0-padded), their counts ``[B]`` and whether the
+    # row's crop holds its whole utterance (a partial crop has no exact transcript).
+    user_chars: torch.Tensor | None = None
+    user_chars_len: torch.Tensor | None = None
+    ctc_whole: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(**{name: getattr(self, name).to(device) for name in self.__dataclass_fields__})
+        return Batch(**{
+            name: None if getattr(self, name) is None else getattr(self, name).to(device)
+            for name in self.__dataclass_fields__
+        })
 
 
 def frame_tokens(
@@ -79,6 +92,17 @@ def frame_tokens(
     return out
 
 
+def transcript_characters(text: str, alphabet: str) -> list[int]:
+    """CTC targets of a transcript: lowercase, numbers as words, characters outside ``alphabet``
+    as spaces, spaces collapsed; each character as its 1-based index (0 is CTC's blank)."""
+    from pipecat_michi.train.judge import number_words
+
+    text = re.sub(r"\d+", lambda m: f" {number_words(int(m.group()))} " if int(m.group()) < 1_000_000 else " ",
+                  text.lower())
+    text = " ".join("".join(c if c in alphabet else " " for c in text).split())
+    return [alphabet.index(c) + 1 for c in text]
+
+
 def _read_channel(entry: ManifestEntry, sample_rate_hz: int) -> torch.Tensor:
     if entry.sample_rate_hz != sample_rate_hz:
         raise ValueError(
@@ -98,10 +122,18 @@ def _pad_to_frames(wav: torch.Tensor, frame_samples: int) -> torch.Tensor:
 class ExampleBuilder:
     """Reads manifest entries into ``Example``s for a model's frame size and tokenizer."""
 
-    def __init__(self, tokenizer: Tokenizer, frame_samples: int, sample_rate_hz: int) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, frame_samples: int, sample_rate_hz: int, ctc_alphabet: str | None = None
+    ) -> None:
         self.tokenizer = tokenizer
         self.frame_samples = frame_samples
         self.sample_rate_hz = sample_rate_hz
+        self.ctc_alphabet = ctc_alphabet  # set when the listening head transcribes by CTC
+
+    def _chars(self, entry: ManifestEntry) -> torch.Tensor:
+        if self.ctc_alphabet is None:
+            return torch.zeros(0, dtype=torch.long)
+        return torch.tensor(transcript_characters(entry.text, self.ctc_alphabet), dtype=torch.long)
 
     def _text(self, entry: ManifestEntry, frames: int, lead: int) -> torch.Tensor:
         if entry.words is None:
@@ -118,7 +150,7 @@ class ExampleBuilder:
         frames = wav.shape[0] // self.frame_samples
         speak = (torch.arange(frames) >= self._turn_end_frame(entry)).float()
         pad = torch.full((frames,), self.tokenizer.tokens.pad_id)
-        return Example(wav, torch.zeros_like(wav), self._text(entry, frames, 0), pad, speak)
+        return Example(wav, torch.zeros_like(wav), self._text(entry, frames, 0), pad, speak, self._chars(entry))
 
     def as_bot(self, entry: ManifestEntry) -> Example:
         """A mono utterance spoken by the bot over a silent user channel (TTS-like)."""
@@ -135,7 +167,8 @@ class ExampleBuilder:
         frames = user_wav.shape[0] // self.frame_samples
         speak = (torch.arange(frames) >= self._turn_end_frame(user)).float()
         return Example(
-            user_wav, bot_wav, self._text(user, frames, 0), self._text(bot, frames, MONOLOGUE_LEAD_FRAMES), speak
+            user_wav, bot_wav, self._text(user, frames, 0), self._text(bot, frames, MONOLOGUE_LEAD_FRAMES), speak,
+            self._chars(user),
         )
 
 
@@ -174,6 +207,7 @@ def sample_batch(
         return torch.stack([F.pad(r, (0, frames * per_frame - r.shape[0])) for r in rows])
 
     valid = torch.stack([torch.arange(frames) < c.num_frames for c in crops])
+    longest = max(c.user_chars.shape[0] for c in crops)
     return Batch(
         user_wav=stack("user_wav", frame_samples),
         bot_wav=stack("bot_wav", frame_samples),
@@ -181,6 +215,9 @@ def sample_batch(
         bot_text=stack("bot_text", 1),
         speak=stack("speak", 1),
         valid=valid,
+        user_chars=torch.stack([F.pad(c.user_chars, (0, longest - c.user_chars.shape[0])) for c in crops]),
+        user_chars_len=torch.tensor([c.user_chars.shape[0] for c in crops]),
+        ctc_whole=torch.tensor([c.ctc_whole for c in crops]),
     )
 
 
@@ -189,5 +226,5 @@ def _crop(example: Example, start: int, frames: int, frame_samples: int) -> Exam
     text = slice(start, start + frames)
     return Example(
         example.user_wav[audio], example.bot_wav[audio], example.user_text[text], example.bot_text[text],
-        example.speak[text],
+        example.speak[text], example.user_chars, example.ctc_whole and frames == example.num_frames,
     )

@@ -54,7 +54,12 @@ def forced_speech(model: MichiModel, frame_text: torch.Tensor, generator: torch.
 @torch.no_grad()
 def transcribe(model: MichiModel, tokenizer: Tokenizer, wav: torch.Tensor) -> str:
     """The listening head's streaming transcript of ``wav [F * frame_samples]``, PADs dropped."""
-    ids = model.listening(wav[None].to(model.device, model.dtype))[1].argmax(dim=-1)[0].tolist()
+    logits = model.listening(wav[None].to(model.device, model.dtype))[1]
+    if model.config.listening.transcript == "ctc":
+        ids = model.listening.decode_transcript(logits, torch.zeros(1, dtype=torch.long, device=model.device))[0]
+    else:
+        ids = logits.argmax(dim=-1)
+    ids = ids[0].tolist()
     specials = {tokenizer.tokens.pad_id, tokenizer.tokens.bos_id, tokenizer.tokens.eos_id}
     return tokenizer.decode([i for i in ids if i not in specials])
 

@@ -13,6 +13,7 @@ error; the speak/hold label only needs the end of speech, which the trim makes e
 from __future__ import annotations
 
 import random
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ import soxr
 from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipecat_michi.train.corpus import SENTENCES
+from pipecat_michi.train.corpus import DIALOGUES, SENTENCES
 from pipecat_michi.train.judge import (
     ESPEAK_VOICES,
     FESTIVAL_HTS_VOICE,
@@ -48,6 +49,7 @@ class FluentCorpusConfig(BaseModel):
     lead_ms: float = 200.0
     tail_ms: float = 800.0  # silence after the sentence: where the model should take its turn
     seed: int = 0
+    workers: int = Field(default=2, ge=1, description="synthesis processes run at once")
 
 
 def approximate_word_timings(words: list[str], start: int, end: int) -> list[WordTiming]:
@@ -57,8 +59,14 @@ def approximate_word_timings(words: list[str], start: int, end: int) -> list[Wor
     return [WordTiming(word=w, start_sample=int(a), end_sample=int(max(b, a + 1))) for w, a, b in zip(words, edges, edges[1:])]
 
 
+# ~700 everyday sentences (phone calls, shops, travel, home, small talk) with a wide vocabulary:
+# a character-level transcript must meet many words to spell unseen ones.
+EVERYDAY_TEXT = Path(__file__).parent / "texts" / "everyday.txt"
+
+
 def training_sentences(extra_text: Path | None) -> list[str]:
-    lines = list(SENTENCES)
+    lines = list(SENTENCES) + [line for pair in DIALOGUES for line in pair]
+    lines += [line.strip() for line in EVERYDAY_TEXT.read_text().splitlines() if line.strip()]
     if extra_text is not None:
         lines += [line.strip() for line in extra_text.read_text().splitlines() if line.strip()]
     held_out = {s.lower() for s in HELD_OUT_SENTENCES}
@@ -71,22 +79,32 @@ def generate_fluent_corpus(config: FluentCorpusConfig) -> Path:
     sentences = training_sentences(config.extra_text)
     audio_dir = config.out_dir / "audio"
     audio_dir.mkdir(parents=True, exist_ok=True)
-    rate = config.sample_rate_hz
-    lead, tail = round(config.lead_ms * rate / 1000), round(config.tail_ms * rate / 1000)
     entries = []
-    for i in range(config.utterances):
-        text, voice, speed = rng.choice(sentences), rng.choice(TRAINING_VOICES), rng.choice(SPEEDS_WPM)
-        audio, source_rate = fluent_speech(text, voice, speed)
-        audio = soxr.resample(audio, source_rate, rate).astype(np.float32)
-        loud = np.flatnonzero(np.abs(audio) > 0.02 * max(float(np.abs(audio).max()), 1e-6))
-        audio = audio[loud[0]: loud[-1] + 1] if loud.size else audio
-        audio = 0.7 * audio / max(float(np.abs(audio).max()), 1e-6)
-        wav = np.concatenate([np.zeros(lead, np.float32), audio, np.zeros(tail, np.float32)])
-        name = f"fluent{i:05d}.wav"
-        soundfile.write(audio_dir / name, wav, rate, subtype="FLOAT")
-        words = approximate_word_timings(text.split(), lead, lead + len(audio))
-        entries.append(ManifestEntry(id=f"fluent{i:05d}", audio=f"audio/{name}", sample_rate_hz=rate,
-                                     text=text, words=words, speaker=f"{voice}@{speed}"))
+    # Draws first (the corpus depends only on the seed), synthesis in parallel, results in order.
+    picks = [(rng.choice(sentences), rng.choice(TRAINING_VOICES), rng.choice(SPEEDS_WPM))
+             for _ in range(config.utterances)]
+    with ThreadPoolExecutor(max_workers=config.workers) as pool:
+        spoken = pool.map(lambda pick: fluent_speech(*pick), picks)
+        for i, ((text, voice, speed), (audio, source_rate)) in enumerate(zip(picks, spoken)):
+            entries.append(_write_utterance(config, audio_dir, i, text, voice, speed, audio, source_rate))
     manifest = write_manifest(config.out_dir / "manifest.jsonl", entries)
     logger.info(f"fluent corpus: {config.utterances} sentences, {len(TRAINING_VOICES)} voices -> {manifest}")
     return manifest
+
+
+def _write_utterance(
+    config: FluentCorpusConfig, audio_dir: Path, i: int, text: str, voice: str, speed: int,
+    audio: np.ndarray, source_rate: int,
+) -> ManifestEntry:
+    rate = config.sample_rate_hz
+    lead, tail = round(config.lead_ms * rate / 1000), round(config.tail_ms * rate / 1000)
+    audio = soxr.resample(audio, source_rate, rate).astype(np.float32)
+    loud = np.flatnonzero(np.abs(audio) > 0.02 * max(float(np.abs(audio).max()), 1e-6))
+    audio = audio[loud[0]: loud[-1] + 1] if loud.size else audio
+    audio = 0.7 * audio / max(float(np.abs(audio).max()), 1e-6)
+    wav = np.concatenate([np.zeros(lead, np.float32), audio, np.zeros(tail, np.float32)])
+    name = f"fluent{i:05d}.wav"
+    soundfile.write(audio_dir / name, wav, rate, subtype="FLOAT")
+    words = approximate_word_timings(text.split(), lead, lead + len(audio))
+    return ManifestEntry(id=f"fluent{i:05d}", audio=f"audio/{name}", sample_rate_hz=rate,
+                         text=text, words=words, speaker=f"{voice}@{speed}")

@@ -169,3 +169,16 @@ class OfflineWhisper:
         segments, _ = self.model.transcribe(audio_16k.astype(np.float32), language="en", beam_size=1,
                                             vad_filter=False, condition_on_previous_text=False)
         return " ".join(segment.text.strip() for segment in segments)
+
+    def word_ends(self, audio_16k: np.ndarray) -> list[tuple[str, float]]:
+        """Whisper's words (normalised) with the time each ends, in seconds: the reference for
+        the streaming transcript's latency."""
+        segments, _ = self.model.transcribe(audio_16k.astype(np.float32), language="en", beam_size=1,
+                                            vad_filter=False, condition_on_previous_text=False,
+                                            word_timestamps=True)
+        ends = []
+        for segment in segments:
+            for word in segment.words or ():
+                for part in normalise_text(word.word).split():
+                    ends.append((part, float(word.end)))
+        return ends

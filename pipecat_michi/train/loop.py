@@ -24,6 +24,7 @@ from pipecat_michi.model.checkpoint import (
 from pipecat_michi.model.config import MichiConfig
 from pipecat_michi.model.michi import MichiModel
 from pipecat_michi.model.runtime import resolve_device
+from pipecat_michi.model.smollm2 import smollm2_gguf_file
 from pipecat_michi.model.tokenizer import Tokenizer, load_tokenizer
 from pipecat_michi.train.adversarial import Adversary
 from pipecat_michi.train.config import TrainConfig
@@ -73,8 +74,18 @@ def build_model(config: TrainConfig) -> tuple[MichiModel, Path | None]:
         return model, None
     logger.info(f"loading backbone weights from {config.backbone_gguf}")
     load_gguf_backbone(model, config.backbone_gguf)
+    # Recorded so an export can ship the trained parts only and loading finds the backbone again.
+    source = "smollm2" if _is_smollm2_package_file(config.backbone_gguf) else str(config.backbone_gguf)
+    model.config = model.config.model_copy(update={"backbone_weights": source})
     save_gguf_tokenizer(config.backbone_gguf, config.out_dir)
     return model, config.out_dir
+
+
+def _is_smollm2_package_file(path: Path) -> bool:
+    try:
+        return Path(path).resolve() == smollm2_gguf_file().resolve()
+    except FileNotFoundError:
+        return False
 
 
 def whisper_weights_source(config: TrainConfig, model: MichiModel) -> str | None:
@@ -98,7 +109,11 @@ class Trainer:
         self.tokenizer_dir = model_dir if model_config.tokenizer == "hf" else None
         self.stage = STAGES[config.stage]
         entries = read_manifest(config.manifest)
-        builder = ExampleBuilder(self.tokenizer, model_config.frame_samples, model_config.sample_rate_hz)
+        listening = model_config.listening
+        builder = ExampleBuilder(
+            self.tokenizer, model_config.frame_samples, model_config.sample_rate_hz,
+            ctc_alphabet=listening.ctc_alphabet if listening.transcript == "ctc" else None,
+        )
         self.examples = self.stage.examples(builder, *split_entries(entries))
         if not self.examples:
             raise ValueError(f"manifest {config.manifest} has no examples for the {config.stage} stage")
@@ -119,7 +134,7 @@ class Trainer:
                     model_config.listening, whisper_source, model_config.sample_rate_hz
                 ).to(self.model.device)
         self.optimizer = torch.optim.AdamW(
-            set_trainable(self.model, self.stage), lr=config.lr, weight_decay=config.weight_decay
+            self._param_groups(set_trainable(self.model, self.stage)), lr=config.lr, weight_decay=config.weight_decay
         )
         self.adversary: Adversary | None = None
         if config.adversarial:
@@ -134,6 +149,18 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         if config.resume and (config.out_dir / TRAIN_STATE_FILE).is_file():
             self._load_state()
+
+    def _param_groups(self, trainable: list[torch.nn.Parameter]) -> list[dict]:
+        """Pretrained parameters (the Whisper encoder body) at ``lr``, the rest at
+        ``lr * new_parts_lr_scale``; each group's scale survives in the optimizer state."""
+        listening = self.model.listening
+        pretrained_ids = set()
+        if self.model.config.listening.kind == "whisper":
+            pretrained_ids = {id(p) for p in listening.encoder.parameters()}
+        pretrained = [p for p in trainable if id(p) in pretrained_ids]
+        new = [p for p in trainable if id(p) not in pretrained_ids]
+        groups = [{"params": pretrained, "lr_scale": 1.0}, {"params": new, "lr_scale": self.config.new_parts_lr_scale}]
+        return [g for g in groups if g["params"]]
 
     def train(self) -> list[dict[str, float]]:
         """Train up to ``config.steps``; return the loss history (all steps, resumed ones too)."""
@@ -153,7 +180,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         cfg = self.config
         for group in self.optimizer.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (self.step + 1) / max(cfg.warmup_steps, 1))
+            group["lr"] = cfg.lr * group["lr_scale"] * min(1.0, (self.step + 1) / max(cfg.warmup_steps, 1))
         frames = cfg.codec_frames if cfg.stage == "codec" else cfg.max_frames
         # Drawn on the CPU by the one generator (resumable), then moved to the model's device.
         device = self.model.device

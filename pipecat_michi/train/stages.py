@@ -115,10 +115,27 @@ def _listening_terms(
     else:
         embeds, transcript_logits, speak_logits = model.listening(heard)
     valid = batch.valid
-    targets = _delay(batch.user_text, w.transcript_lag_frames, model.config.tokens.pad_id)
-    losses["transcript"] = F.cross_entropy(transcript_logits[valid].float(), targets[valid])
+    if model.config.listening.transcript == "ctc":
+        losses["transcript"] = _ctc_loss(transcript_logits, batch, model.listening.tokens_per_frame)
+    else:
+        targets = _delay(batch.user_text, w.transcript_lag_frames, model.config.tokens.pad_id)
+        losses["transcript"] = F.cross_entropy(transcript_logits[valid].float(), targets[valid])
     losses["speak"] = F.binary_cross_entropy_with_logits(speak_logits[valid].float(), batch.speak[valid])
     return embeds, losses
+
+
+def _ctc_loss(logits: torch.Tensor, batch: Batch, tokens_per_frame: int) -> torch.Tensor:
+    """CTC of the per-token character logits ``[B, T, C]`` against each row's whole transcript
+    (rows whose crop cut the utterance are left out; the mean is per target character)."""
+    rows = batch.ctc_whole & (batch.user_chars_len > 0)
+    if not bool(rows.any()):
+        return logits.sum() * 0.0  # keeps the graph (and DDP-style hooks) whole
+    log_probs = logits[rows].float().log_softmax(dim=-1).transpose(0, 1)  # [T, B', C]
+    input_lengths = batch.valid[rows].sum(dim=1) * tokens_per_frame
+    return F.ctc_loss(
+        log_probs, batch.user_chars[rows], input_lengths, batch.user_chars_len[rows],
+        blank=0, reduction="sum", zero_infinity=True,
+    ) / batch.user_chars_len[rows].sum()
 
 
 def listening_losses(

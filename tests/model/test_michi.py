@@ -48,7 +48,7 @@ def test_batched_calls_equal_separate_calls(model: MichiModel) -> None:
         alone = _run(model, [prefixes[row]], audio[row : row + 1], seeds=[10 + row])
         for b, a in zip(batched, alone):
             assert b.text_tokens[row] == a.text_tokens[0]
-            assert b.transcript_tokens[row] == a.transcript_tokens[0]
+            assert torch.equal(b.transcript_tokens[row], a.transcript_tokens[0])
             torch.testing.assert_close(b.latents[row], a.latents[0], atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(b.audio[row], a.audio[0], atol=1e-5, rtol=1e-4)
 

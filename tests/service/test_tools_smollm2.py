@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> HFTokenizer:
-    from pipecat_michi.train.smollm2 import smollm2_gguf_file
+    from pipecat_michi.model.smollm2 import smollm2_gguf_file
 
     directory = tmp_path_factory.mktemp("smollm2")
     return HFTokenizer(save_gguf_tokenizer(smollm2_gguf_file(), directory), MichiConfig.preset("michi-nano").tokens)

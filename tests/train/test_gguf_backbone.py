@@ -20,7 +20,7 @@ pytestmark = [
 
 
 def test_smollm2_gguf_backbone_answers_paris(tmp_path) -> None:
-    from pipecat_michi.train.smollm2 import smollm2_gguf_file
+    from pipecat_michi.model.smollm2 import smollm2_gguf_file
 
     config = MichiConfig.preset("michi-nano")
     model = MichiModel(config).eval()

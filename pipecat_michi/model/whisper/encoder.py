@@ -136,6 +136,7 @@ class WhisperListeningHead(nn.Module):
         sample_rate_hz: int,
         backbone_hidden: int,
         vocab_size: int,
+        pad_id: int = 0,
     ) -> None:
         super().__init__()
         samples_16k = frame_samples * WHISPER_SAMPLE_RATE_HZ / sample_rate_hz
@@ -150,7 +151,15 @@ class WhisperListeningHead(nn.Module):
         # One vector per frame from its 4 tokens, so the vocabulary-sized head stays d_model wide.
         self.frame_proj = nn.Linear(self.tokens_per_frame * cfg.d_model, cfg.d_model)
         self.to_backbone = nn.Linear(cfg.d_model, backbone_hidden)
-        self.transcript_head = nn.Linear(cfg.d_model, vocab_size)
+        self.ctc = cfg.transcript == "ctc"
+        if self.ctc:
+            # Per 20 ms token: blank (index 0) or one character of the alphabet.
+            self.transcript_head = nn.Linear(cfg.d_model, len(cfg.ctc_alphabet) + 1)
+            # CTC index -> backbone token id (blank -> PAD, which no consumer prints).
+            self.register_buffer("ctc_token_ids", torch.tensor([pad_id, *cfg.ctc_token_ids]), persistent=False)
+        else:
+            self.transcript_head = nn.Linear(cfg.d_model, vocab_size)
+        self.pad_id = pad_id
         self.speak_head = nn.Linear(cfg.d_model, 1)
 
     @property
@@ -158,8 +167,29 @@ class WhisperListeningHead(nn.Module):
         return self.encoder.conv1.weight.dtype
 
     def heads(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Final tokens ``[B, 4F, d]`` -> embeddings ``[B, F, H]``, transcript logits (``[B, 4F, C]``
+        per token with CTC, else ``[B, F, V]`` per frame) and speak logits ``[B, F]``."""
         pooled = F.gelu(self.frame_proj(tokens.reshape(tokens.shape[0], -1, self.tokens_per_frame * tokens.shape[-1])))
-        return self.to_backbone(pooled), self.transcript_head(pooled), self.speak_head(pooled).squeeze(-1)
+        transcript = self.transcript_head(tokens if self.ctc else pooled)
+        return self.to_backbone(pooled), transcript, self.speak_head(pooled).squeeze(-1)
+
+    def decode_transcript(
+        self, transcript_logits: torch.Tensor, previous: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One frame's transcript logits -> backbone token ids ``[B, S]`` (PAD where nothing is
+        said) and the CTC symbol to carry to the next frame.
+
+        CTC (``S`` = 4 tokens): greedy decoding; a symbol is emitted when it is not blank and
+        differs from the token before it (``previous`` carries that across frames), so "ll" needs
+        a blank between its letters, as CTC training taught. Frame mode: the argmax, ``S`` = 1.
+        """
+        if not self.ctc:
+            return transcript_logits.argmax(dim=-1)[:, None], previous
+        best = transcript_logits.argmax(dim=-1)  # [B, 4]
+        before = torch.cat([previous[:, None], best[:, :-1]], dim=1)
+        emitted = (best != 0) & (best != before)
+        ids = torch.where(emitted, self.ctc_token_ids[best], torch.full_like(best, self.pad_id))
+        return ids, best[:, -1]
 
     def block_causal_mask(self, num_tokens: int, device: torch.device) -> torch.Tensor:
         """``[N, N]``: token i sees token j iff j's frame is i's or one of the previous ``context_frames - 1``."""
@@ -196,6 +226,7 @@ class WhisperListeningHead(nn.Module):
         state["mel_tail"] = torch.zeros(batch_size, 2, cfg.n_mels, dtype=torch.float32, device=device)
         state["conv1_tail"] = torch.zeros(batch_size, 1, cfg.d_model, dtype=dtype, device=device)
         state["tokens_seen"] = torch.zeros(batch_size, dtype=torch.long, device=device)
+        state["ctc_previous"] = torch.zeros(batch_size, dtype=torch.long, device=device)  # blank
         for i in range(cfg.num_layers):
             for kv in ("k", "v"):
                 state[f"layer{i}.{kv}"] = torch.zeros(
@@ -206,8 +237,9 @@ class WhisperListeningHead(nn.Module):
     def step(
         self, frame: torch.Tensor, state: StreamingState
     ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], StreamingState]:
-        """One frame ``[B, frame_samples]`` -> (embedding ``[B, H]``, transcript logits ``[B, V]``,
-        speak logit ``[B]``) and the new state (the given one is not modified)."""
+        """One frame ``[B, frame_samples]`` -> (embedding ``[B, H]``, transcript token ids ``[B, S]``
+        (:meth:`decode_transcript`), speak logit ``[B]``) and the new state (the given one is not
+        modified)."""
         front_state = unprefixed("front", state)
         mel, front_state = self.front_end(frame, front_state)
         new_state: StreamingState = prefixed("front", front_state)
@@ -236,7 +268,10 @@ class WhisperListeningHead(nn.Module):
             x = x + layer.attn.attend(q, keys, values, mask)
             x = x + layer.ffn(x)
         embedding, transcript_logits, speak_logit = self.heads(enc.final_norm(x))
-        return (embedding[:, 0], transcript_logits[:, 0], speak_logit[:, 0]), new_state
+        transcript, new_state["ctc_previous"] = self.decode_transcript(
+            transcript_logits if self.ctc else transcript_logits[:, 0], state["ctc_previous"]
+        )
+        return (embedding[:, 0], transcript, speak_logit[:, 0]), new_state
 
     def load_whisper(self, source: str) -> None:
         """Initialise the encoder body from Whisper weights (``load_whisper_encoder``'s ``source``)."""

@@ -3,6 +3,7 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 from loguru import logger
 
 from pipecat_michi.model.config import WHISPER_TINY_LISTENING, ListeningHeadConfig
@@ -73,21 +74,53 @@ def test_hf_layout_errors_are_named(hf_whisper_dir, tmp_path):
         head.load_whisper(str(model_dir))
 
 
-def test_streaming_equals_offline_with_the_same_mask():
+@pytest.mark.parametrize("transcript", ["frame", "ctc"])
+def test_streaming_equals_offline_with_the_same_mask(transcript):
     torch.manual_seed(0)
+    ctc = {"transcript": "ctc", "ctc_alphabet": " ab", "ctc_token_ids": (5, 6, 7)} if transcript == "ctc" else {}
     cfg = ListeningHeadConfig(kind="whisper", n_fft=400, hop_samples=160, n_mels=16, d_model=32, num_layers=2,
-                              num_heads=4, ffn_size=64, context_frames=3)
-    head = WhisperListeningHead(cfg, 1920, 24000, backbone_hidden=8, vocab_size=10).eval()
+                              num_heads=4, ffn_size=64, context_frames=3, **ctc)
+    head = WhisperListeningHead(cfg, 1920, 24000, backbone_hidden=8, vocab_size=10, pad_id=9).eval()
     wav = torch.randn(2, 1920 * 7, generator=torch.Generator().manual_seed(1)) * 0.1
     with torch.no_grad():
-        offline = head(wav)
+        embeddings, logits, speak = head(wav)
         state, steps = head.init_state(2), []
         for frame in wav.split(1920, dim=1):
             out, state = head.step(frame, state)
             steps.append(out)
-    for i, name in enumerate(("embedding", "transcript", "speak")):
-        streamed = torch.stack([s[i] for s in steps], dim=1)
-        assert torch.allclose(streamed, offline[i], atol=1e-5), name
+    for i, (name, offline) in enumerate((("embedding", embeddings), ("speak", speak))):
+        streamed = torch.stack([s[2 * i] for s in steps], dim=1)
+        assert torch.allclose(streamed, offline, atol=1e-5), name
+    # The streamed transcript is the offline logits' greedy decoding, across frame boundaries.
+    streamed = torch.cat([s[1] for s in steps], dim=1)
+    if transcript == "ctc":
+        offline_ids, _ = head.decode_transcript(logits, torch.zeros(2, dtype=torch.long))
+        assert streamed.shape == (2, 28) and set(streamed.unique().tolist()) <= {5, 6, 7, 9}
+    else:
+        offline_ids = logits.argmax(dim=-1)
+    assert torch.equal(streamed, offline_ids)
+
+
+def test_ctc_decoding_collapses_repeats_and_drops_blanks():
+    cfg = ListeningHeadConfig(kind="whisper", n_fft=400, hop_samples=160, n_mels=16, d_model=32, num_layers=1,
+                              num_heads=4, ffn_size=64, context_frames=3, transcript="ctc", ctc_alphabet=" al",
+                              ctc_token_ids=(50, 51, 52))
+    head = WhisperListeningHead(cfg, 1920, 24000, backbone_hidden=8, vocab_size=60, pad_id=0)
+    # Symbols per 20 ms token over two frames: a a _ l | l _ l a  -> "a", "l", "l", "a"
+    symbols = torch.tensor([[2, 2, 0, 3], [3, 0, 3, 2]])
+    logits = F.one_hot(symbols, 4).float()[None]
+    first, carried = head.decode_transcript(logits[:, 0], torch.zeros(1, dtype=torch.long))
+    second, _ = head.decode_transcript(logits[:, 1], carried)
+    assert first.tolist() == [[51, 0, 0, 52]]
+    assert second.tolist() == [[0, 0, 52, 51]]  # the frame-opening "l" repeats the last one: collapsed
+
+
+def test_ctc_config_needs_a_token_per_character():
+    with pytest.raises(ValueError, match="one backbone token id per"):
+        ListeningHeadConfig(kind="whisper", n_fft=400, hop_samples=160, transcript="ctc", ctc_alphabet="ab",
+                            ctc_token_ids=(1,))
+    with pytest.raises(ValueError, match="needs the whisper listening head"):
+        ListeningHeadConfig(transcript="ctc", ctc_alphabet="ab", ctc_token_ids=(1, 2))
 
 
 def test_step_is_dtype_clean_in_bfloat16():
@@ -96,8 +129,8 @@ def test_step_is_dtype_clean_in_bfloat16():
     head = WhisperListeningHead(cfg, 1920, 24000, 8, 10).to(torch.bfloat16)
     state = head.init_state(1)
     for _ in range(2):
-        (emb, logits, speak), state = head.step(torch.zeros(1, 1920, dtype=torch.bfloat16), state)
-    assert emb.dtype == logits.dtype == speak.dtype == torch.bfloat16
+        (emb, tokens, speak), state = head.step(torch.zeros(1, 1920, dtype=torch.bfloat16), state)
+    assert emb.dtype == speak.dtype == torch.bfloat16 and tokens.dtype == torch.long
     assert state["layer0.k"].dtype == torch.bfloat16 and state["front.log_max"].dtype == torch.float32
 
 
