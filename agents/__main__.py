@@ -36,6 +36,7 @@ from pipecat_michi.engine.call import LocalEngine
 from pipecat_michi.engine.config import DEMO_CHECKPOINT
 from pipecat_michi.pcm import float_to_pcm16
 from pipecat_michi.serving import configure_production_logging, serve_on_loopback
+from pipecat_michi.textnorm import word_error_rate
 
 _REPO = Path(__file__).resolve().parents[1]
 # The simulated call's default model, first found: what scripts/train_demo.sh last trained here,
@@ -125,7 +126,10 @@ async def simulate_call(args: argparse.Namespace) -> None:
           f"bot started speaking while the caller spoke: {figures.bot_over_caller}; barge-ins: {figures.barge_ins}")
     ttfa = ", ".join("no answer" if ms is None else f"{ms:.0f} ms" for ms in figures.ttfa_ms)
     print(f"first bot audio after each caller turn: {ttfa or 'no caller turn'}; longest silence {figures.longest_gap_ms:.0f} ms")
-    print(f"the model heard: {' | '.join(report.final_transcripts or report.transcript_pieces[-1:])!r}")
+    heard = " ".join(report.final_transcripts or report.transcript_pieces[-1:])
+    print(f"the model heard: {heard!r}")
+    if args.wav is None and source.startswith("espeak-ng"):  # the caller's true words are known
+        print(f"the caller said: {args.say!r}; transcript WER {100 * word_error_rate(heard, args.say):.0f}%")
     steps = sorted(backend.engine.stats.step_ms)
     if steps:
         p99 = steps[min(len(steps) - 1, int(0.99 * len(steps)))]

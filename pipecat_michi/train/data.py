@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from pipecat_michi.model.tokenizer import Tokenizer
+from pipecat_michi.textnorm import number_words
 from pipecat_michi.train.manifest import ManifestEntry, WordTiming
 
 # The bot's inner monologue runs this many frames ahead of its speech, so the text of a word
@@ -95,8 +96,6 @@ def frame_tokens(
 def transcript_characters(text: str, alphabet: str) -> list[int]:
     """CTC targets of a transcript: lowercase, numbers as words, characters outside ``alphabet``
     as spaces, spaces collapsed; each character as its 1-based index (0 is CTC's blank)."""
-    from pipecat_michi.train.judge import number_words
-
     text = re.sub(r"\d+", lambda m: f" {number_words(int(m.group()))} " if int(m.group()) < 1_000_000 else " ",
                   text.lower())
     text = " ".join("".join(c if c in alphabet else " " for c in text).split())

