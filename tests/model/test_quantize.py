@@ -111,4 +111,7 @@ def test_an_int8_dynamic_model_passes_the_quality_bar_against_float32(
     audio = seeded_call_audio(reference, frames=25, seed=0)
     candidate = quantize_model(copy.deepcopy(reference).to(dtype), "int8-dynamic")
     agreement = compare(run_call(reference, audio, seed=0), run_call(candidate, audio, seed=0))
-    assert agreement.passes(min_text_agreement=0.9, min_latent_cosine=0.999), agreement
+    # Text agreement of random-weight tiny models over 25 frames (one token = 0.04), measured
+    # on inits 0-2 x call seeds 0-2: 0.84-1.0 with a rectified flow head, 0.88-1.0 with the
+    # MeanFlow one the preset now has (float32 at init 0, seed 0: 0.88).
+    assert agreement.passes(min_text_agreement=0.84, min_latent_cosine=0.999), agreement
