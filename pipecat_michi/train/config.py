@@ -34,6 +34,9 @@ class TrainConfig(BaseModel):
     codec_frames: int = Field(default=6, ge=1)
     lr: float = Field(default=3e-4, gt=0)
     warmup_steps: int = Field(default=10, ge=0)
+    # After warmup: constant, or a cosine from lr down to 10% of it at ``steps`` (a run resumed
+    # with more --steps stretches the remaining curve).
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     weight_decay: float = Field(default=0.0, ge=0)
     grad_clip: float = Field(default=1.0, gt=0)
     mel_weight: float = Field(default=1.0, ge=0)
@@ -48,6 +51,8 @@ class TrainConfig(BaseModel):
     adversarial_weight: float = Field(default=1.0, ge=0)
     feature_match_weight: float = Field(default=2.0, ge=0)
     discriminator_channels: int = Field(default=16, ge=1)
+    # HiFi-GAN's multi-scale discriminator beside the multi-period one: this many scales (0: MPD only).
+    discriminator_scales: int = Field(default=3, ge=0)
     # auto: CUDA when present, else CPU. Training stays in float32 (no mixed precision yet).
     device: str = "auto"
     # Listening stage. Transcript targets delayed by this many 80 ms frames (the transcript's

@@ -33,10 +33,19 @@ from pipecat_michi.train.judge import (
 )
 from pipecat_michi.train.manifest import ManifestEntry, WordTiming, write_manifest
 
-TRAINING_VOICES = tuple(
-    v for v in (*FLITE_VOICES, FESTIVAL_HTS_VOICE, *ESPEAK_VOICES) if v not in HELD_OUT_VOICES
+# Two families, drawn half and half: flite's and festival's voices (closest to human recordings)
+# and espeak-ng's formant voices, many of them (accents x voice variants) so the head meets
+# many timbres. The judge's voices are left out, and with them their accent (en-gb-scotland) and
+# variant (f3) in any combination.
+NATURAL_VOICES = tuple(v for v in (*FLITE_VOICES, FESTIVAL_HTS_VOICE) if v not in HELD_OUT_VOICES)
+ESPEAK_ACCENTS = ("en-us", "en-gb", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-029", "en-us-nyc")
+ESPEAK_VARIANTS = ("m1", "m2", "m4", "m5", "m7", "f1", "f2", "f4", "klatt", "klatt4", "Andy", "annie", "david",
+                   "john", "linda", "max", "paul", "edward", "grandma")
+ESPEAK_TRAINING_VOICES = tuple(v for v in ESPEAK_VOICES if v not in HELD_OUT_VOICES) + tuple(
+    f"{accent}+{variant}" for accent in ESPEAK_ACCENTS for variant in ESPEAK_VARIANTS
 )
-SPEEDS_WPM = (140, 170, 200)
+TRAINING_VOICES = NATURAL_VOICES + ESPEAK_TRAINING_VOICES
+SPEEDS_WPM = (130, 150, 170, 190, 210)
 
 
 class FluentCorpusConfig(BaseModel):
@@ -81,8 +90,10 @@ def generate_fluent_corpus(config: FluentCorpusConfig) -> Path:
     audio_dir.mkdir(parents=True, exist_ok=True)
     entries = []
     # Draws first (the corpus depends only on the seed), synthesis in parallel, results in order.
-    picks = [(rng.choice(sentences), rng.choice(TRAINING_VOICES), rng.choice(SPEEDS_WPM))
-             for _ in range(config.utterances)]
+    picks = []
+    for _ in range(config.utterances):
+        family = NATURAL_VOICES if rng.random() < 0.5 else ESPEAK_TRAINING_VOICES
+        picks.append((rng.choice(sentences), rng.choice(family), rng.choice(SPEEDS_WPM)))
     with ThreadPoolExecutor(max_workers=config.workers) as pool:
         spoken = pool.map(lambda pick: fluent_speech(*pick), picks)
         for i, ((text, voice, speed), (audio, source_rate)) in enumerate(zip(picks, spoken)):

@@ -8,6 +8,7 @@ so a resumed run computes the same next loss as one that never stopped.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -143,6 +144,7 @@ class Trainer:
             self.adversary = Adversary(
                 lr=config.lr, start_step=config.adversarial_start_step, weight=config.adversarial_weight,
                 feature_weight=config.feature_match_weight, channels=config.discriminator_channels,
+                scales=config.discriminator_scales,
             ).to(self.model.device)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step = 0
@@ -180,7 +182,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         cfg = self.config
         for group in self.optimizer.param_groups:
-            group["lr"] = cfg.lr * group["lr_scale"] * min(1.0, (self.step + 1) / max(cfg.warmup_steps, 1))
+            group["lr"] = cfg.lr * group["lr_scale"] * self._lr_factor()
         frames = cfg.codec_frames if cfg.stage == "codec" else cfg.max_frames
         # Drawn on the CPU by the one generator (resumable), then moved to the model's device.
         device = self.model.device
@@ -202,6 +204,13 @@ class Trainer:
         row = {"step": self.step, **{k: float(v.detach()) for k, v in losses.items()}}
         self.history.append(row)
         return row
+
+    def _lr_factor(self) -> float:
+        cfg = self.config
+        factor = min(1.0, (self.step + 1) / max(cfg.warmup_steps, 1))
+        if cfg.lr_schedule == "cosine":
+            factor *= 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(self.step / cfg.steps, 1.0)))
+        return factor
 
     def save(self) -> Path:
         """Write the checkpoint (weights + config + tokenizer), training state, losses and PNG."""

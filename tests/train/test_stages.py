@@ -67,3 +67,17 @@ def test_adversarial_codec_training_adds_discriminator_losses_and_resumes_exactl
 def test_adversarial_is_refused_outside_the_codec_stage(tone_manifest: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="codec stage"):
         Trainer(_config(tone_manifest, tmp_path / "x", "listening", steps=1, adversarial=True))
+
+
+def test_the_hifigan_discriminator_judges_periods_and_scales() -> None:
+    from pipecat_michi.train.adversarial import HifiGanDiscriminator
+
+    torch.manual_seed(0)
+    wav = 0.1 * torch.randn(2, 4800)
+    both = HifiGanDiscriminator(channels=4, scales=3)(wav)
+    periods_only = HifiGanDiscriminator(channels=4, scales=0)(wav)
+    assert len(both) == 5 + 3 and len(periods_only) == 5
+    scale_logits = [logits for logits, _ in both[5:]]
+    # Each scale halves the rate: its logits are shorter than the previous scale's.
+    assert scale_logits[0].shape[1] > scale_logits[1].shape[1] > scale_logits[2].shape[1] > 0
+    assert all(f.shape[0] == 2 for _, features in both for f in features)
