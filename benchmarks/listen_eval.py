@@ -80,6 +80,7 @@ class Turn:
     early: bool
     floor_s: float | None  # None: the head never took the floor in the trailing silence
     word_latencies_s: list[float]
+    final_text_s: float | None  # the end of speech (exact) -> the transcript's last character out
 
 
 @torch.no_grad()
@@ -104,11 +105,15 @@ def judge_turn(model: MichiModel, tokenizer: Tokenizer, judge: OfflineWhisper, c
     early = bool(speaking[ends <= speech_end_s].any())
     after = np.flatnonzero(speaking & (ends > speech_end_s))
     floor_s = float(ends[after[0]] - speech_end_s) if after.size else None
-    return Turn(early, floor_s, _word_latencies(model, tokenizer, logits, frame_s, references))
+    latencies, words = _word_latencies(model, tokenizer, logits, frame_s, references)
+    final_text_s = words[-1][1] - speech_end_s if words else None
+    return Turn(early, floor_s, latencies, final_text_s)
 
 
 def _word_latencies(model: MichiModel, tokenizer: Tokenizer, logits: torch.Tensor, frame_s: float,
-                    references: list[tuple[str, float]]) -> list[float]:
+                    references: list[tuple[str, float]]) -> tuple[list[float], list[tuple[str, float]]]:
+    """Latency of each transcript word that matches a reference word, and the transcript's
+    words with the time each was complete."""
     if model.config.listening.transcript == "ctc":
         ids, _ = model.listening.decode_transcript(logits, torch.zeros(1, dtype=torch.long, device=model.device))
         per_frame = ids[0].view(-1, model.listening.tokens_per_frame).tolist()
@@ -133,7 +138,7 @@ def _word_latencies(model: MichiModel, tokenizer: Tokenizer, logits: torch.Tenso
     for block in matcher.get_matching_blocks():
         for k in range(block.size):
             latencies.append(hypothesis[block.b + k][1] - references[block.a + k][1])
-    return latencies
+    return latencies, words
 
 
 def turn_taking(model: MichiModel, tokenizer: Tokenizer, judge: OfflineWhisper, clips: list[Clip], twilio: bool) -> None:
@@ -148,10 +153,15 @@ def turn_taking(model: MichiModel, tokenizer: Tokenizer, judge: OfflineWhisper, 
           f"({100 * early / len(turns):.0f}%), took the floor within 400 ms in {in_time} "
           f"({100 * in_time / len(turns):.0f}%), floor delay p50 "
           f"{1000 * float(np.median(floors)) if floors else float('nan'):.0f} ms")
+    finals = [t.final_text_s for t in turns if t.final_text_s is not None]
+    if finals:
+        p50, p90 = np.percentile(finals, [50, 90])
+        print(f"transcript latency{path}, end of speech (exact) -> last character out, {len(finals)} turns: "
+              f"p50 {1000 * p50:.0f} ms, p90 {1000 * p90:.0f} ms")
     if latencies:
         p50, p90 = np.percentile(latencies, [50, 90])
-        print(f"transcript latency{path} (Whisper's word end -> the word's last character out), "
-              f"{len(latencies)} words: p50 {1000 * p50:.0f} ms, p90 {1000 * p90:.0f} ms")
+        print(f"transcript latency{path} per word, Whisper's word end (+-0.1 s) -> the word's last character "
+              f"out, {len(latencies)} matched words: p50 {1000 * p50:.0f} ms, p90 {1000 * p90:.0f} ms")
     else:
         print(f"transcript latency{path}: no transcript word matched the reference")
 
