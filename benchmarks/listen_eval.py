@@ -25,6 +25,7 @@ import torch
 
 from pipecat_michi.model.checkpoint import load_checkpoint
 from pipecat_michi.model.michi import MichiModel
+from pipecat_michi.model.quantize import QUANTIZE_MODES, quantize_model
 from pipecat_michi.model.tokenizer import StreamingDetokenizer, Tokenizer, load_tokenizer
 from pipecat_michi.train.evaluate import transcribe
 from pipecat_michi.train.judge import (
@@ -173,12 +174,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--twilio", action="store_true", help="8 kHz mu-law round trip before listening")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--verbose", action="store_true", help="print every transcript")
+    parser.add_argument("--quantize", choices=QUANTIZE_MODES, default="none",
+                        help="judge the model as served with this weight quantization")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     np.random.seed(0)
     model = tokenizer = None
     if args.checkpoint is not None:
-        model = load_checkpoint(args.checkpoint).eval()
+        model = quantize_model(load_checkpoint(args.checkpoint).eval(), args.quantize)
         tokenizer = load_tokenizer(model.config, args.checkpoint)
     judge_listening(model, tokenizer, args.twilio, args.sentences, args.threads, args.verbose)
 

@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu (the embedded default), auto or cuda")
     parser.add_argument("--seed", type=int, default=0, help="seeds the sampling noise")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
-    parser.add_argument("--quantize", default="none", choices=QUANTIZE_MODES, help="weight quantization")
+    parser.add_argument("--quantize", default="auto", choices=(*QUANTIZE_MODES, "auto"), help="weight quantization (auto: int8-dynamic for a big model on CPU)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the step (the first steps compile: use with --fast)")
     args = parser.parse_args(argv)

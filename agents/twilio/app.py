@@ -52,7 +52,7 @@ from agents.twilio.security import (
     read_capped_body,
     valid_call_sid,
 )
-from pipecat_michi.engine.call import DuplexBackend
+from pipecat_michi.engine.call import DuplexBackend, LocalEngine
 from pipecat_michi.serving import RateLimitedLog
 
 TWILIO_SAMPLE_RATE_HZ = 8000
@@ -157,6 +157,8 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.backend = backend or config.backend.make_backend()
+        if isinstance(app.state.backend, LocalEngine):
+            await app.state.backend.start()  # load the model before the first caller, not during the call
         yield
         for task in list(calls):
             task.cancel()

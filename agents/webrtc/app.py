@@ -39,7 +39,7 @@ from pydantic import Field, SecretStr, TypeAdapter, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agents.common import BackendSettings, michi_pipeline, run_call_pipeline
-from pipecat_michi.engine.call import DuplexBackend
+from pipecat_michi.engine.call import DuplexBackend, LocalEngine
 from pipecat_michi.serving import BodyLimitMiddleware, RateLimitedLog, ServerLimits
 
 # Sessions opened by /start that never made an offer are forgotten after this many.
@@ -144,6 +144,8 @@ def create_app(config: WebRTCAgentConfig, backend: DuplexBackend | None = None) 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.backend = backend or config.backend.make_backend()
+        if isinstance(app.state.backend, LocalEngine):
+            await app.state.backend.start()  # load the model before the first caller, not during the call
         app.state.calls = calls
         yield
         for task in list(calls.values()):

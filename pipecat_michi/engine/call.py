@@ -68,6 +68,11 @@ class LocalEngine:
         self.engine = engine or DuplexEngine(config or EngineConfig(checkpoint="demo"))
         self._open_timeout_s = open_timeout_s
 
+    async def start(self) -> None:
+        """Load the model now (a server's startup), so the first caller does not wait for it."""
+        async with asyncio.timeout(self._open_timeout_s):
+            await self.engine.start()
+
     async def open_call(
         self,
         settings: SessionSettingsUpdate | None = None,

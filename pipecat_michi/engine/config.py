@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 import torch
 from loguru import logger
@@ -48,7 +49,11 @@ class EngineConfig(BaseModel):
     # Weight quantization for serving: "int8" stores every big linear as int8 weights with
     # per-row scales (model/quantize.py), 4x fewer bytes per step than float32; "int8-dynamic"
     # also quantizes each linear's input per call (fbgemm int8 x int8 GEMM on the CPU).
-    quantize: QuantizeMode = "none"
+    # "auto" (default): the fastest mode that keeps the quality bar where it was measured (README,
+    # benchmarks/quantize_quality.py, listen_eval.py --quantize): int8-dynamic for a CPU model whose
+    # backbone has AUTO_QUANTIZE_MIN_PARAMS or more (michi-nano: 81 -> 37 ms a step on one thread,
+    # transcript WER 57.0% -> 57.8%), else none (tiny: float32 is fastest; CUDA: bf16).
+    quantize: QuantizeMode | Literal["auto"] = "auto"
     # torch.compile the step (CUDA: mode reduce-overhead, i.e. CUDA graphs). Batches are padded
     # to fixed sizes (BATCH_BUCKETS) so calls coming and going never recompile, and every size
     # is compiled when the engine starts, before a worker reports ready.
@@ -107,5 +112,17 @@ def load_model(config: EngineConfig) -> tuple[MichiModel, Tokenizer]:
     logger.info(
         f"MichiAI model from {source}: {model.num_parameters() / 1e6:.1f}M parameters on {device} ({dtype})"
     )
-    quantize_model(model, config.quantize)
+    quantize_model(model, resolve_quantize(config.quantize, device, model))
     return model, tokenizer
+
+
+# Backbones this large are weight-bandwidth bound on a CPU, where int8 reads 4x fewer bytes.
+AUTO_QUANTIZE_MIN_PARAMS = 50_000_000
+
+
+def resolve_quantize(mode: str, device: torch.device, model: MichiModel) -> str:
+    """``auto`` -> the mode for this device and model (see ``EngineConfig.quantize``)."""
+    if mode != "auto":
+        return mode
+    big = sum(p.numel() for p in model.backbone.parameters()) >= AUTO_QUANTIZE_MIN_PARAMS
+    return "int8-dynamic" if device.type == "cpu" and big else "none"

@@ -28,7 +28,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", type=Path, help="MichiAI checkpoint directory, or demo (wins over --preset)")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", help="auto, float32, bfloat16, float16")
-    parser.add_argument("--quantize", choices=QUANTIZE_MODES, help="weight quantization: none, int8, int8-dynamic")
+    parser.add_argument("--quantize", choices=(*QUANTIZE_MODES, "auto"),
+                        help="weight quantization: none, int8, int8-dynamic, auto (default: int8-dynamic for a big model on CPU)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the step (CUDA graphs on CUDA); compiles before /readyz is ready")
     parser.add_argument("--slots", type=int, help="slot capacity: concurrent calls")
