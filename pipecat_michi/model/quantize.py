@@ -146,6 +146,11 @@ def quantize_model(model: nn.Module, mode: str) -> nn.Module:
     if backbone is not None and backbone.lm_head is None:
         backbone.lm_head = linear_type.from_weight(backbone.embed_tokens.weight)
         replaced, weights = replaced + 1, weights + backbone.embed_tokens.weight.numel()
+    if mode == "int8-dynamic" and _has_fbgemm_linear():
+        # Pack every CPU weight now: lazily, the first step of the first call paid ~1 s for it.
+        for module in model.modules():
+            if isinstance(module, Int8DynamicLinear) and module.qweight.device.type == "cpu":
+                module._cpu_packed()
     logger.info(f"{mode}: {replaced} linears, {weights / 1e6:.1f}M weights")
     return model
 
