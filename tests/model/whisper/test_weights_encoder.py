@@ -123,15 +123,19 @@ def test_ctc_config_needs_a_token_per_character():
         ListeningHeadConfig(transcript="ctc", ctc_alphabet="ab", ctc_token_ids=(1, 2))
 
 
-def test_step_is_dtype_clean_in_bfloat16():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("transcript", ["frame", "ctc"])
+def test_step_is_dtype_clean_in_half_precision(transcript, dtype):
+    ctc = {"transcript": "ctc", "ctc_alphabet": " ab", "ctc_token_ids": (5, 6, 7)} if transcript == "ctc" else {}
     cfg = ListeningHeadConfig(kind="whisper", n_fft=400, hop_samples=160, n_mels=16, d_model=32, num_layers=1,
-                              num_heads=4, ffn_size=64, context_frames=3)
-    head = WhisperListeningHead(cfg, 1920, 24000, 8, 10).to(torch.bfloat16)
+                              num_heads=4, ffn_size=64, context_frames=3, **ctc)
+    head = WhisperListeningHead(cfg, 1920, 24000, 8, 10).to(dtype)
     state = head.init_state(1)
     for _ in range(2):
-        (emb, tokens, speak), state = head.step(torch.zeros(1, 1920, dtype=torch.bfloat16), state)
-    assert emb.dtype == speak.dtype == torch.bfloat16 and tokens.dtype == torch.long
-    assert state["layer0.k"].dtype == torch.bfloat16 and state["front.log_max"].dtype == torch.float32
+        (emb, tokens, speak), state = head.step(0.1 * torch.randn(1, 1920).to(dtype), state)
+    assert emb.dtype == speak.dtype == dtype and tokens.dtype == torch.long
+    assert tokens.shape == (1, 4 if transcript == "ctc" else 1)
+    assert state["layer0.k"].dtype == dtype and state["front.log_max"].dtype == torch.float32
 
 
 @needs_ct2
