@@ -184,7 +184,13 @@ def load_gguf_backbone(model: MichiModel, gguf_file: str | Path) -> None:
     the ``gguf`` package. Shapes must match the model's config; float fields (a GGUF stores
     ``rms_norm_eps`` as float32) match within float32 precision.
     """
-    from transformers import AutoModelForCausalLM
+    try:
+        import gguf  # noqa: F401 (transformers reads GGUF files with it)
+        from transformers import AutoModelForCausalLM
+    except ImportError as exc:
+        raise CheckpointError(
+            f"a GGUF backbone needs transformers and gguf ({exc.name} is missing): pip install 'pipecat-michi[train]'"
+        ) from None
 
     path = Path(gguf_file)
     if not path.is_file():

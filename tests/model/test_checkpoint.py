@@ -103,3 +103,13 @@ def test_hf_backbone_of_another_shape_is_refused(tmp_path) -> None:
     _, directory = _hf_backbone(tmp_path, TINY.backbone.model_copy(update={"num_hidden_layers": 1}))
     with pytest.raises(CheckpointError, match="num_hidden_layers"):
         load_hf_backbone(MichiModel(TINY), directory)
+
+
+def test_a_gguf_backbone_without_its_packages_names_the_extra(monkeypatch, tmp_path) -> None:
+    import sys
+
+    from pipecat_michi.model.checkpoint import load_gguf_backbone
+
+    monkeypatch.setitem(sys.modules, "gguf", None)  # as if not installed
+    with pytest.raises(CheckpointError, match=r"gguf is missing\): pip install 'pipecat-michi\[train\]'"):
+        load_gguf_backbone(MichiModel(MichiConfig.preset("tiny")), tmp_path / "x.gguf")
