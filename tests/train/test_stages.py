@@ -17,7 +17,10 @@ def _config(manifest: Path, out_dir: Path, stage: str, steps: int, **overrides: 
 
 @pytest.mark.parametrize("stage", ["codec", "listening", "speaking", "joint"])
 def test_stage_loss_falls(stage: str, tone_manifest: Path, tmp_path: Path) -> None:
-    history = Trainer(_config(tone_manifest, tmp_path / stage, stage, steps=10)).train()
+    # The codec's HiFi-GAN decoder spikes at 3e-3 on two threads (step 10: 12.7 after 2.6);
+    # at 1e-3 it falls steadily on one thread and two alike.
+    lr = {"lr": 1e-3} if stage == "codec" else {}
+    history = Trainer(_config(tone_manifest, tmp_path / stage, stage, steps=10, **lr)).train()
     first = sum(row["total"] for row in history[:3]) / 3
     last = sum(row["total"] for row in history[-3:]) / 3
     assert last < 0.9 * first, [round(row["total"], 3) for row in history]
