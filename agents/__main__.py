@@ -106,7 +106,9 @@ async def simulate_call(args: argparse.Namespace) -> None:
         return [reports[-1]]
 
     print(f"caller: {source}, {len(voice) / TWILIO_SAMPLE_RATE_HZ:.1f} s, then {args.listen_s:.1f} s listening")
-    async with serve_on_loopback(create_twilio_app(config, backend, observers), limits=config.server) as host:
+    app = create_twilio_app(config, backend, observers)
+    # The server starts once its lifespan has loaded the model: wait as long as that load may take.
+    async with serve_on_loopback(app, limits=config.server, startup_timeout_s=backend.load_timeout_s) as host:
         caller = await TwilioCaller.dial(host)  # the webhook first, as Twilio does
         await caller.connect()
         voice_at = time.monotonic()

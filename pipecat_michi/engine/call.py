@@ -59,18 +59,27 @@ class LocalEngine:
             checkpoint (``EngineConfig(checkpoint="demo")``).
         engine: An engine to use instead.
         open_timeout_s: Limit on opening one call, the model load of the first call included.
+        load_timeout_s: Limit on ``start()``, the model load at a server's startup. Generous: the
+            first load of a GGUF backbone converts it (about 30 s on an idle CPU core, several
+            times that on a busy 2-core machine); later loads read the converted copy.
     """
 
     def __init__(
-        self, config: EngineConfig | None = None, engine: DuplexEngine | None = None, *, open_timeout_s: float = 60.0
+        self,
+        config: EngineConfig | None = None,
+        engine: DuplexEngine | None = None,
+        *,
+        open_timeout_s: float = 60.0,
+        load_timeout_s: float = 600.0,
     ) -> None:
         # No config: the demo checkpoint, so the embedded default speaks trained weights.
         self.engine = engine or DuplexEngine(config or EngineConfig(checkpoint="demo"))
         self._open_timeout_s = open_timeout_s
+        self.load_timeout_s = load_timeout_s
 
     async def start(self) -> None:
         """Load the model now (a server's startup), so the first caller does not wait for it."""
-        async with asyncio.timeout(self._open_timeout_s):
+        async with asyncio.timeout(self.load_timeout_s):
             await self.engine.start()
 
     async def open_call(

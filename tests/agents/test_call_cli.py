@@ -39,6 +39,7 @@ def test_simulated_call_writes_the_stereo_wav_the_timeline_and_the_summary(tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # the first GGUF backbone load of a session converts it: minutes on a busy CI machine
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="the default caller speaks with espeak-ng")
 def test_the_default_call_reports_what_the_model_heard_against_the_callers_words(tmp_path, capsys) -> None:
     main(["call", "--listen-s", "0.5", "--out-dir", str(tmp_path)])

@@ -111,5 +111,95 @@ def test_a_gguf_backbone_without_its_packages_names_the_extra(monkeypatch, tmp_p
     from pipecat_michi.model.checkpoint import load_gguf_backbone
 
     monkeypatch.setitem(sys.modules, "gguf", None)  # as if not installed
+    (tmp_path / "x.gguf").write_bytes(b"GGUF")  # never converted before: no cached copy
     with pytest.raises(CheckpointError, match=r"gguf is missing\): pip install 'pipecat-michi\[train\]'"):
         load_gguf_backbone(MichiModel(MichiConfig.preset("tiny")), tmp_path / "x.gguf")
+
+
+class _CountingConverter:
+    """Stands in for transformers' GGUF conversion (30 s on the real file; the slow test in
+    tests/train/test_gguf_backbone.py runs it): returns a tiny random backbone's HF state."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(3)
+        self.source = MichiModel(TINY)
+        self.calls = 0
+
+    def __call__(self, path):  # noqa: ANN001, ANN204
+        self.calls += 1
+        state = {f"model.{k}": v.clone() for k, v in self.source.backbone.state_dict().items()}
+        return TINY.backbone, state
+
+
+@pytest.fixture
+def converter(monkeypatch, tmp_path) -> _CountingConverter:  # noqa: ANN001
+    import pipecat_michi.model.checkpoint as checkpoint
+
+    monkeypatch.setenv("PIPECAT_MICHI_CACHE", str(tmp_path / "cache"))
+    fake = _CountingConverter()
+    monkeypatch.setattr(checkpoint, "_convert_gguf_backbone", fake)
+    (tmp_path / "b.gguf").write_bytes(b"GGUF v1")
+    return fake
+
+
+def _assert_backbone_equal(model: MichiModel, source: MichiModel) -> None:
+    for key, value in source.backbone.state_dict().items():
+        assert torch.equal(model.backbone.state_dict()[key], value), key
+
+
+def test_a_converted_gguf_backbone_is_cached_and_read_back_without_converting(converter, tmp_path) -> None:
+    from pipecat_michi.model.checkpoint import backbone_cache_dir, load_gguf_backbone
+
+    first, second = MichiModel(TINY), MichiModel(TINY)
+    load_gguf_backbone(first, tmp_path / "b.gguf")
+    assert converter.calls == 1 and backbone_cache_dir() == tmp_path / "cache"
+    assert [p.suffix for p in (tmp_path / "cache" / "backbones").iterdir()] == [".safetensors"]  # no partial left
+    load_gguf_backbone(second, tmp_path / "b.gguf")
+    assert converter.calls == 1
+    _assert_backbone_equal(first, converter.source)
+    _assert_backbone_equal(second, converter.source)
+
+
+def test_a_replaced_gguf_file_is_converted_again(converter, tmp_path) -> None:
+    import os
+
+    from pipecat_michi.model.checkpoint import load_gguf_backbone
+
+    load_gguf_backbone(MichiModel(TINY), tmp_path / "b.gguf")
+    (tmp_path / "b.gguf").write_bytes(b"GGUF v2, another size")
+    os.utime(tmp_path / "b.gguf", ns=(1, 1))
+    load_gguf_backbone(MichiModel(TINY), tmp_path / "b.gguf")
+    assert converter.calls == 2
+
+
+def test_a_corrupt_backbone_cache_is_converted_again_and_rewritten(converter, tmp_path) -> None:
+    from pipecat_michi.model.checkpoint import load_gguf_backbone
+
+    load_gguf_backbone(MichiModel(TINY), tmp_path / "b.gguf")
+    (cached,) = (tmp_path / "cache" / "backbones").iterdir()
+    cached.write_bytes(cached.read_bytes()[:1000])  # a truncated file
+    model = MichiModel(TINY)
+    load_gguf_backbone(model, tmp_path / "b.gguf")
+    assert converter.calls == 2
+    _assert_backbone_equal(model, converter.source)
+    load_gguf_backbone(MichiModel(TINY), tmp_path / "b.gguf")
+    assert converter.calls == 2  # rewritten whole
+
+
+def test_an_unwritable_cache_still_loads_the_backbone(converter, monkeypatch, tmp_path) -> None:
+    from pipecat_michi.model.checkpoint import load_gguf_backbone
+
+    (tmp_path / "file").write_text("not a directory")
+    monkeypatch.setenv("PIPECAT_MICHI_CACHE", str(tmp_path / "file" / "cache"))
+    model = MichiModel(TINY)
+    load_gguf_backbone(model, tmp_path / "b.gguf")
+    _assert_backbone_equal(model, converter.source)
+
+
+def test_a_cached_backbone_of_another_shape_is_refused(converter, tmp_path) -> None:
+    from pipecat_michi.model.checkpoint import load_gguf_backbone
+
+    load_gguf_backbone(MichiModel(TINY), tmp_path / "b.gguf")
+    other = TINY.model_copy(update={"backbone": TINY.backbone.model_copy(update={"num_hidden_layers": 1})})
+    with pytest.raises(CheckpointError, match="num_hidden_layers"):
+        load_gguf_backbone(MichiModel(other), tmp_path / "b.gguf")
