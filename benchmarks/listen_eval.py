@@ -5,7 +5,9 @@ training) and the human clips of Debian's ``pocketsphinx-testdata`` (evaluation 
 the model's streaming transcript (the listening head's transcript logits, offline with the
 streaming mask, which the tests show equals stepping) and offline Whisper tiny.en
 (faster-whisper, int8, 2 threads) are scored with jiwer on normalised text, side by side.
-``--twilio`` puts every clip through 8 kHz mu-law first, as a phone caller.
+``--twilio`` puts every clip through 8 kHz mu-law first, as a phone caller. A CTC head is scored
+with both transcript decoders the engine offers (``engine/transcript.py``): ``greedy`` (letter by
+letter) and ``lexicon`` (the CTC beam search with the English lexicon, the engine's default).
 
     .venv/bin/python benchmarks/listen_eval.py --checkpoint runs/listening --twilio
     .venv/bin/python benchmarks/listen_eval.py            # offline Whisper only (no checkpoint)
@@ -23,6 +25,7 @@ import numpy as np
 import soxr
 import torch
 
+from pipecat_michi.engine.transcript import CallTranscript, LexiconTranscript
 from pipecat_michi.model.checkpoint import load_checkpoint
 from pipecat_michi.model.michi import MichiModel
 from pipecat_michi.model.quantize import QUANTIZE_MODES, quantize_model
@@ -54,6 +57,32 @@ def streaming_transcript(model: MichiModel, tokenizer: Tokenizer, clip: Clip) ->
     return transcribe(model, tokenizer, padded)
 
 
+def lexicon_words(model: MichiModel, logits: torch.Tensor, speak_logits: torch.Tensor, frame_s: float,
+                  finish: bool = True) -> list[tuple[str, float]]:
+    """The engine's lexicon decoding of one clip's head outputs (``logits [1, 4F, C]``, ``speak
+    [1, F]``), frame by frame: each word with the time it became final (the end of its frame)."""
+    transcript = CallTranscript(LexiconTranscript(model.config.listening.ctc_alphabet))
+    logprobs = torch.log_softmax(logits[0].float(), dim=-1).cpu().numpy()
+    speaking = (torch.sigmoid(speak_logits[0].float()) > model.config.speak_threshold).cpu().numpy()
+    per = model.listening.tokens_per_frame
+    words = []
+    for index in range(speaking.shape[0]):
+        text = transcript.push([], logprobs[index * per: (index + 1) * per], bool(speaking[index]))
+        words += [(word, (index + 1) * frame_s) for word in text.split()]
+    if finish:  # the clip is over: what is pending comes out after its last frame
+        words += [(word, speaking.shape[0] * frame_s) for word in transcript.decoder.finish().split()]
+    return words
+
+
+@torch.no_grad()
+def lexicon_transcript(model: MichiModel, clip: Clip) -> str:
+    audio = torch.from_numpy(clip.resampled(model.config.sample_rate_hz))
+    frame = model.config.frame_samples
+    padded = torch.nn.functional.pad(audio, (0, (-audio.numel()) % frame + 6 * frame))
+    _, logits, speak = model.listening(padded[None].to(model.device, model.dtype))
+    return " ".join(word for word, _ in lexicon_words(model, logits, speak, frame / model.config.sample_rate_hz))
+
+
 def evaluate_set(name: str, clips: list[Clip], judge: OfflineWhisper, model: MichiModel | None,
                  tokenizer: Tokenizer | None, twilio: bool, verbose: bool) -> None:
     if twilio:
@@ -62,15 +91,19 @@ def evaluate_set(name: str, clips: list[Clip], judge: OfflineWhisper, model: Mic
     offline = [judge.transcribe(c.resampled(16000)) for c in clips]
     line = f"{name:28s} {len(clips):3d} clips {sum(c.audio.size / c.sample_rate_hz for c in clips):6.1f} s  " \
            f"offline Whisper tiny.en WER {100 * wer(offline, references):5.1f}%"
+    streamed = lexicon = [""] * len(clips)
     if model is not None:
         streamed = [streaming_transcript(model, tokenizer, c) for c in clips]
         line += f"  streaming head WER {100 * wer(streamed, references):5.1f}%"
-    else:
-        streamed = [""] * len(clips)
+        if model.config.listening.transcript == "ctc":
+            lexicon = [lexicon_transcript(model, c) for c in clips]
+            line = line.replace("streaming head WER", "streaming head WER greedy")
+            line += f", lexicon {100 * wer(lexicon, references):5.1f}%"
     print(line)
     if verbose:
-        for clip, off, st in zip(clips, offline, streamed):
-            print(f"    {clip.name}: ref={clip.text!r}\n      whisper={off!r}\n      head={st!r}")
+        for clip, off, st, lx in zip(clips, offline, streamed, lexicon):
+            print(f"    {clip.name}: ref={clip.text!r}\n      whisper={off!r}\n      head={st!r}"
+                  + (f"\n      lexicon={lx!r}" if lx else ""))
 
 
 @dataclass(frozen=True)
@@ -82,6 +115,8 @@ class Turn:
     floor_s: float | None  # None: the head never took the floor in the trailing silence
     word_latencies_s: list[float]
     final_text_s: float | None  # the end of speech (exact) -> the transcript's last character out
+    lexicon_word_latencies_s: list[float]  # the same two with the lexicon decoder (CTC heads)
+    lexicon_final_text_s: float | None
 
 
 @torch.no_grad()
@@ -108,7 +143,13 @@ def judge_turn(model: MichiModel, tokenizer: Tokenizer, judge: OfflineWhisper, c
     floor_s = float(ends[after[0]] - speech_end_s) if after.size else None
     latencies, words = _word_latencies(model, tokenizer, logits, frame_s, references)
     final_text_s = words[-1][1] - speech_end_s if words else None
-    return Turn(early, floor_s, latencies, final_text_s)
+    lexicon_latencies, lexicon_final_s = [], None
+    if model.config.listening.transcript == "ctc":
+        # No finish() at the end: a word the 1.5 s of silence did not make final never came out.
+        final = lexicon_words(model, logits, speak_logits, frame_s, finish=False)
+        lexicon_latencies = _matched_latencies(references, final)
+        lexicon_final_s = final[-1][1] - speech_end_s if final else None
+    return Turn(early, floor_s, latencies, final_text_s, lexicon_latencies, lexicon_final_s)
 
 
 def _word_latencies(model: MichiModel, tokenizer: Tokenizer, logits: torch.Tensor, frame_s: float,
@@ -133,13 +174,19 @@ def _word_latencies(model: MichiModel, tokenizer: Tokenizer, logits: torch.Tenso
                 current, last_time = current + char, (index + 1) * frame_s
     if current:
         words.append((current, last_time))
+    return _matched_latencies(references, words), words
+
+
+def _matched_latencies(references: list[tuple[str, float]], words: list[tuple[str, float]]) -> list[float]:
+    """For each transcript word that matches a reference word (aligned), its time minus the
+    reference word's end."""
     hypothesis = [(normalise_text(w), t) for w, t in words if normalise_text(w)]
     matcher = difflib.SequenceMatcher(a=[w for w, _ in references], b=[w for w, _ in hypothesis], autojunk=False)
     latencies = []
     for block in matcher.get_matching_blocks():
         for k in range(block.size):
             latencies.append(hypothesis[block.b + k][1] - references[block.a + k][1])
-    return latencies, words
+    return latencies
 
 
 def turn_taking(model: MichiModel, tokenizer: Tokenizer, judge: OfflineWhisper, clips: list[Clip], twilio: bool) -> None:
@@ -148,23 +195,29 @@ def turn_taking(model: MichiModel, tokenizer: Tokenizer, judge: OfflineWhisper, 
     early = sum(t.early for t in turns)
     in_time = sum(t.floor_s is not None and t.floor_s <= 0.4 for t in turns)
     floors = [t.floor_s for t in turns if t.floor_s is not None]
-    latencies = [x for t in turns for x in t.word_latencies_s]
     path = " (Twilio)" if twilio else ""
     print(f"turn taking{path}: {len(turns)} turns, spoke during the caller's sentence in {early} "
           f"({100 * early / len(turns):.0f}%), took the floor within 400 ms in {in_time} "
           f"({100 * in_time / len(turns):.0f}%), floor delay p50 "
           f"{1000 * float(np.median(floors)) if floors else float('nan'):.0f} ms")
-    finals = [t.final_text_s for t in turns if t.final_text_s is not None]
+    _print_latency("greedy" + path, [t.final_text_s for t in turns], [x for t in turns for x in t.word_latencies_s])
+    if model.config.listening.transcript == "ctc":
+        _print_latency("lexicon" + path, [t.lexicon_final_text_s for t in turns],
+                       [x for t in turns for x in t.lexicon_word_latencies_s])
+
+
+def _print_latency(decoder: str, finals: list[float | None], latencies: list[float]) -> None:
+    finals = [f for f in finals if f is not None]
     if finals:
         p50, p90 = np.percentile(finals, [50, 90])
-        print(f"transcript latency{path}, end of speech (exact) -> last character out, {len(finals)} turns: "
+        print(f"transcript latency, {decoder}, end of speech (exact) -> last word out, {len(finals)} turns: "
               f"p50 {1000 * p50:.0f} ms, p90 {1000 * p90:.0f} ms")
     if latencies:
         p50, p90 = np.percentile(latencies, [50, 90])
-        print(f"transcript latency{path} per word, Whisper's word end (+-0.1 s) -> the word's last character "
-              f"out, {len(latencies)} matched words: p50 {1000 * p50:.0f} ms, p90 {1000 * p90:.0f} ms")
+        print(f"transcript latency, {decoder}, per word, Whisper's word end (+-0.1 s) -> the word out, "
+              f"{len(latencies)} matched words: p50 {1000 * p50:.0f} ms, p90 {1000 * p90:.0f} ms")
     else:
-        print(f"transcript latency{path}: no transcript word matched the reference")
+        print(f"transcript latency, {decoder}: no transcript word matched the reference")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -30,6 +30,7 @@ class BatchStepOutput:
 
     text_tokens: list[int]
     transcript_tokens: list[list[int]]  # per row, the frame's transcript tokens (PAD = none)
+    transcript_logprobs: np.ndarray | None  # [n, S, C] float32 a CTC head's log-probabilities
     speak_prob: list[float]
     speaking: list[bool]
     audio_pcm16: np.ndarray  # [n, frame_samples] int16; zero rows where not speaking
@@ -167,6 +168,8 @@ class SlotBatch:
         return BatchStepOutput(
             text_tokens=out.text_tokens.tolist(),
             transcript_tokens=out.transcript_tokens.tolist(),
+            transcript_logprobs=None if out.transcript_logprobs is None
+            else out.transcript_logprobs[:n].float().cpu().numpy(),
             speak_prob=out.speak_prob.tolist(),
             speaking=out.speaking.tolist(),
             audio_pcm16=pcm,

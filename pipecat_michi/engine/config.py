@@ -14,6 +14,7 @@ from pipecat_michi.model.checkpoint import load_checkpoint
 from pipecat_michi.model.runtime import resolve_device, resolve_dtype
 from pipecat_michi.model.config import MichiConfig
 from pipecat_michi.model.michi import MichiModel
+from pipecat_michi.engine.transcript import TranscriptDecoderName
 from pipecat_michi.model.quantize import QUANTIZE_MODES, QuantizeMode, quantize_model
 from pipecat_michi.model.tokenizer import Tokenizer, load_tokenizer
 
@@ -54,6 +55,10 @@ class EngineConfig(BaseModel):
     # backbone has AUTO_QUANTIZE_MIN_PARAMS or more (michi-nano: 81 -> 37 ms a step on one thread,
     # transcript WER 57.0% -> 57.8%), else none (tiny: float32 is fastest; CUDA: bf16).
     quantize: QuantizeMode | Literal["auto"] = "auto"
+    # How the user's transcript is decoded (engine/transcript.py): "lexicon" spells whole English
+    # words by a CTC beam search (the listening WER in the README), "greedy" letter by letter as
+    # heard (lowest latency); "auto" is "lexicon" for a CTC listening head, else "greedy".
+    transcript_decoder: TranscriptDecoderName = "auto"
     # torch.compile the step (CUDA: mode reduce-overhead, i.e. CUDA graphs). Batches are padded
     # to fixed sizes (BATCH_BUCKETS) so calls coming and going never recompile, and every size
     # is compiled when the engine starts, before a worker reports ready.

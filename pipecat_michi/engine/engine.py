@@ -42,6 +42,7 @@ from pipecat_michi.engine.batch import BatchStepOutput, SlotBatch
 from pipecat_michi.engine.config import EngineConfig, load_model
 from pipecat_michi.model.runtime import prepare_model_thread
 from pipecat_michi.engine.settings import SessionSettings, SessionSettingsUpdate
+from pipecat_michi.engine.transcript import make_call_transcript
 from pipecat_michi.model.michi import MichiModel, Sampling, StepNoise
 from pipecat_michi.pcm import pcm16_to_float
 from pipecat_michi.model.tokenizer import StreamingDetokenizer, Tokenizer, format_context
@@ -84,7 +85,8 @@ class EngineSession:
         self.frames_stepped = 0
         self.closed = False
         self._bot_text = StreamingDetokenizer(engine.tokenizer)
-        self._transcript = StreamingDetokenizer(engine.tokenizer)
+        # Touched on the model thread only (right after a step, and by a reset).
+        self._transcript = make_call_transcript(engine.config.transcript_decoder, engine.model.config, engine.tokenizer)
         self.log = logger.bind(session=self.session_id[:8], slot=slot)
 
     # --- input -------------------------------------------------------------------------------
@@ -150,7 +152,17 @@ class EngineSession:
             self._engine.stats.dropped_outputs += 1
         self._outputs.put_nowait(result)
 
-    def _make_result(self, index: int, filled: bool, late: bool, out: BatchStepOutput) -> StepResult:
+    def _transcribe(self, out: BatchStepOutput) -> str:
+        """This row's transcript text of a step (on the model thread, right after the step)."""
+        row = self.slot
+        logprobs = None if out.transcript_logprobs is None else out.transcript_logprobs[row]
+        return self._transcript.push(out.transcript_tokens[row], logprobs, out.speaking[row])
+
+    def _reset_model_side(self) -> None:
+        self._engine._batch.reset(self.slot)
+        self._transcript.reset()
+
+    def _make_result(self, index: int, filled: bool, late: bool, out: BatchStepOutput, transcript: str) -> StepResult:
         row = self.slot
         speaking = out.speaking[row]
         return StepResult(
@@ -160,7 +172,7 @@ class EngineSession:
             speaking=speaking,
             speak_prob=out.speak_prob[row],
             bot_text=self._bot_text.push(out.text_tokens[row]),
-            transcript=self._transcript.push_many(out.transcript_tokens[row]),
+            transcript=transcript,
             audio=out.audio_pcm16[row].copy() if speaking else None,
             kv_length=out.kv_lengths[row],
         )
@@ -212,8 +224,7 @@ class EngineSession:
         self.next_frame_index = None
         self._last_pushed_index = -1
         self._bot_text.reset()
-        self._transcript.reset()
-        await self._engine._run(self._engine._batch.reset, self.slot)
+        await self._engine._run(self._reset_model_side)
 
     async def close(self) -> None:
         """End the call and free its slot (idempotent)."""
@@ -257,6 +268,8 @@ class DuplexEngine:
         )
         if self._model is None or self.tokenizer is None:
             self._model, self.tokenizer = await self._run(load_model, self.config)
+        # A bad decoder choice fails here, and the lexicon is read once, off the event loop.
+        await self._run(make_call_transcript, self.config.transcript_decoder, self._model.config, self.tokenizer)
         kv_capacity = self.config.kv_capacity or self._model.config.kv_capacity
         if self.config.compile and not self._model.step_is_compiled:
             self._model.compile_step(mode="reduce-overhead" if self._model.device.type == "cuda" else None)
@@ -443,7 +456,7 @@ class DuplexEngine:
             taken.append((session, index, filled))
         sampling, noise = self._sampling_inputs(rows, ticking)
         started = time.perf_counter()
-        out = await self._run(self._batch.step, audio, active, sampling, noise)
+        out, transcripts = await self._run(self._step_and_transcribe, audio, active, sampling, noise, ticking)
         step_ms = (time.perf_counter() - started) * 1000.0
         late = step_ms > self.frame_ms
         stats = self.stats
@@ -457,7 +470,15 @@ class DuplexEngine:
                 continue  # closed while the step ran: its row's output is nobody's
             stats.filled_frames += filled
             session.frames_stepped += 1
-            session._deliver(session._make_result(index, filled, late, out))
+            session._deliver(session._make_result(index, filled, late, out, transcripts[session.slot]))
+
+    def _step_and_transcribe(
+        self, audio: np.ndarray, active: list[bool], sampling: Sampling, noise: StepNoise,
+        ticking: list[EngineSession],
+    ) -> tuple[BatchStepOutput, dict[int, str]]:
+        """The model thread's job of a tick: the step, then each call's transcript decoding."""
+        out = self._batch.step(audio, active, sampling, noise)
+        return out, {session.slot: session._transcribe(out) for session in ticking}
 
     def _max_top_k(self, ticking: list[EngineSession]) -> int | None:
         """The host-side top-k bound of a tick (see ``Sampling.max_top_k``). None for a compiled

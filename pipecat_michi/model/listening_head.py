@@ -8,6 +8,8 @@ to the last ``context_frames`` tokens, so a call can stream forever in constant 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,6 +17,17 @@ from torch import nn
 from pipecat_michi.model.backbone import Float32Buffers, RotaryEmbedding, apply_rotary, grouped_attention
 from pipecat_michi.model.config import ListeningHeadConfig
 from pipecat_michi.model.streaming import StreamingState
+
+
+class ListenStep(NamedTuple):
+    """One frame heard by a listening head (rows of the batch)."""
+
+    embedding: torch.Tensor  # [B, H] into the backbone
+    transcript_tokens: torch.Tensor  # [B, S] backbone token ids, PAD where nothing new was heard
+    speak_logit: torch.Tensor  # [B]
+    # [B, S, C] float32: a CTC head's log-probabilities per token (blank first, then its alphabet),
+    # for a decoder smarter than the greedy ``transcript_tokens``; None for a frame head.
+    transcript_logprobs: torch.Tensor | None = None
 
 
 def mel_filterbank(n_fft: int, n_mels: int, sample_rate_hz: int) -> torch.Tensor:
@@ -181,9 +194,9 @@ class ListeningHead(nn.Module):
 
     def step(
         self, frame: torch.Tensor, state: StreamingState
-    ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], StreamingState]:
-        """One frame ``[B, frame_samples]`` -> (embedding ``[B, H]``, transcript token ids ``[B, 1]``
-        (the argmax), speak logit ``[B]``) and the new state (the given one is not modified)."""
+    ) -> tuple[ListenStep, StreamingState]:
+        """One frame ``[B, frame_samples]`` -> what was heard (transcript token ids ``[B, 1]``: the
+        argmax) and the new state (the given one is not modified)."""
         padded = torch.cat([state["mel_history"], frame.float()], dim=-1)
         x = self._tokens(self.log_mel.features(padded))
         seen = state["frames_seen"]
@@ -205,4 +218,4 @@ class ListeningHead(nn.Module):
             x = x + layer.attn.attend(q, keys, values, mask)
             x = x + layer.ffn(layer.ffn_norm(x))
         embedding, transcript_logits, speak_logit = self._heads(x)
-        return (embedding[:, 0], transcript_logits[:, 0].argmax(dim=-1)[:, None], speak_logit[:, 0]), new_state
+        return ListenStep(embedding[:, 0], transcript_logits[:, 0].argmax(dim=-1)[:, None], speak_logit[:, 0]), new_state

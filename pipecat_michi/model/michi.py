@@ -80,10 +80,15 @@ class StepOutput:
     # [B, S] the user's transcript: S tokens per frame (1, or 4 characters for a CTC head), PAD
     # where nothing new was heard.
     transcript_tokens: torch.Tensor
+    transcript_logprobs: torch.Tensor | None  # [B, S, C] a CTC head's per-token log-probabilities
     speak_prob: torch.Tensor  # [B]
     speaking: torch.Tensor  # [B] bool: audio is emitted this frame
     latents: torch.Tensor  # [B, latent_dim]
     audio: torch.Tensor  # [B, frame_samples] float in [-1, 1]; zeros while holding
+
+
+def _clone(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.clone()
 
 
 def sample_tokens(logits: torch.Tensor, sampling: Sampling, uniform: torch.Tensor) -> torch.Tensor:
@@ -184,7 +189,7 @@ class MichiModel(nn.Module):
         if self._compiled_step is not None and self.device.type == "cuda":
             # A CUDA graph's outputs live in its static memory, overwritten by the next replay:
             # hand out copies, so a caller may feed this state to the next step or keep it.
-            output = StepOutput(**{f.name: getattr(output, f.name).clone() for f in fields(StepOutput)})
+            output = StepOutput(**{f.name: _clone(getattr(output, f.name)) for f in fields(StepOutput)})
             new_state = {key: value.clone() for key, value in new_state.items()}
         cache.advance(rows, 1, None if active is None else list(active), active_mask)
         return output, new_state
@@ -216,11 +221,10 @@ class MichiModel(nn.Module):
     ) -> tuple[StepOutput, StreamingState]:
         """The tensor work of ``step``: no host bookkeeping, no device sync (compilable)."""
         batch = user_audio.shape[0]
-        (listen_embedding, transcript_tokens, speak_logit), listen_state = self.listening.step(
-            user_audio, unprefixed(_LISTEN, state)
-        )
+        heard, listen_state = self.listening.step(user_audio, unprefixed(_LISTEN, state))
+        speak_logit = heard.speak_logit
         embeds = (
-            listen_embedding
+            heard.embedding
             + self.latent_in(state["prev_latent"])
             + self.backbone.embed_tokens(state["prev_text"])
         )
@@ -240,7 +244,8 @@ class MichiModel(nn.Module):
             new_state = {k: _keep_inactive(v, state[k], active_mask) for k, v in new_state.items()}
         output = StepOutput(
             text_tokens=text_tokens,
-            transcript_tokens=transcript_tokens,
+            transcript_tokens=heard.transcript_tokens,
+            transcript_logprobs=heard.transcript_logprobs,
             speak_prob=speak_prob,
             speaking=speaking,
             latents=latents,

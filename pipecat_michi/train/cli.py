@@ -22,6 +22,7 @@ from pipecat_michi.train.fluent import FluentCorpusConfig, generate_fluent_corpu
 from pipecat_michi.train.loop import Trainer
 from pipecat_michi.model.smollm2 import smollm2_gguf_file
 from pipecat_michi.train.export import ExportConfig, export_checkpoint
+from pipecat_michi.train.lexicon import LexiconConfig, build_lexicon_file
 
 STAGE_HELP = {
     "codec": "causal autoencoder + HiFi-GAN decoder (STFT + mel reconstruction)",
@@ -53,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fields(fluent, FluentCorpusConfig, skip=set())
     export = commands.add_parser("export", help="a checkpoint's trained parts only, compact, for shipping")
     _add_fields(export, ExportConfig, skip=set())
+    lexicon = commands.add_parser("lexicon", help="the English word lexicon of the CTC beam decoder")
+    _add_fields(lexicon, LexiconConfig, skip=set())
     for stage, text in STAGE_HELP.items():
         sub = commands.add_parser(stage, help=text)
         _add_fields(sub, TrainConfig, skip={"stage"})
@@ -72,6 +75,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if command == "export":
         export_checkpoint(ExportConfig(**given))
+        return
+    if command == "lexicon":
+        build_lexicon_file(LexiconConfig(**given))
         return
     if given.get("backbone_gguf") == "smollm2":
         given["backbone_gguf"] = smollm2_gguf_file()

@@ -33,7 +33,8 @@ def test_listening_head_streaming_equals_offline_beyond_its_window() -> None:
     state = head.init_state(2)
     for f in range(frames):
         chunk = wav[:, f * TINY.frame_samples : (f + 1) * TINY.frame_samples]
-        (e, t, s), state = head.step(chunk, state)
+        (e, t, s, logprobs), state = head.step(chunk, state)
+        assert logprobs is None  # a frame head has no CTC log-probabilities
         torch.testing.assert_close(e, embedding[:, f], atol=1e-5, rtol=1e-4)
         assert torch.equal(t, transcript[:, f].argmax(dim=-1)[:, None])
         torch.testing.assert_close(s, speak[:, f], atol=1e-5, rtol=1e-4)
@@ -44,8 +45,8 @@ def test_listening_head_hears_the_audio() -> None:
     head = _listening_head()
     silence = torch.zeros(1, TINY.frame_samples)
     tone = torch.sin(torch.arange(TINY.frame_samples) * 2 * torch.pi * 440 / 24000)[None]
-    (e_silence, _, _), _ = head.step(silence, head.init_state(1))
-    (e_tone, _, _), _ = head.step(tone, head.init_state(1))
+    e_silence = head.step(silence, head.init_state(1))[0].embedding
+    e_tone = head.step(tone, head.init_state(1))[0].embedding
     assert (e_silence - e_tone).abs().max() > 1e-3
 
 

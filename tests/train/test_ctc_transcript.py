@@ -66,8 +66,8 @@ def test_ctc_loss_and_streaming_decode_agree_after_overfitting_one_clip():
     with torch.no_grad():
         state, streamed = head.init_state(1), []
         for frame in wav.split(FRAME, dim=1):
-            (_, ids, _), state = head.step(frame, state)
-            streamed += [i for i in ids[0].tolist() if i != 0]
+            heard, state = head.step(frame, state)
+            streamed += [i for i in heard.transcript_tokens[0].tolist() if i != 0]
     assert streamed == [8, 9, 7, 9, 8]  # "a", "b", " ", "b", "a" as backbone token ids
 
 

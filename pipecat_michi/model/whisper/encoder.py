@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipecat_michi.model.config import ListeningHeadConfig
+from pipecat_michi.model.listening_head import ListenStep
 from pipecat_michi.model.streaming import StreamingState, prefixed, unprefixed
 from pipecat_michi.model.whisper.frontend import WHISPER_HOP, WHISPER_SAMPLE_RATE_HZ, StreamingWhisperFrontEnd
 
@@ -236,10 +237,10 @@ class WhisperListeningHead(nn.Module):
 
     def step(
         self, frame: torch.Tensor, state: StreamingState
-    ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], StreamingState]:
-        """One frame ``[B, frame_samples]`` -> (embedding ``[B, H]``, transcript token ids ``[B, S]``
-        (:meth:`decode_transcript`), speak logit ``[B]``) and the new state (the given one is not
-        modified)."""
+    ) -> tuple[ListenStep, StreamingState]:
+        """One frame ``[B, frame_samples]`` -> what was heard (transcript token ids ``[B, S]`` by
+        :meth:`decode_transcript`; with CTC also the log-probabilities ``[B, 4, C]``) and the new
+        state (the given one is not modified)."""
         front_state = unprefixed("front", state)
         mel, front_state = self.front_end(frame, front_state)
         new_state: StreamingState = prefixed("front", front_state)
@@ -271,7 +272,8 @@ class WhisperListeningHead(nn.Module):
         transcript, new_state["ctc_previous"] = self.decode_transcript(
             transcript_logits if self.ctc else transcript_logits[:, 0], state["ctc_previous"]
         )
-        return (embedding[:, 0], transcript, speak_logit[:, 0]), new_state
+        logprobs = torch.log_softmax(transcript_logits.float(), dim=-1) if self.ctc else None
+        return ListenStep(embedding[:, 0], transcript, speak_logit[:, 0], logprobs), new_state
 
     def load_whisper(self, source: str) -> None:
         """Initialise the encoder body from Whisper weights (``load_whisper_encoder``'s ``source``)."""

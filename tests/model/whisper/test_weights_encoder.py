@@ -96,7 +96,11 @@ def test_streaming_equals_offline_with_the_same_mask(transcript):
     if transcript == "ctc":
         offline_ids, _ = head.decode_transcript(logits, torch.zeros(2, dtype=torch.long))
         assert streamed.shape == (2, 28) and set(streamed.unique().tolist()) <= {5, 6, 7, 9}
+        # ... and its log-probabilities, for the lexicon decoder, are the offline ones, normalised.
+        streamed_logprobs = torch.cat([s.transcript_logprobs for s in steps], dim=1)
+        assert torch.allclose(streamed_logprobs, torch.log_softmax(logits, dim=-1), atol=1e-5)
     else:
+        assert all(s.transcript_logprobs is None for s in steps)
         offline_ids = logits.argmax(dim=-1)
     assert torch.equal(streamed, offline_ids)
 
@@ -132,7 +136,8 @@ def test_step_is_dtype_clean_in_half_precision(transcript, dtype):
     head = WhisperListeningHead(cfg, 1920, 24000, 8, 10).to(dtype)
     state = head.init_state(1)
     for _ in range(2):
-        (emb, tokens, speak), state = head.step(0.1 * torch.randn(1, 1920).to(dtype), state)
+        heard, state = head.step(0.1 * torch.randn(1, 1920).to(dtype), state)
+        emb, tokens, speak = heard.embedding, heard.transcript_tokens, heard.speak_logit
     assert emb.dtype == speak.dtype == dtype and tokens.dtype == torch.long
     assert tokens.shape == (1, 4 if transcript == "ctc" else 1)
     assert state["layer0.k"].dtype == dtype and state["front.log_max"].dtype == torch.float32
