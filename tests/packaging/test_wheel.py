@@ -55,6 +55,8 @@ async def main():
     await call.close()
     await backend.close()
     assert len(texts) == 25  # one result per frame: the packaged model runs a call
+    from pipecat_michi.model.ctc_decoder import english_lexicon
+    assert len(english_lexicon().word_logprobs) > 100_000  # the transcript decoder's lexicon ships
     print("call ok", DEMO_CHECKPOINT)
 
 asyncio.run(main())
