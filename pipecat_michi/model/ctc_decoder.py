@@ -42,10 +42,16 @@ class Lexicon:
     """Words with unigram log-probabilities, and for every word prefix the best word it can
     still become (the look-ahead that lets a half-spelled word compete)."""
 
-    def __init__(self, word_logprobs: dict[str, float]) -> None:
+    def __init__(self, word_logprobs: dict[str, float],
+                 bigram_counts: dict[str, dict[str, int]] | None = None, bigram_weight: float = 0.5) -> None:
         if not word_logprobs:
             raise ValueError("a lexicon needs at least one word")
         self.word_logprobs = dict(word_logprobs)
+        # Optional word pairs (counts from everyday text): P(w | v) = weight * c(v, w) / c(v)
+        # + (1 - weight) * P(w), the unigram alone after a word never seen as a context.
+        self.bigram_counts = bigram_counts or {}
+        self.bigram_weight = bigram_weight
+        self._context_totals = {v: sum(ws.values()) for v, ws in self.bigram_counts.items()}
         best: dict[str, float] = {}
         for word, logprob in self.word_logprobs.items():
             for end in range(len(word) + 1):
@@ -54,29 +60,63 @@ class Lexicon:
                     best[prefix] = logprob
         self.prefix_best = best
 
+    def word_logprob(self, word: str, previous: str | None, oov_logprob: float) -> float:
+        unigram = self.word_logprobs.get(word, oov_logprob)
+        following = self.bigram_counts.get(previous) if previous else None
+        if not following:
+            return unigram
+        pair = following.get(word, 0) / self._context_totals[previous]
+        return math.log(self.bigram_weight * pair + (1.0 - self.bigram_weight) * math.exp(unigram))
+
     @classmethod
-    def from_file(cls, path: str | Path) -> Lexicon:
-        """``word<TAB>log-probability`` lines (``#`` comments allowed)."""
-        words: dict[str, float] = {}
-        for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip() or line.startswith("#"):
-                continue
-            try:
-                word, logprob = line.split("\t")
-                words[word] = float(logprob)
-            except ValueError:
-                raise ValueError(f"{path}:{number}: expected 'word<TAB>log-probability', got {line!r}") from None
-        return cls(words)
+    def from_file(cls, path: str | Path, pairs_path: str | Path | None = None) -> Lexicon:
+        """``word<TAB>log-probability`` lines, and optionally ``previous<TAB>word<TAB>count``
+        lines of word pairs (``#`` comments allowed in both)."""
+        words = {word: float(logprob) for word, logprob in _tsv_rows(path, "word<TAB>log-probability", 2)}
+        pairs: dict[str, dict[str, int]] = {}
+        if pairs_path is not None:
+            for previous, word, count in _tsv_rows(pairs_path, "previous<TAB>word<TAB>count", 3):
+                pairs.setdefault(previous, {})[word] = int(count)
+        return cls(words, pairs)
+
+
+def count_word_pairs(sentences: list[str]) -> dict[str, dict[str, int]]:
+    """previous word -> word -> count, over lower-cased whitespace-separated words."""
+    counts: dict[str, dict[str, int]] = {}
+    for sentence in sentences:
+        words = sentence.lower().split()
+        for previous, word in zip(words, words[1:]):
+            following = counts.setdefault(previous, {})
+            following[word] = following.get(word, 0) + 1
+    return counts
+
+
+def _tsv_rows(path: str | Path, shape: str, fields: int) -> list[list[str]]:
+    rows = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        row = line.split("\t")
+        try:
+            if len(row) != fields:
+                raise ValueError
+            float(row[-1])
+        except ValueError:
+            raise ValueError(f"{path}:{number}: expected '{shape}', got {line!r}") from None
+        rows.append(row)
+    return rows
 
 
 ENGLISH_LEXICON = Path(__file__).resolve().parent.parent / "assets" / "lexicon" / "english.tsv"
+ENGLISH_PAIRS = ENGLISH_LEXICON.with_name("everyday-pairs.tsv")
 
 
 @functools.cache
 def english_lexicon() -> Lexicon:
     """The shipped lexicon (``michi-train lexicon`` built it: 110k words, a Zipf unigram from the
-    SmolLM2 tokenizer's word ranks plus the CMU dictionary). Loaded once per process, read-only."""
-    return Lexicon.from_file(ENGLISH_LEXICON)
+    SmolLM2 tokenizer's word ranks plus the CMU dictionary, and the word pairs of our everyday
+    training sentences). Loaded once per process, read-only."""
+    return Lexicon.from_file(ENGLISH_LEXICON, ENGLISH_PAIRS)
 
 
 @dataclass
@@ -96,11 +136,12 @@ class BeamSettings:
     word (it offsets the prior's preference for fewer, longer words); ``oov_logprob`` is the
     log-probability of any word outside the lexicon."""
 
-    # Tuned on a dev set of our own (24 new sentences in training voices, clean and Twilio; the
-    # judge's held-out sentences and voices untouched): greedy 32.5% / 33.3% WER -> 14.9% / 16.7%.
+    # Tuned on a dev set of our own (benchmarks/lexicon_tune.py: 24 new sentences in training
+    # voices, clean and Twilio; the judge's held-out sentences and voices untouched), with the
+    # shipped lexicon and its everyday word pairs: greedy 32.5% / 33.3% WER -> 9.2% / 10.5%.
     beam_size: int = 16
-    lm_weight: float = 0.6
-    word_bonus: float = 4.5
+    lm_weight: float = 1.0
+    word_bonus: float = 4.0
     oov_logprob: float = -35.0
     prune_logprob: float = 10.0  # characters this far below a token's best are not tried
     commit_margin: float = 3.0
@@ -126,6 +167,7 @@ class CtcBeamDecoder:
     def reset(self) -> None:
         """Forget everything: a fresh stream."""
         self._committed = ""  # final text, ends with a space (or is empty)
+        self._last_committed_word: str | None = None
         self._beams: dict[str, _Beam] = {"": _Beam(0.0, NEG_INF, self._lm_of_partial(""))}
         self._unchanged = 0
         self._best = ""
@@ -203,9 +245,6 @@ class CtcBeamDecoder:
     def _lookahead(self, partial: str) -> float:
         return self.lexicon.prefix_best.get(partial, self.settings.oov_logprob)
 
-    def _word(self, word: str) -> float:
-        return self.lexicon.word_logprobs.get(word, self.settings.oov_logprob)
-
     def _lm_of_partial(self, partial: str) -> float:
         return self.settings.lm_weight * self._lookahead(partial)
 
@@ -214,10 +253,14 @@ class CtcBeamDecoder:
         return self.settings.lm_weight * (self._lookahead(partial + char) - self._lookahead(partial))
 
     def _word_end_delta(self, text: str) -> float:
-        partial = self._partial(text)
+        cut = text.rfind(" ")
+        partial = text[cut + 1:]
+        before = text[:cut].split() if cut > 0 else []
+        previous = before[-1] if before else self._last_committed_word
         s = self.settings
+        word = self.lexicon.word_logprob(partial, previous, s.oov_logprob)
         # the closed word's own score replaces its look-ahead; the next word starts from ""
-        return s.lm_weight * (self._word(partial) - self._lookahead(partial) + self._lookahead("")) + s.word_bonus
+        return s.lm_weight * (word - self._lookahead(partial) + self._lookahead("")) + s.word_bonus
 
     # -- what is final ----------------------------------------------------------------------------
 
@@ -263,6 +306,7 @@ class CtcBeamDecoder:
         self._beams = {t[len(agreed):]: b for t, b in self._beams.items() if t.startswith(agreed)}
         self._best = self._best[len(agreed):]
         self._committed += agreed
+        self._last_committed_word = agreed.split()[-1]
         self._word_seen = {p[len(agreed):]: t for p, t in self._word_seen.items()
                            if p.startswith(agreed) and len(p) > len(agreed)}
         return agreed
@@ -279,6 +323,8 @@ class CtcBeamDecoder:
         lm = self._lm_of_partial("")
         self._beams = {"": _Beam(beam.ctc, NEG_INF, lm)}
         self._committed += final
+        if final.strip():
+            self._last_committed_word = final.split()[-1]
         self._best, self._unchanged = "", 0
         self._word_seen.clear()
         return final

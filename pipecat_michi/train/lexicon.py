@@ -8,7 +8,9 @@ Sources, none of them our evaluation text:
 - common English contractions (the dictionary has no apostrophes).
 
 The result is a ``word<TAB>log-probability`` file (``Lexicon.from_file``), written once and
-shipped as ``pipecat_michi/assets/lexicon/english.tsv``.
+shipped as ``pipecat_michi/assets/lexicon/english.tsv``; beside it ``everyday-pairs.tsv``, the word
+pairs of the listening training sentences (``fluent.training_sentences``: the judge's held-out
+sentences are not among them), for the decoder's bigram.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ class LexiconConfig(BaseModel):
     tokenizer: Path = Field(description="a byte-level BPE tokenizer.json (its whole-word tokens, ranked)")
     cmu_dict: Path | None = Field(CMU_DICT, description="festival's cmudict-0.4.out, for rarer words")
     out: Path = Field(description="where to write the word<TAB>log-probability file")
+    pairs_out: Path | None = Field(None, description="where to write the training sentences' word pairs")
 
 
 def build_lexicon_file(config: LexiconConfig) -> Path:
@@ -87,4 +90,14 @@ def build_lexicon_file(config: LexiconConfig) -> Path:
     sources = f"tokenizer {config.tokenizer.name}" + (f" + {cmu.name}" if cmu else "") + " + contractions"
     write_lexicon(words, config.out, sources)
     print(f"{len(words)} words -> {config.out}")
+    if config.pairs_out is not None:
+        from pipecat_michi.model.ctc_decoder import count_word_pairs
+        from pipecat_michi.train.fluent import training_sentences
+        from pipecat_michi.train.judge import normalise_text
+
+        pairs = count_word_pairs([normalise_text(s) for s in training_sentences(None)])
+        lines = ["# word pairs of the listening training sentences; built by michi-train lexicon"]
+        lines += [f"{v}\t{w}\t{c}" for v, following in sorted(pairs.items()) for w, c in sorted(following.items())]
+        config.pairs_out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        print(f"{len(lines) - 1} word pairs -> {config.pairs_out}")
     return config.out

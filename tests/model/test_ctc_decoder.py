@@ -54,8 +54,11 @@ def test_without_a_prior_it_spells_what_it_hears_repeats_included() -> None:
 
 
 def test_a_clear_word_outside_the_lexicon_still_comes_out() -> None:
+    # Heard with the certainty a trained head has for a clear word (0.999 a character): the
+    # acoustics outweigh the price of a word outside the lexicon.
+    sure = [t for char in "zebra" for t in ({char: 0.999}, {BLANK: 0.999})]
     decoder = CtcBeamDecoder(ALPHABET, LEXICON)
-    assert decoder.push(_rows(*_spell("zebra"), *[BLANK] * 20)) + decoder.finish() == "zebra "
+    assert decoder.push(_rows(*sure, *[BLANK] * 20)) + decoder.finish() == "zebra "
 
 
 def test_words_become_final_in_a_pause_and_final_text_never_changes() -> None:
@@ -86,6 +89,28 @@ def test_a_lexicon_file_round_trips_and_names_a_bad_line(tmp_path) -> None:
     path.write_text("moved -4.6\n")
     with pytest.raises(ValueError, match=":1: expected"):
         Lexicon.from_file(path)
+    path.write_text("moved\t-4.6\n")
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("# pairs\nmy\tmoved\t3\nmy\tmy\t1\n")
+    with_pairs = Lexicon.from_file(path, pairs)
+    assert with_pairs.bigram_counts == {"my": {"moved": 3, "my": 1}}
+    pairs.write_text("my\tmoved\n")
+    with pytest.raises(ValueError, match=r"pairs.tsv:1: expected 'previous<TAB>word<TAB>count'"):
+        Lexicon.from_file(path, pairs)
+
+
+def test_a_word_pair_seen_in_training_text_settles_an_ambiguous_word() -> None:
+    from pipecat_michi.model.ctc_decoder import count_word_pairs
+
+    # "red" or "read", equally heard and equally common, after "please": the pairs decide.
+    words = {"please": math.log(0.1), "read": math.log(0.01), "red": math.log(0.01)}
+    tokens = _rows(*_spell("please "), "r", BLANK, {"e": 0.97}, BLANK, {"a": 0.45, BLANK: 0.53}, "d", *[BLANK] * 20)
+    unigram = CtcBeamDecoder(ALPHABET, Lexicon(words))
+    assert (unigram.push(tokens) + unigram.finish()) == "please red "  # the characters lean to "red"
+    paired = Lexicon(words, count_word_pairs(["please read the menu", "please read it"]))
+    assert paired.word_logprob("read", "please", -20.0) > paired.word_logprob("red", "please", -20.0)
+    bigram = CtcBeamDecoder(ALPHABET, paired)
+    assert (bigram.push(tokens) + bigram.finish()) == "please read "
 
 
 def test_the_shipped_lexicon_knows_everyday_and_rare_words() -> None:
