@@ -20,7 +20,7 @@ import numpy as np
 import soundfile
 import soxr
 from loguru import logger
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipecat_michi.train.corpus import DIALOGUES, SENTENCES
 from pipecat_michi.train.judge import (
@@ -59,6 +59,25 @@ class FluentCorpusConfig(BaseModel):
     tail_ms: float = 800.0  # silence after the sentence: where the model should take its turn
     seed: int = 0
     workers: int = Field(default=2, ge=1, description="synthesis processes run at once")
+    # One voice (or a few) instead of the listening mix: the bot's voice for the codec and the
+    # speaking head, e.g. ``slt``. Comma-separated on the command line.
+    voices: tuple[str, ...] = Field(default=(), description="only these voices, e.g. slt (default: all)")
+
+    @field_validator("voices", mode="before")
+    @classmethod
+    def _split_voices(cls, value: object) -> object:
+        return tuple(v.strip() for v in value.split(",") if v.strip()) if isinstance(value, str) else value
+
+    @field_validator("voices")
+    @classmethod
+    def _known_voices(cls, voices: tuple[str, ...]) -> tuple[str, ...]:
+        held_out = [v for v in voices if v in HELD_OUT_VOICES]
+        if held_out:
+            raise ValueError(f"{held_out} are the judge's held-out voices: never train on them")
+        unknown = [v for v in voices if v not in TRAINING_VOICES]
+        if unknown:
+            raise ValueError(f"unknown voices {unknown}; known: {', '.join(TRAINING_VOICES)}")
+        return voices
 
 
 def approximate_word_timings(words: list[str], start: int, end: int) -> list[WordTiming]:
@@ -92,14 +111,15 @@ def generate_fluent_corpus(config: FluentCorpusConfig) -> Path:
     # Draws first (the corpus depends only on the seed), synthesis in parallel, results in order.
     picks = []
     for _ in range(config.utterances):
-        family = NATURAL_VOICES if rng.random() < 0.5 else ESPEAK_TRAINING_VOICES
+        family = config.voices or (NATURAL_VOICES if rng.random() < 0.5 else ESPEAK_TRAINING_VOICES)
         picks.append((rng.choice(sentences), rng.choice(family), rng.choice(SPEEDS_WPM)))
     with ThreadPoolExecutor(max_workers=config.workers) as pool:
         spoken = pool.map(lambda pick: fluent_speech(*pick), picks)
         for i, ((text, voice, speed), (audio, source_rate)) in enumerate(zip(picks, spoken)):
             entries.append(_write_utterance(config, audio_dir, i, text, voice, speed, audio, source_rate))
     manifest = write_manifest(config.out_dir / "manifest.jsonl", entries)
-    logger.info(f"fluent corpus: {config.utterances} sentences, {len(TRAINING_VOICES)} voices -> {manifest}")
+    voices = len(config.voices or TRAINING_VOICES)
+    logger.info(f"fluent corpus: {config.utterances} sentences, {voices} voices -> {manifest}")
     return manifest
 
 

