@@ -34,11 +34,13 @@ WHISPER_RATE_HZ = 16000
 
 @torch.no_grad()
 def reconstruct(model: MichiModel, audio: np.ndarray) -> np.ndarray:
-    """Encode and decode ``audio`` (model rate) whole; padded to whole frames, trimmed back."""
+    """Encode and decode ``audio`` (model rate) whole, aligned with it sample for sample: padded
+    to whole frames (plus the decoder's delay, which is then cut from the front), trimmed back."""
     frame = model.config.frame_samples
+    delay = model.config.codec.decoder_delay_samples
     wav = torch.from_numpy(audio).to(model.device, model.dtype)[None]
-    wav = torch.nn.functional.pad(wav, (0, (-wav.shape[1]) % frame))
-    recon = model.codec.decode(model.codec.encode(wav))[0, : audio.size]
+    wav = torch.nn.functional.pad(wav, (0, (-(wav.shape[1] + delay)) % frame + delay))
+    recon = model.codec.decode(model.codec.encode(wav))[0, delay : delay + audio.size]
     return recon.float().cpu().numpy()
 
 

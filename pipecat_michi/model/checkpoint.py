@@ -1,7 +1,9 @@
 """Checkpoints: ``config.json`` + ``model.safetensors``, and SmolLM weights in the HF layout.
 
 A MichiAI checkpoint directory holds our ``MichiConfig`` as ``config.json``, all weights as
-``model.safetensors`` and, for ``tokenizer="hf"``, the backbone's ``tokenizer.json``. A Hugging
+``model.safetensors`` and, for ``tokenizer="hf"``, the backbone's ``tokenizer.json``. Backbone
+LoRA adapters (``config.lora``) lie in ``model.safetensors`` under ``model/lora.py``'s names and
+are merged into the backbone on loading. A Hugging
 Face Llama/SmolLM directory (``config.json`` with ``model_type: llama``, one or several
 ``*.safetensors``) can seed the backbone of a fresh model.
 """
@@ -21,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from pipecat_michi.model.config import BackboneConfig, MichiConfig
+from pipecat_michi.model.lora import LoraError, is_lora_key, merge_lora, peft_state_to_checkpoint, split_lora
 from pipecat_michi.model.michi import MichiModel
 from pipecat_michi.model.quantize import Int8WeightOnlyLinear
 
@@ -53,8 +56,8 @@ def save_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_FILE).write_text(model.config.model_dump_json(indent=2))
     tensors = {}
-    for key, value in model.state_dict().items():
-        if without_backbone and key.startswith(BACKBONE_PREFIX):
+    for key, value in peft_state_to_checkpoint(model.state_dict()).items():
+        if without_backbone and key.startswith(BACKBONE_PREFIX) and not is_lora_key(key):
             continue
         value = value.detach().contiguous().cpu()
         tensors[key] = value.to(dtype) if dtype is not None and value.is_floating_point() else value
@@ -75,19 +78,35 @@ def load_config(directory: str | Path) -> MichiConfig:
 def load_checkpoint(
     directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> MichiModel:
-    """Build the model a checkpoint's config describes and load its weights strictly."""
+    """Build the model a checkpoint's config describes and load its weights strictly; backbone
+    adapters are merged into the backbone (in float32, before the cast to ``dtype``)."""
+    model, adapters = load_checkpoint_with_adapters(directory)
+    if adapters:
+        assert model.config.lora is not None  # load_checkpoint_with_adapters checked it
+        try:
+            merge_lora(model, adapters, model.config.lora)
+        except LoraError as exc:
+            raise CheckpointError(f"{Path(directory) / WEIGHTS_FILE}: {exc}") from exc
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def load_checkpoint_with_adapters(directory: str | Path) -> tuple[MichiModel, dict[str, torch.Tensor]]:
+    """The model with its frozen backbone as stored (float32, on the CPU), and the backbone's
+    LoRA tensors apart, unmerged: what training resumes from and an export ships."""
     config = load_config(directory)
     weights = Path(directory) / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"no {WEIGHTS_FILE} in checkpoint directory {Path(directory)}")
     model = MichiModel(config)
-    tensors = load_file(str(weights))
+    tensors, adapters = split_lora(load_file(str(weights)))
+    if adapters and config.lora is None:
+        raise CheckpointError(f"{weights} holds LoRA adapters but its config has no lora section")
     if config.backbone_weights is not None and not any(k.startswith(BACKBONE_PREFIX) for k in tensors):
         # Only the trained parts ship; the frozen backbone comes from its package or file.
         load_gguf_backbone(model, resolve_backbone_weights(config.backbone_weights))
         tensors.update({f"{BACKBONE_PREFIX}{k}": v for k, v in model.backbone.state_dict().items()})
     _load_strict(model, tensors, source=str(weights))
-    return model.to(device=device, dtype=dtype).eval()
+    return model, adapters
 
 
 def resolve_backbone_weights(source: str) -> Path:

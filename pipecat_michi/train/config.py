@@ -25,7 +25,14 @@ class TrainConfig(BaseModel):
     preset: str = "tiny"
     init: Path | None = None
     backbone_gguf: Path | None = None
+    # Codec stage on top of --init: replace the checkpoint's codec with a freshly initialised
+    # one of --preset's codec shape (same latent size), keeping everything else it trained.
+    fresh_codec: bool = Field(default=False, description="replace --init's codec with a fresh one of --preset's shape")
     resume: bool = False
+    # Backbone LoRA (peft) of this rank: in the speaking and joint stages only the adapters of
+    # the backbone learn, its pretrained weights stay frozen. A checkpoint with adapters keeps them.
+    lora_rank: int | None = Field(default=None, ge=1)
+    lora_alpha: float = Field(default=32.0, gt=0)
     steps: int = Field(default=100, ge=1)
     batch_size: int = Field(default=4, ge=1)
     # Longest crop per example, in 80 ms frames (the codec stage uses codec_frames instead:
@@ -53,6 +60,9 @@ class TrainConfig(BaseModel):
     discriminator_channels: int = Field(default=16, ge=1)
     # HiFi-GAN's multi-scale discriminator beside the multi-period one: this many scales (0: MPD only).
     discriminator_scales: int = Field(default=3, ge=0)
+    # The discriminator trains alone for this many steps before --adversarial-start-step (unset:
+    # from step 0); the codec steps alone, at full speed, before that.
+    discriminator_warmup_steps: int | None = Field(default=None, ge=0)
     # auto: CUDA when present, else CPU. Training stays in float32 (no mixed precision yet).
     device: str = "auto"
     # Listening stage. Transcript targets delayed by this many 80 ms frames (the transcript's

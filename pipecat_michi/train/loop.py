@@ -17,12 +17,13 @@ from loguru import logger
 from tqdm import tqdm
 
 from pipecat_michi.model.checkpoint import (
-    load_checkpoint,
+    load_checkpoint_with_adapters,
     load_gguf_backbone,
     save_checkpoint,
     save_gguf_tokenizer,
 )
-from pipecat_michi.model.config import MichiConfig
+from pipecat_michi.model.codec import Codec
+from pipecat_michi.model.config import BackboneLoraConfig, CodecConfig, MichiConfig
 from pipecat_michi.model.michi import MichiModel
 from pipecat_michi.model.runtime import resolve_device
 from pipecat_michi.model.smollm2 import smollm2_gguf_file
@@ -34,6 +35,7 @@ from pipecat_michi.train.manifest import read_manifest
 from pipecat_michi.train.plot import plot_losses
 from pipecat_michi.train.augment import Augmenter
 from pipecat_michi.train.distill import Teacher
+from pipecat_michi.train.lora import attach_lora, load_adapters
 from pipecat_michi.train.stages import STAGES, LossWeights, set_trainable
 
 TRAIN_STATE_FILE = "train_state.pt"
@@ -61,10 +63,13 @@ class TextStream:
 def build_model(config: TrainConfig) -> tuple[MichiModel, Path | None]:
     """The model to train and the folder it came from (where an ``hf`` tokenizer lies)."""
     if config.resume and (config.out_dir / TRAIN_STATE_FILE).is_file():
-        return load_checkpoint(config.out_dir), config.out_dir
+        return _with_adapters(config, *load_checkpoint_with_adapters(config.out_dir)), config.out_dir
     if config.init is not None:
         logger.info(f"initialising from checkpoint {config.init}")
-        return load_checkpoint(config.init), config.init
+        model = _with_adapters(config, *load_checkpoint_with_adapters(config.init))
+        if config.fresh_codec:
+            replace_codec(model, MichiConfig.preset(config.preset).codec, config.seed)
+        return model, config.init
     torch.manual_seed(config.seed)
     model = MichiModel(MichiConfig.preset(config.preset))
     whisper_source = whisper_weights_source(config, model)
@@ -72,14 +77,45 @@ def build_model(config: TrainConfig) -> tuple[MichiModel, Path | None]:
         logger.info(f"initialising the Whisper listening head from {whisper_source}")
         model.listening.load_whisper(whisper_source)
     if config.backbone_gguf is None:
-        return model, None
+        return _with_adapters(config, model, {}), None
     logger.info(f"loading backbone weights from {config.backbone_gguf}")
     load_gguf_backbone(model, config.backbone_gguf)
     # Recorded so an export can ship the trained parts only and loading finds the backbone again.
     source = "smollm2" if _is_smollm2_package_file(config.backbone_gguf) else str(config.backbone_gguf)
     model.config = model.config.model_copy(update={"backbone_weights": source})
     save_gguf_tokenizer(config.backbone_gguf, config.out_dir)
-    return model, config.out_dir
+    return _with_adapters(config, model, {}), config.out_dir
+
+
+def _with_adapters(config: TrainConfig, model: MichiModel, adapters: dict[str, torch.Tensor]) -> MichiModel:
+    """``model`` with its backbone adapters attached (peft) and loaded: the checkpoint's, or
+    fresh ones when ``--lora-rank`` asks for them. Without either, the model as it is."""
+    lora = model.config.lora
+    if config.lora_rank is not None:
+        wanted = BackboneLoraConfig(rank=config.lora_rank, alpha=config.lora_alpha)
+        if lora is not None and lora != wanted:
+            raise ValueError(f"the checkpoint's backbone adapters are {lora}; --lora-rank asks for {wanted}")
+        lora = wanted
+    if lora is None:
+        return model
+    attach_lora(model, lora, config.seed)
+    if adapters:
+        load_adapters(model, adapters)
+    return model
+
+
+def replace_codec(model: MichiModel, codec_config: CodecConfig, seed: int) -> None:
+    """Swap ``model``'s codec for a freshly initialised one of ``codec_config``'s shape."""
+    latent_dim = model.config.codec.latent_dim
+    if codec_config.latent_dim != latent_dim:
+        raise ValueError(
+            f"--fresh-codec: the new codec's latent has {codec_config.latent_dim} floats, the "
+            f"checkpoint's flow head and latent projection expect {latent_dim}"
+        )
+    logger.info(f"replacing the codec with a fresh one: {codec_config}")
+    torch.manual_seed(seed)
+    model.codec = Codec(codec_config).to(model.device, model.dtype)
+    model.config = model.config.model_copy(update={"codec": codec_config})
 
 
 def _is_smollm2_package_file(path: Path) -> bool:
@@ -144,7 +180,7 @@ class Trainer:
             self.adversary = Adversary(
                 lr=config.lr, start_step=config.adversarial_start_step, weight=config.adversarial_weight,
                 feature_weight=config.feature_match_weight, channels=config.discriminator_channels,
-                scales=config.discriminator_scales,
+                scales=config.discriminator_scales, warmup_steps=config.discriminator_warmup_steps,
             ).to(self.model.device)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step = 0

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipecat_michi.model.codec import multi_resolution_stft_loss
+from pipecat_michi.model.codec import align_reconstruction, multi_resolution_stft_loss
 from pipecat_michi.model.michi import MichiModel
 from pipecat_michi.train.adversarial import Adversary
 from pipecat_michi.train.augment import Augmenter
@@ -77,7 +77,7 @@ def codec_losses(
 ) -> Losses:
     wav = batch.user_wav
     latents = model.codec.encode(wav)
-    recon = model.codec.decode(latents)
+    recon, wav = align_reconstruction(model.codec.decode(latents), wav, model.config.codec.decoder_delay_samples)
     rate = model.config.sample_rate_hz
     losses = {
         "stft": multi_resolution_stft_loss(recon, wav),
@@ -216,5 +216,11 @@ def set_trainable(model: MichiModel, stage: Stage) -> list[nn.Parameter]:
     """Freeze everything but the stage's modules; return the parameters that learn."""
     model.requires_grad_(False)
     for name in stage.trainable:
-        getattr(model, name).requires_grad_(True)
+        module = getattr(model, name)
+        if name == "backbone" and model.config.lora is not None:
+            # An adapted backbone learns through its adapters alone; its weights stay frozen.
+            for param_name, param in module.named_parameters():
+                param.requires_grad_(".lora_" in param_name)
+        else:
+            module.requires_grad_(True)
     return [p for p in model.parameters() if p.requires_grad]

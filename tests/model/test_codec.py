@@ -31,8 +31,16 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-@pytest.fixture(scope="module")
-def tiny_cfg() -> CodecConfig:
+# The spectral codec at the tiny preset's size: an STFT front-end and an inverse-STFT decoder.
+TINY_SPECTRAL = MichiConfig.preset("tiny").codec.model_copy(
+    update={"strides": (8,), "stft_hop": 240, "resblock_dilations": (1, 3)}
+)
+
+
+@pytest.fixture(scope="module", params=["waveform", "spectral"])
+def tiny_cfg(request: pytest.FixtureRequest) -> CodecConfig:
+    if request.param == "spectral":
+        return CodecConfig.model_validate(TINY_SPECTRAL.model_dump())
     return MichiConfig.preset("tiny").codec
 
 

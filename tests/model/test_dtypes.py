@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from pipecat_michi.model.config import MichiConfig
+from pipecat_michi.model.config import CodecConfig, MichiConfig
 from pipecat_michi.model.michi import MichiModel, Sampling, StepNoise
 from pipecat_michi.model.parity import compare, run_call, seeded_call_audio
 
@@ -18,10 +18,15 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 PARITY_BARS = {torch.bfloat16: (0.9, 0.999, 20.0), torch.float16: (0.95, 0.9999, 35.0)}
 
 
-@pytest.fixture(scope="module")
-def reference() -> MichiModel:
+# The tiny preset with the spectral codec (michi-nano's kind): its STFT/iSTFT run in float32.
+TINY_SPECTRAL = TINY.model_copy(update={"codec": CodecConfig.model_validate(
+    TINY.codec.model_dump() | {"strides": (8,), "stft_hop": 240, "resblock_dilations": (1, 3)})})
+
+
+@pytest.fixture(scope="module", params=["waveform-codec", "spectral-codec"])
+def reference(request: pytest.FixtureRequest) -> MichiModel:
     torch.manual_seed(0)
-    return MichiModel(TINY).eval()
+    return MichiModel(TINY_SPECTRAL if request.param == "spectral-codec" else TINY).eval()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -60,7 +65,7 @@ def test_half_precision_follows_float32_on_a_seeded_call(reference: MichiModel, 
 def test_parity_measures_detect_a_different_model(reference: MichiModel) -> None:
     audio = seeded_call_audio(reference, frames=10, seed=0)
     torch.manual_seed(1)
-    other = MichiModel(TINY).eval()
+    other = MichiModel(reference.config).eval()
     agreement = compare(run_call(reference, audio, seed=0), run_call(other, audio, seed=0))
     assert not agreement.passes() and agreement.audio_snr_db < 3.0
     assert compare(run_call(reference, audio, seed=0), run_call(reference, audio, seed=0)).audio_snr_db == float("inf")

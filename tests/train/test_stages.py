@@ -84,3 +84,47 @@ def test_the_hifigan_discriminator_judges_periods_and_scales() -> None:
     # Each scale halves the rate: its logits are shorter than the previous scale's.
     assert scale_logits[0].shape[1] > scale_logits[1].shape[1] > scale_logits[2].shape[1] > 0
     assert all(f.shape[0] == 2 for _, features in both for f in features)
+
+
+def test_discriminator_warms_up_only_just_before_the_adversarial_start(tone_manifest: Path, tmp_path: Path) -> None:
+    history = Trainer(_config(tone_manifest, tmp_path / "warm", "codec", steps=4, codec_frames=4, adversarial=True,
+                              adversarial_start_step=3, discriminator_warmup_steps=1,
+                              discriminator_channels=4)).train()
+    assert ["disc" in row for row in history] == [False, False, True, True]
+    assert ["gen_adv" in row for row in history] == [False, False, False, True]
+
+
+def _tiny_spectral_checkpoint(directory: Path) -> Path:
+    from pipecat_michi.model.checkpoint import save_checkpoint
+    from pipecat_michi.model.config import MichiConfig
+    from pipecat_michi.model.michi import MichiModel
+
+    tiny = MichiConfig.preset("tiny")
+    codec = tiny.codec.model_copy(update={"strides": (8,), "stft_hop": 240, "resblock_dilations": (1, 3)})
+    torch.manual_seed(0)
+    save_checkpoint(MichiModel(tiny.model_copy(update={"codec": codec})), directory)
+    return directory
+
+
+def test_the_spectral_codec_learns_through_its_delay(tone_manifest: Path, tmp_path: Path) -> None:
+    init = _tiny_spectral_checkpoint(tmp_path / "init")
+    history = Trainer(_config(tone_manifest, tmp_path / "spectral", "codec", steps=12, init=init)).train()
+    first = sum(row["total"] for row in history[:3]) / 3
+    last = sum(row["total"] for row in history[-3:]) / 3
+    assert last < 0.8 * first, [round(row["total"], 3) for row in history]
+    assert load_checkpoint(tmp_path / "spectral").config.codec.decoder_delay_samples == 240
+
+
+def test_fresh_codec_replaces_only_the_codec(tone_manifest: Path, tmp_path: Path) -> None:
+    init = _tiny_spectral_checkpoint(tmp_path / "init")
+    before = load_checkpoint(init)
+    Trainer(_config(tone_manifest, tmp_path / "fresh", "codec", steps=1, init=init, preset="tiny",
+                    fresh_codec=True)).train()
+    after = load_checkpoint(tmp_path / "fresh")
+    assert not after.config.codec.spectral  # the tiny preset's waveform codec
+    assert after.config.listening == before.config.listening
+    for name, tensor in after.flow.state_dict().items():
+        torch.testing.assert_close(tensor, before.flow.state_dict()[name], rtol=0, atol=0, msg=name)
+    with pytest.raises(ValueError, match="latent has 32 floats"):
+        Trainer(_config(tone_manifest, tmp_path / "bad", "codec", steps=1, init=init, preset="michi-nano",
+                        fresh_codec=True))

@@ -1,0 +1,117 @@
+"""A causal STFT front-end and a causal inverse STFT, streaming under ``streaming.py``'s contract.
+
+The spectral codec (``CodecConfig.stft_hop``) reads speech through ``CausalSTFT`` and writes it
+through ``CausalISTFT``, so its convolutions run at the hop rate (100 Hz) instead of 24 kHz.
+
+Both compute in float32 whatever the input dtype (``torch.fft`` has no bfloat16 kernels on the
+CPU, and a bf16 overlap-add would lose the quiet samples) and hand back the input's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pipecat_michi.model.streaming import StreamingModule, StreamingState
+
+_LOG_MAGNITUDE_FLOOR = 1e-5  # -100 dB: silence, not -inf
+# exp() of a larger predicted log-magnitude is clipped: one wild bin must not overflow a frame.
+_MAX_LOG_MAGNITUDE = 4.6  # ~100x full scale per bin
+
+
+def _state_dtype(dtype: torch.dtype | None) -> torch.dtype:
+    return dtype if dtype is not None else torch.float32
+
+
+class CausalSTFT(StreamingModule):
+    """``wav[B, T]`` -> log-magnitude frames ``[B, n_fft // 2 + 1, T // hop]``.
+
+    Frame ``j`` is the Hann-windowed spectrum of ``wav[j * hop - (n_fft - hop) : (j + 1) * hop]``:
+    it ends with its own hop, so it needs no future sample. The state ``history`` holds the last
+    ``n_fft - hop`` samples (zeros before the stream's first sample).
+    """
+
+    def __init__(self, n_fft: int, hop: int) -> None:
+        super().__init__()
+        if n_fft < hop:
+            raise ValueError(f"CausalSTFT: n_fft {n_fft} is shorter than hop {hop}")
+        self.n_fft = n_fft
+        self.hop = hop
+        self.register_buffer("window", torch.hann_window(n_fft, periodic=True), persistent=False)
+
+    @property
+    def bins(self) -> int:
+        return self.n_fft // 2 + 1
+
+    def init_state(
+        self,
+        batch_size: int,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> StreamingState:
+        shape = (batch_size, self.n_fft - self.hop)
+        return {"history": torch.zeros(shape, device=device or self.window.device, dtype=_state_dtype(dtype))}
+
+    def step(self, wav: torch.Tensor, state: StreamingState) -> tuple[torch.Tensor, StreamingState]:
+        if wav.shape[-1] % self.hop:
+            raise ValueError(
+                f"CausalSTFT: chunk of {wav.shape[-1]} samples is not a multiple of hop {self.hop}"
+            )
+        x = torch.cat([state["history"].to(wav.dtype), wav], dim=-1)
+        history = x[..., x.shape[-1] - (self.n_fft - self.hop) :]
+        frames = x.float().unfold(-1, self.n_fft, self.hop) * self.window  # [B, J, n_fft]
+        power = torch.fft.rfft(frames, dim=-1).abs().square()
+        log_magnitude = 0.5 * torch.log(power.clamp(min=_LOG_MAGNITUDE_FLOOR**2))
+        return log_magnitude.transpose(1, 2).to(wav.dtype), {"history": history}
+
+
+class CausalISTFT(StreamingModule):
+    """``[B, 2 * (n_fft // 2 + 1), J]`` (log-magnitudes, then phases) -> ``wav[B, J * hop]``.
+
+    Each frame's inverse FFT is weighted by a periodic Hann window scaled so that the windows
+    sum to one at this overlap, then overlap-added. A sample is complete once every frame that
+    covers it is in, so a step emits the ``J * hop`` samples that are complete and keeps the
+    last ``n_fft - hop`` (the state ``tail``) for the next frames to add to: the output lags the
+    frames by ``n_fft - hop`` samples. Offline, the final tail is dropped.
+    """
+
+    def __init__(self, n_fft: int, hop: int) -> None:
+        super().__init__()
+        if n_fft % hop or n_fft < 2 * hop:
+            raise ValueError(f"CausalISTFT: n_fft {n_fft} must be a multiple of hop {hop}, at least 2x")
+        self.n_fft = n_fft
+        self.hop = hop
+        # A periodic Hann window at hop n_fft / k sums to k / 2 (k >= 2): scale it to sum to one.
+        window = torch.hann_window(n_fft, periodic=True) * (2.0 * hop / n_fft)
+        self.register_buffer("window", window, persistent=False)
+
+    @property
+    def bins(self) -> int:
+        return self.n_fft // 2 + 1
+
+    def init_state(
+        self,
+        batch_size: int,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> StreamingState:
+        shape = (batch_size, self.n_fft - self.hop)
+        return {"tail": torch.zeros(shape, device=device or self.window.device, dtype=torch.float32)}
+
+    def step(self, spec: torch.Tensor, state: StreamingState) -> tuple[torch.Tensor, StreamingState]:
+        if spec.dim() != 3 or spec.shape[1] != 2 * self.bins:
+            raise ValueError(
+                f"CausalISTFT takes [batch, {2 * self.bins}, frames], got {tuple(spec.shape)}"
+            )
+        log_magnitude, phase = spec.float().split(self.bins, dim=1)
+        magnitude = torch.exp(log_magnitude.clamp(max=_MAX_LOG_MAGNITUDE))
+        complex_spec = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
+        frames = torch.fft.irfft(complex_spec.transpose(1, 2), n=self.n_fft, dim=-1) * self.window
+        num_frames = frames.shape[1]
+        length = (num_frames - 1) * self.hop + self.n_fft
+        overlapped = F.fold(
+            frames.transpose(1, 2), output_size=(1, length), kernel_size=(1, self.n_fft), stride=(1, self.hop)
+        )[:, 0, 0, :]
+        overlapped = overlapped + F.pad(state["tail"].float(), (0, length - state["tail"].shape[-1]))
+        emitted = num_frames * self.hop
+        return overlapped[:, :emitted].to(spec.dtype), {"tail": overlapped[:, emitted:]}
