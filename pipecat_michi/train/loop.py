@@ -23,6 +23,7 @@ from pipecat_michi.model.checkpoint import (
     save_gguf_tokenizer,
 )
 from pipecat_michi.model.codec import Codec
+from pipecat_michi.model.flow_head import FlowHead
 from pipecat_michi.model.config import BackboneLoraConfig, CodecConfig, MichiConfig
 from pipecat_michi.model.michi import MichiModel
 from pipecat_michi.model.runtime import resolve_device
@@ -105,17 +106,16 @@ def _with_adapters(config: TrainConfig, model: MichiModel, adapters: dict[str, t
 
 
 def replace_codec(model: MichiModel, codec_config: CodecConfig, seed: int) -> None:
-    """Swap ``model``'s codec for a freshly initialised one of ``codec_config``'s shape."""
-    latent_dim = model.config.codec.latent_dim
-    if codec_config.latent_dim != latent_dim:
-        raise ValueError(
-            f"--fresh-codec: the new codec's latent has {codec_config.latent_dim} floats, the "
-            f"checkpoint's flow head and latent projection expect {latent_dim}"
-        )
-    logger.info(f"replacing the codec with a fresh one: {codec_config}")
+    """Swap ``model``'s codec for a freshly initialised one of ``codec_config``'s shape, with
+    fresh latent projection and flow head: both live in the codec's latent space, which a new
+    codec redefines (and may resize)."""
+    logger.info(f"replacing the codec (and the latent projection and flow head) with fresh ones: {codec_config}")
     torch.manual_seed(seed)
-    model.codec = Codec(codec_config).to(model.device, model.dtype)
+    device, dtype = model.device, model.dtype
     model.config = model.config.model_copy(update={"codec": codec_config})
+    model.codec = Codec(codec_config).to(device, dtype)
+    model.latent_in = torch.nn.Linear(codec_config.latent_dim, model.config.backbone.hidden_size).to(device, dtype)
+    model.flow = FlowHead(model.config.flow, codec_config.latent_dim, model.config.backbone.hidden_size).to(device, dtype)
 
 
 def _is_smollm2_package_file(path: Path) -> bool:

@@ -89,7 +89,7 @@ def test_spectral_codec_config_is_checked() -> None:
 
 def test_michi_nano_uses_the_spectral_codec_and_aligns_its_delay() -> None:
     cfg = MichiConfig.preset("michi-nano").codec
-    assert cfg.spectral and cfg.latent_dim == 32
+    assert cfg.spectral and cfg.latent_dim == 64
     codec = Codec(cfg).eval()
     wav = 0.1 * torch.randn(1, 3 * cfg.frame_samples)
     with torch.no_grad():
