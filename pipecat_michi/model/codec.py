@@ -97,7 +97,7 @@ class CodecEncoder(StreamingModule):
                 f"multiple of frame_samples={frame_samples}, got {tuple(wav.shape)}; "
                 "pad the tail with zeros"
             )
-        return self._encode(wav, self.init_state(wav.shape[0], wav.device, wav.dtype))[0]
+        return self.encode_stream(wav, self.init_state(wav.shape[0], wav.device, wav.dtype))[0]
 
     def step(
         self, wav_frame: torch.Tensor, state: StreamingState
@@ -109,12 +109,14 @@ class CodecEncoder(StreamingModule):
                 f"codec encoder step takes one frame shaped [batch, {frame_samples}], "
                 f"got {tuple(wav_frame.shape)}"
             )
-        latents, state = self._encode(wav_frame, state)
+        latents, state = self.encode_stream(wav_frame, state)
         return latents[:, 0], state
 
-    def _encode(
+    def encode_stream(
         self, wav: torch.Tensor, state: StreamingState
     ) -> tuple[torch.Tensor, StreamingState]:
+        """Encode the next whole frames ``wav[B, F * frame_samples]`` of a stream from ``state``:
+        ``(latents[B, F, latent_dim], state after them)``."""
         new_state: StreamingState = {}
         if self.stft is not None:
             x = self._step_child("stft", wav, state, new_state)
@@ -216,7 +218,7 @@ class CodecDecoder(StreamingModule):
                 f"got {tuple(latents.shape)}"
             )
         state = self.init_state(latents.shape[0], latents.device, latents.dtype)
-        return self._decode(latents, state)[0]
+        return self.decode_stream(latents, state)[0]
 
     def step(
         self, latent: torch.Tensor, state: StreamingState
@@ -228,11 +230,13 @@ class CodecDecoder(StreamingModule):
                 f"codec decoder step takes one latent shaped [batch, {latent_dim}], "
                 f"got {tuple(latent.shape)}"
             )
-        return self._decode(latent[:, None, :], state)
+        return self.decode_stream(latent[:, None, :], state)
 
-    def _decode(
+    def decode_stream(
         self, latents: torch.Tensor, state: StreamingState
     ) -> tuple[torch.Tensor, StreamingState]:
+        """Decode the next latents ``[B, F, latent_dim]`` of a stream from ``state``:
+        ``(wav[B, F * frame_samples], state after them)``."""
         new_state: StreamingState = {}
         x = self._step_child("conv_pre", latents.transpose(1, 2), state, new_state)
         for i in range(len(self.blocks)):
@@ -263,6 +267,39 @@ class Codec(nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """``latents[B, F, latent_dim]`` -> ``wav[B, F * frame_samples]``."""
         return self.decoder(latents)
+
+
+def reconstruct_after_context(
+    codec: Codec, wav: torch.Tensor, context_frames: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codec training as the codec runs in a call: the first ``context_frames`` frames of
+    ``wav[B, T]`` only warm the encoder's and decoder's streaming state (no gradient), and the
+    rest is encoded and decoded from that state. Returns ``(reconstruction, target, latents)``,
+    the first two aligned sample for sample (the decoder's delay reaches back into the context).
+
+    A causal codec's receptive field (~1.6 s for michi-nano's) outreaches a short training crop:
+    trained only from the zero state, it never meets the long history every frame of a call has.
+    """
+    frame_samples = codec.cfg.frame_samples
+    split = context_frames * frame_samples
+    delay = codec.cfg.decoder_delay_samples
+    if context_frames == 0:
+        latents = codec.encode(wav)
+        return *align_reconstruction(codec.decode(latents), wav, delay), latents
+    if not 0 < split < wav.shape[-1] or split < delay:
+        raise ValueError(
+            f"{context_frames} context frames leave nothing to train on in a {wav.shape[-1]}-sample crop"
+        )
+    batch = wav.shape[0]
+    with torch.no_grad():
+        context_latents, encoder_state = codec.encoder.encode_stream(
+            wav[:, :split], codec.encoder.init_state(batch, wav.device, wav.dtype))
+        _, decoder_state = codec.decoder.decode_stream(
+            context_latents, codec.decoder.init_state(batch, wav.device, wav.dtype))
+    latents, _ = codec.encoder.encode_stream(wav[:, split:], encoder_state)
+    recon, _ = codec.decoder.decode_stream(latents, decoder_state)
+    target = wav[:, split - delay : wav.shape[-1] - delay]
+    return recon, target, latents
 
 
 def align_reconstruction(

@@ -39,6 +39,9 @@ class TrainConfig(BaseModel):
     # short crops are enough to learn reconstruction and keep the HiFi-GAN decoder cheap).
     max_frames: int = Field(default=96, ge=1)
     codec_frames: int = Field(default=6, ge=1)
+    # Codec stage: each crop is preceded by this many frames that only warm the codec's streaming
+    # state (no gradient), so it learns to reconstruct with the long history a call has.
+    codec_context_frames: int = Field(default=0, ge=0)
     lr: float = Field(default=3e-4, gt=0)
     warmup_steps: int = Field(default=10, ge=0)
     # After warmup: constant, or a cosine from lr down to 10% of it at ``steps`` (a run resumed

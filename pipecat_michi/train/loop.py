@@ -159,6 +159,7 @@ class Trainer:
         self.weights = LossWeights(
             mel=config.mel_weight, text_lm=config.text_lm_weight, transcript_lag_frames=config.transcript_lag_frames,
             distill=config.distill_weight, distill_lag_tokens=config.distill_lag_tokens,
+            codec_context_frames=config.codec_context_frames,
         )
         self.listening_extras: dict[str, object] = {}
         if config.stage == "listening":
@@ -219,7 +220,7 @@ class Trainer:
         cfg = self.config
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr * group["lr_scale"] * self._lr_factor()
-        frames = cfg.codec_frames if cfg.stage == "codec" else cfg.max_frames
+        frames = cfg.codec_context_frames + cfg.codec_frames if cfg.stage == "codec" else cfg.max_frames
         # Drawn on the CPU by the one generator (resumable), then moved to the model's device.
         device = self.model.device
         batch = sample_batch(

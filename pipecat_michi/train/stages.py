@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipecat_michi.model.codec import align_reconstruction, multi_resolution_stft_loss
+from pipecat_michi.model.codec import multi_resolution_stft_loss, reconstruct_after_context
 from pipecat_michi.model.michi import MichiModel
 from pipecat_michi.train.adversarial import Adversary
 from pipecat_michi.train.augment import Augmenter
@@ -45,6 +45,8 @@ class LossWeights:
     # Whisper head: token t learns the offline Whisper encoder's token t - distill_lag_tokens.
     distill: float = 0.0
     distill_lag_tokens: int = 2
+    # Codec: frames at the start of each crop that only warm the streaming state.
+    codec_context_frames: int = 0
 
 
 def codec_examples(builder: ExampleBuilder, singles: list[ManifestEntry], pairs: Pairs) -> list[Example]:
@@ -75,9 +77,7 @@ def codec_losses(
     adversary: Adversary | None = None,
     step: int = 0,
 ) -> Losses:
-    wav = batch.user_wav
-    latents = model.codec.encode(wav)
-    recon, wav = align_reconstruction(model.codec.decode(latents), wav, model.config.codec.decoder_delay_samples)
+    recon, wav, latents = reconstruct_after_context(model.codec, batch.user_wav, w.codec_context_frames)
     rate = model.config.sample_rate_hz
     losses = {
         "stft": multi_resolution_stft_loss(recon, wav),

@@ -99,3 +99,23 @@ def test_michi_nano_uses_the_spectral_codec_and_aligns_its_delay() -> None:
     torch.testing.assert_close(aligned_recon, recon[:, cfg.decoder_delay_samples :])
     with pytest.raises(ValueError, match="shorter than the decoder"):
         align_reconstruction(recon[:, :100], wav[:, :100], cfg.decoder_delay_samples)
+
+
+def test_training_after_a_context_matches_the_stream() -> None:
+    from pipecat_michi.model.codec import reconstruct_after_context
+
+    torch.manual_seed(0)
+    cfg = MichiConfig.preset("tiny").codec.model_copy(update={"strides": (8,), "stft_hop": 240,
+                                                               "resblock_dilations": (1, 3)})
+    codec = Codec(CodecConfig.model_validate(cfg.model_dump())).eval()
+    wav = 0.3 * torch.randn(2, 5 * cfg.frame_samples)
+    with torch.no_grad():
+        whole = codec.decode(codec.encode(wav))
+    recon, target, latents = reconstruct_after_context(codec, wav, context_frames=2)
+    assert latents.shape == (2, 3, cfg.latent_dim)
+    # Exactly what the whole stream decodes there, against the input its delay points at.
+    torch.testing.assert_close(recon, whole[:, 2 * cfg.frame_samples :], atol=1e-5, rtol=0)
+    torch.testing.assert_close(target, wav[:, 2 * cfg.frame_samples - 240 : -240])
+    assert recon.requires_grad  # the context warms the state without a graph; the rest learns
+    with pytest.raises(ValueError, match="nothing to train on"):
+        reconstruct_after_context(codec, wav, context_frames=5)

@@ -106,9 +106,13 @@ def _tiny_spectral_checkpoint(directory: Path) -> Path:
     return directory
 
 
-def test_the_spectral_codec_learns_through_its_delay(tone_manifest: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("context_frames", [0, 6])
+def test_the_spectral_codec_learns_through_its_delay(
+    context_frames: int, tone_manifest: Path, tmp_path: Path
+) -> None:
     init = _tiny_spectral_checkpoint(tmp_path / "init")
-    history = Trainer(_config(tone_manifest, tmp_path / "spectral", "codec", steps=12, init=init)).train()
+    history = Trainer(_config(tone_manifest, tmp_path / "spectral", "codec", steps=12, init=init, codec_frames=8,
+                              codec_context_frames=context_frames)).train()
     first = sum(row["total"] for row in history[:3]) / 3
     last = sum(row["total"] for row in history[-3:]) / 3
     assert last < 0.8 * first, [round(row["total"], 3) for row in history]
