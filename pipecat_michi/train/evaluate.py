@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from pipecat_michi.model.codec import multi_resolution_stft_loss
+from pipecat_michi.model.codec import align_reconstruction, multi_resolution_stft_loss
 from pipecat_michi.model.michi import MichiModel
 from pipecat_michi.model.tokenizer import Tokenizer
 from pipecat_michi.textnorm import word_error_rate  # noqa: F401 (re-exported)
@@ -21,7 +21,9 @@ from pipecat_michi.train.features import mel_cepstral_distance, white_noise_mcd
 def codec_quality(model: MichiModel, wav: torch.Tensor) -> dict[str, float]:
     """Reconstruct ``wav [B, F * frame_samples]``; STFT loss and mel-cepstral distance (dB), with
     the MCD of the input plus white noise at 20 dB SNR as a calibration point."""
-    recon = model.codec.decode(model.codec.encode(wav))
+    recon, wav = align_reconstruction(
+        model.codec.decode(model.codec.encode(wav)), wav, model.config.codec.decoder_delay_samples
+    )
     return {
         "stft_loss": float(multi_resolution_stft_loss(recon, wav)),
         "mcd_db": mel_cepstral_distance(recon, wav, model.config.sample_rate_hz),
