@@ -60,11 +60,15 @@ def test_stft_frames_never_read_the_future() -> None:
 
 
 def test_stft_runs_in_bfloat16_through_float32() -> None:
+    torch.manual_seed(0)
     stft, istft = CausalSTFT(2 * HOP, HOP), CausalISTFT(2 * HOP, HOP)
     wav = 0.3 * torch.randn(1, 8 * HOP)
     features = stft(wav.bfloat16())
     assert features.dtype == torch.bfloat16
-    torch.testing.assert_close(features.float(), stft(wav), atol=0.1, rtol=0.02)
+    # The input's bf16 rounding (~0.4%) moves the quietest bins most: compare the log-magnitudes
+    # loosely, their mean tightly.
+    torch.testing.assert_close(features.float(), stft(wav), atol=0.4, rtol=0.05)
+    assert (features.float() - stft(wav)).abs().mean() < 0.05
     assert istft(_true_spectrum(wav, 2 * HOP, HOP).bfloat16()).dtype == torch.bfloat16
 
 
@@ -119,3 +123,4 @@ def test_training_after_a_context_matches_the_stream() -> None:
     assert recon.requires_grad  # the context warms the state without a graph; the rest learns
     with pytest.raises(ValueError, match="nothing to train on"):
         reconstruct_after_context(codec, wav, context_frames=5)
+
