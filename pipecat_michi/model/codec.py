@@ -21,7 +21,7 @@ from pipecat_michi.model.streaming import (
     StreamingModule,
     StreamingState,
 )
-from pipecat_michi.model.spectral import CausalISTFT, CausalSTFT
+from pipecat_michi.model.spectral import CausalISTFT, CausalSTFT, synthesis_log_magnitude
 
 _MAX_ENCODER_CHANNELS = 512
 _MIN_DECODER_CHANNELS = 8
@@ -237,6 +237,14 @@ class CodecDecoder(StreamingModule):
     ) -> tuple[torch.Tensor, StreamingState]:
         """Decode the next latents ``[B, F, latent_dim]`` of a stream from ``state``:
         ``(wav[B, F * frame_samples], state after them)``."""
+        wav, _, new_state = self.decode_stream_with_spectrum(latents, state)
+        return wav, new_state
+
+    def decode_stream_with_spectrum(
+        self, latents: torch.Tensor, state: StreamingState
+    ) -> tuple[torch.Tensor, torch.Tensor | None, StreamingState]:
+        """``decode_stream``, plus the spectral decoder's log-magnitudes ``[B, bins, F * hops]``
+        before the inverse STFT (None for the waveform decoder), for a loss on them."""
         new_state: StreamingState = {}
         x = self._step_child("conv_pre", latents.transpose(1, 2), state, new_state)
         for i in range(len(self.blocks)):
@@ -244,10 +252,10 @@ class CodecDecoder(StreamingModule):
         # HiFi-GAN's last activation uses LeakyReLU's default slope, not the stages' 0.1.
         x = self._step_child("conv_post", F.leaky_relu(x), state, new_state)
         if self.istft is None:
-            return torch.tanh(x[:, 0, :]), new_state
+            return torch.tanh(x[:, 0, :]), None, new_state
         # An overlap-add has no tanh to bound it: clip to full scale like a DAC would.
         wav = self._step_child("istft", x, state, new_state)
-        return wav.clamp(-1.0, 1.0), new_state
+        return wav.clamp(-1.0, 1.0), x[:, : self.istft.bins], new_state
 
 
 class Codec(nn.Module):
@@ -280,26 +288,41 @@ def reconstruct_after_context(
     A causal codec's receptive field (~1.6 s for michi-nano's) outreaches a short training crop:
     trained only from the zero state, it never meets the long history every frame of a call has.
     """
+    recon, target, latents, _ = reconstruct_with_spectrum(codec, wav, context_frames)
+    return recon, target, latents
+
+
+def reconstruct_with_spectrum(
+    codec: Codec, wav: torch.Tensor, context_frames: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """``reconstruct_after_context``, plus for the spectral codec ``(predicted, true)``
+    log-magnitudes of the decoder's frames: what its inverse STFT must be given to rebuild the
+    input exactly (``spectral.synthesis_log_magnitude``). None for the waveform codec."""
     frame_samples = codec.cfg.frame_samples
     split = context_frames * frame_samples
     delay = codec.cfg.decoder_delay_samples
-    if context_frames == 0:
-        latents = codec.encode(wav)
-        return *align_reconstruction(codec.decode(latents), wav, delay), latents
-    if not 0 < split < wav.shape[-1] or split < delay:
+    if not 0 <= split < wav.shape[-1] or (split and split < delay):
         raise ValueError(
             f"{context_frames} context frames leave nothing to train on in a {wav.shape[-1]}-sample crop"
         )
     batch = wav.shape[0]
-    with torch.no_grad():
-        context_latents, encoder_state = codec.encoder.encode_stream(
-            wav[:, :split], codec.encoder.init_state(batch, wav.device, wav.dtype))
-        _, decoder_state = codec.decoder.decode_stream(
-            context_latents, codec.decoder.init_state(batch, wav.device, wav.dtype))
+    encoder_state = codec.encoder.init_state(batch, wav.device, wav.dtype)
+    decoder_state = codec.decoder.init_state(batch, wav.device, wav.dtype)
+    if split:
+        with torch.no_grad():
+            context_latents, encoder_state = codec.encoder.encode_stream(wav[:, :split], encoder_state)
+            _, decoder_state = codec.decoder.decode_stream(context_latents, decoder_state)
     latents, _ = codec.encoder.encode_stream(wav[:, split:], encoder_state)
-    recon, _ = codec.decoder.decode_stream(latents, decoder_state)
+    recon, log_magnitude, _ = codec.decoder.decode_stream_with_spectrum(latents, decoder_state)
+    spectra = None
+    if log_magnitude is not None:
+        # Decoder frame j rebuilds input [j*hop - (n_fft - hop), (j + 1)*hop): read from split on.
+        true = synthesis_log_magnitude(wav, codec.cfg.n_fft, codec.cfg.stft_hop)
+        spectra = (log_magnitude, true[..., split // codec.cfg.stft_hop :])
+    if split == 0:
+        return *align_reconstruction(recon, wav, delay), latents, spectra
     target = wav[:, split - delay : wav.shape[-1] - delay]
-    return recon, target, latents
+    return recon, target, latents, spectra
 
 
 def align_reconstruction(

@@ -65,6 +65,18 @@ class CausalSTFT(StreamingModule):
         return log_magnitude.transpose(1, 2).to(wav.dtype), {"history": history}
 
 
+def synthesis_log_magnitude(wav: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
+    """``[B, n_fft // 2 + 1, T // hop]``: the log-magnitudes that ``CausalISTFT`` must be given
+    (with the matching phases) to rebuild ``wav[B, T]`` exactly, ``n_fft - hop`` samples late.
+
+    Frame ``j`` is the unwindowed spectrum of ``wav[j * hop - (n_fft - hop) : (j + 1) * hop]``
+    (zeros before the start): the synthesis window alone makes the overlap-add sum to ``wav``.
+    """
+    padded = F.pad(wav.float(), (n_fft - hop, 0))
+    power = torch.fft.rfft(padded.unfold(-1, n_fft, hop), dim=-1).abs().square()
+    return (0.5 * torch.log(power.clamp(min=_LOG_MAGNITUDE_FLOOR**2))).transpose(1, 2)
+
+
 class CausalISTFT(StreamingModule):
     """``[B, 2 * (n_fft // 2 + 1), J]`` (log-magnitudes, then phases) -> ``wav[B, J * hop]``.
 

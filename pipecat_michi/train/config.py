@@ -42,6 +42,8 @@ class TrainConfig(BaseModel):
     # Codec stage: each crop is preceded by this many frames that only warm the codec's streaming
     # state (no gradient), so it learns to reconstruct with the long history a call has.
     codec_context_frames: int = Field(default=0, ge=0)
+    # Spectral codec: weight of an L1 on the decoder's log-magnitudes against the input's exact ones.
+    codec_magnitude_weight: float = Field(default=0.0, ge=0)
     lr: float = Field(default=3e-4, gt=0)
     warmup_steps: int = Field(default=10, ge=0)
     # After warmup: constant, or a cosine from lr down to 10% of it at ``steps`` (a run resumed

@@ -159,7 +159,7 @@ class Trainer:
         self.weights = LossWeights(
             mel=config.mel_weight, text_lm=config.text_lm_weight, transcript_lag_frames=config.transcript_lag_frames,
             distill=config.distill_weight, distill_lag_tokens=config.distill_lag_tokens,
-            codec_context_frames=config.codec_context_frames,
+            codec_context_frames=config.codec_context_frames, codec_magnitude=config.codec_magnitude_weight,
         )
         self.listening_extras: dict[str, object] = {}
         if config.stage == "listening":

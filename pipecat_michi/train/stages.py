@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipecat_michi.model.codec import multi_resolution_stft_loss, reconstruct_after_context
+from pipecat_michi.model.codec import multi_resolution_stft_loss, reconstruct_with_spectrum
 from pipecat_michi.model.michi import MichiModel
 from pipecat_michi.train.adversarial import Adversary
 from pipecat_michi.train.augment import Augmenter
@@ -47,6 +47,8 @@ class LossWeights:
     distill_lag_tokens: int = 2
     # Codec: frames at the start of each crop that only warm the streaming state.
     codec_context_frames: int = 0
+    # Spectral codec: L1 on the decoder's log-magnitudes before its inverse STFT (0: off).
+    codec_magnitude: float = 0.0
 
 
 def codec_examples(builder: ExampleBuilder, singles: list[ManifestEntry], pairs: Pairs) -> list[Example]:
@@ -77,7 +79,7 @@ def codec_losses(
     adversary: Adversary | None = None,
     step: int = 0,
 ) -> Losses:
-    recon, wav, latents = reconstruct_after_context(model.codec, batch.user_wav, w.codec_context_frames)
+    recon, wav, latents, spectra = reconstruct_with_spectrum(model.codec, batch.user_wav, w.codec_context_frames)
     rate = model.config.sample_rate_hz
     losses = {
         "stft": multi_resolution_stft_loss(recon, wav),
@@ -86,6 +88,12 @@ def codec_losses(
         "latent_rms": (latents.square().mean().sqrt() - 1.0).square(),
     }
     losses["total"] = losses["stft"] + w.mel * losses["mel_l1"] + w.latent_rms * losses["latent_rms"]
+    if spectra is not None and w.codec_magnitude > 0:
+        # The spectral decoder's magnitudes against the ones that rebuild the input exactly: a
+        # direct signal, where the waveform's STFT blurs them with the phases' interference.
+        predicted, true = spectra
+        losses["magnitude"] = F.l1_loss(predicted.float(), true)
+        losses["total"] = losses["total"] + w.codec_magnitude * losses["magnitude"]
     if adversary is not None:
         losses.update(adversary.codec_losses(wav, recon, step))
         if "adversarial" in losses:

@@ -124,3 +124,32 @@ def test_training_after_a_context_matches_the_stream() -> None:
     with pytest.raises(ValueError, match="nothing to train on"):
         reconstruct_after_context(codec, wav, context_frames=5)
 
+
+
+def test_the_synthesis_magnitudes_are_what_the_inverse_stft_needs() -> None:
+    from pipecat_michi.model.spectral import synthesis_log_magnitude
+
+    torch.manual_seed(0)
+    wav = 0.3 * torch.randn(1, 12 * HOP)
+    magnitude = synthesis_log_magnitude(wav, 2 * HOP, HOP)
+    torch.testing.assert_close(magnitude, _true_spectrum(wav, 2 * HOP, HOP)[:, : HOP + 1], atol=1e-4, rtol=0)
+
+
+def test_the_codec_loss_pairs_each_decoder_frame_with_its_true_magnitudes() -> None:
+    from pipecat_michi.model.codec import reconstruct_with_spectrum
+
+    torch.manual_seed(0)
+    cfg = CodecConfig.model_validate(MichiConfig.preset("tiny").codec.model_dump() | {
+        "strides": (8,), "stft_hop": 240, "resblock_dilations": (1, 3)})
+    codec = Codec(cfg)
+    wav = 0.3 * torch.randn(2, 6 * cfg.frame_samples)
+    for context in (0, 2):
+        recon, target, _, (predicted, true) = reconstruct_with_spectrum(codec, wav, context)
+        frames = (6 - context) * cfg.frame_samples // 240
+        assert predicted.shape == true.shape == (2, 241, frames) and recon.shape == target.shape
+        # The true magnitudes of the first trained frame are those of the input just before it.
+        start = context * cfg.frame_samples
+        first = torch.fft.rfft(torch.nn.functional.pad(wav, (240, 0))[:, start : start + 480]).abs()
+        torch.testing.assert_close(true[:, :, 0], first.clamp(min=1e-5).log(), atol=1e-4, rtol=0)
+    waveform = Codec(MichiConfig.preset("tiny").codec)
+    assert reconstruct_with_spectrum(waveform, wav, 0)[3] is None
