@@ -26,6 +26,7 @@ import torch
 from pipecat_michi.model.checkpoint import load_checkpoint
 from pipecat_michi.model.config import MichiConfig
 from pipecat_michi.model.michi import MichiModel
+from pipecat_michi.model.spectral import CausalISTFT
 from pipecat_michi.train.features import mel_cepstral_distance, white_noise_mcd
 from pipecat_michi.train.judge import HELD_OUT_SENTENCES, OfflineWhisper, fluent_speech, twilio_path, wer
 
@@ -44,6 +45,30 @@ def reconstruct(model: MichiModel, audio: np.ndarray) -> np.ndarray:
     return recon.float().cpu().numpy()
 
 
+@torch.no_grad()
+def oracle_swaps(model: MichiModel, audio: np.ndarray) -> dict[str, np.ndarray]:
+    """A spectral codec's reconstruction with one half of its inverse STFT's input swapped for
+    the exact one (``spectral.synthesis_log_magnitude`` and the matching phases): which half,
+    magnitudes or phases, keeps the speech from being understood."""
+    cfg = model.config.codec
+    wav = torch.from_numpy(audio)[None].float()
+    wav = torch.nn.functional.pad(wav, (0, (-wav.shape[1]) % cfg.frame_samples))
+    latents = model.codec.encode(wav.to(model.device, model.dtype))
+    state = model.codec.decoder.init_state(1, model.device, model.dtype)
+    _, spectrum, _ = model.codec.decoder.decode_stream_with_spectrum(latents, state)
+    bins = cfg.n_fft // 2 + 1
+    predicted_magnitude, predicted_phase = spectrum.float().cpu().split(bins, dim=1)
+    exact = torch.fft.rfft(torch.nn.functional.pad(wav, (cfg.n_fft - cfg.stft_hop, 0))
+                           .unfold(-1, cfg.n_fft, cfg.stft_hop), dim=-1).transpose(1, 2)
+    exact_magnitude, exact_phase = exact.abs().clamp(min=1e-5).log(), exact.angle()
+    istft = CausalISTFT(cfg.n_fft, cfg.stft_hop)
+    delay = cfg.decoder_delay_samples
+    swaps = {"exact magnitudes, codec phases": (exact_magnitude, predicted_phase),
+             "codec magnitudes, exact phases": (predicted_magnitude, exact_phase)}
+    return {name: istft(torch.cat(halves, dim=1))[0, delay : delay + audio.size].clamp(-1, 1).numpy()
+            for name, halves in swaps.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, help="a MichiAI checkpoint; default: random michi-nano codec")
@@ -53,6 +78,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--save-dir", type=Path, help="write each original/reconstruction pair as WAV")
     parser.add_argument("--verbose", action="store_true", help="print every transcript")
+    parser.add_argument("--oracle", action="store_true",
+                        help="spectral codec: also score it with exact magnitudes or exact phases swapped in")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -60,6 +87,8 @@ def main() -> None:
         model, source = MichiModel(MichiConfig.preset("michi-nano")).eval(), "random-init michi-nano codec"
     else:
         model, source = load_checkpoint(args.checkpoint).eval(), str(args.checkpoint)
+    if args.oracle and not model.config.codec.spectral:
+        parser.error("--oracle swaps the inverse STFT's inputs: it needs a spectral codec")
     rate = model.config.sample_rate_hz
     judge = OfflineWhisper(cpu_threads=args.threads)
     sentences = HELD_OUT_SENTENCES[: args.sentences]
@@ -69,6 +98,7 @@ def main() -> None:
     print(f"{'voice':<10} {'path':<7} {'WER original':>13} {'WER codec':>10} {'MCD dB':>7} {'noise20 MCD':>12}")
     for voice in [v.strip() for v in args.voices.split(",") if v.strip()]:
         originals, recons, mcds, noise_mcds, seconds, spent = [], [], [], [], 0.0, 0.0
+        swapped: dict[str, list[np.ndarray]] = {}
         for i, text in enumerate(sentences):
             audio, source_rate = fluent_speech(text, voice)
             audio = soxr.resample(audio, source_rate, rate).astype(np.float32)
@@ -80,6 +110,9 @@ def main() -> None:
             noise_mcds.append(white_noise_mcd(torch.from_numpy(audio), rate))
             originals.append(audio)
             recons.append(recon)
+            if args.oracle:
+                for name, clip in oracle_swaps(model, audio).items():
+                    swapped.setdefault(name, []).append(clip)
             if args.save_dir is not None:
                 args.save_dir.mkdir(parents=True, exist_ok=True)
                 soundfile.write(args.save_dir / f"{voice}-{i:02d}-original.wav", audio, rate)
@@ -93,6 +126,9 @@ def main() -> None:
             if args.verbose:
                 for text, original, codec in zip(sentences, heard["original"], heard["codec"]):
                     print(f"    said:     {text}\n    original: {original}\n    codec:    {codec}")
+        for name, clips in swapped.items():
+            heard = [judge.transcribe(soxr.resample(clip, rate, WHISPER_RATE_HZ)) for clip in clips]
+            print(f"{voice:<10} oracle: {name}: WER {100 * wer(heard, list(sentences)):.1f}%")
         print(f"{voice:<10} codec encode+decode {spent / seconds:.3f}x real time (whole clips, {args.threads} threads)")
 
 

@@ -243,8 +243,8 @@ class CodecDecoder(StreamingModule):
     def decode_stream_with_spectrum(
         self, latents: torch.Tensor, state: StreamingState
     ) -> tuple[torch.Tensor, torch.Tensor | None, StreamingState]:
-        """``decode_stream``, plus the spectral decoder's log-magnitudes ``[B, bins, F * hops]``
-        before the inverse STFT (None for the waveform decoder), for a loss on them."""
+        """``decode_stream``, plus what the spectral decoder gives its inverse STFT: log-magnitudes
+        then phases, ``[B, 2 * bins, F * hops]`` (None for the waveform decoder)."""
         new_state: StreamingState = {}
         x = self._step_child("conv_pre", latents.transpose(1, 2), state, new_state)
         for i in range(len(self.blocks)):
@@ -255,7 +255,7 @@ class CodecDecoder(StreamingModule):
             return torch.tanh(x[:, 0, :]), None, new_state
         # An overlap-add has no tanh to bound it: clip to full scale like a DAC would.
         wav = self._step_child("istft", x, state, new_state)
-        return wav.clamp(-1.0, 1.0), x[:, : self.istft.bins], new_state
+        return wav.clamp(-1.0, 1.0), x, new_state
 
 
 class Codec(nn.Module):
@@ -313,9 +313,10 @@ def reconstruct_with_spectrum(
             context_latents, encoder_state = codec.encoder.encode_stream(wav[:, :split], encoder_state)
             _, decoder_state = codec.decoder.decode_stream(context_latents, decoder_state)
     latents, _ = codec.encoder.encode_stream(wav[:, split:], encoder_state)
-    recon, log_magnitude, _ = codec.decoder.decode_stream_with_spectrum(latents, decoder_state)
+    recon, spectrum, _ = codec.decoder.decode_stream_with_spectrum(latents, decoder_state)
     spectra = None
-    if log_magnitude is not None:
+    if spectrum is not None:
+        log_magnitude = spectrum[:, : spectrum.shape[1] // 2]
         # Decoder frame j rebuilds input [j*hop - (n_fft - hop), (j + 1)*hop): read from split on.
         true = synthesis_log_magnitude(wav, codec.cfg.n_fft, codec.cfg.stft_hop)
         spectra = (log_magnitude, true[..., split // codec.cfg.stft_hop :])
