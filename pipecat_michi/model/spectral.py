@@ -4,14 +4,18 @@ The spectral codec (``CodecConfig.stft_hop``) reads speech through ``CausalSTFT`
 through ``CausalISTFT``, so its convolutions run at the hop rate (100 Hz) instead of 24 kHz.
 
 Both compute in float32 whatever the input dtype (``torch.fft`` has no bfloat16 kernels on the
-CPU, and a bf16 overlap-add would lose the quiet samples) and hand back the input's dtype.
+CPU, and a bf16 overlap-add would lose the quiet samples) and hand back the input's dtype; their
+windows and DFT bases stay float32 when the model is cast (``Float32Buffers``).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
+from pipecat_michi.model.backbone import Float32Buffers
 from pipecat_michi.model.streaming import StreamingModule, StreamingState
 
 _LOG_MAGNITUDE_FLOOR = 1e-5  # -100 dB: silence, not -inf
@@ -23,7 +27,7 @@ def _state_dtype(dtype: torch.dtype | None) -> torch.dtype:
     return dtype if dtype is not None else torch.float32
 
 
-class CausalSTFT(StreamingModule):
+class CausalSTFT(StreamingModule, Float32Buffers):
     """``wav[B, T]`` -> log-magnitude frames ``[B, n_fft // 2 + 1, T // hop]``.
 
     Frame ``j`` is the Hann-windowed spectrum of ``wav[j * hop - (n_fft - hop) : (j + 1) * hop]``:
@@ -77,7 +81,7 @@ def synthesis_log_magnitude(wav: torch.Tensor, n_fft: int, hop: int) -> torch.Te
     return (0.5 * torch.log(power.clamp(min=_LOG_MAGNITUDE_FLOOR**2))).transpose(1, 2)
 
 
-class CausalISTFT(StreamingModule):
+class CausalISTFT(StreamingModule, Float32Buffers):
     """``[B, 2 * (n_fft // 2 + 1), J]`` (log-magnitudes, then phases) -> ``wav[B, J * hop]``.
 
     Each frame's inverse FFT is weighted by a periodic Hann window scaled so that the windows
@@ -96,6 +100,17 @@ class CausalISTFT(StreamingModule):
         # A periodic Hann window at hop n_fft / k sums to k / 2 (k >= 2): scale it to sum to one.
         window = torch.hann_window(n_fft, periodic=True) * (2.0 * hop / n_fft)
         self.register_buffer("window", window, persistent=False)
+        # The inverse real DFT as two real matrices (irfft's weights: bins 0 and n/2 once, the
+        # rest twice), the synthesis window folded in: no complex tensors, which torch.compile's
+        # inductor cannot generate code for, and one matmul per half on the CPU.
+        bins = n_fft // 2 + 1
+        angles = 2.0 * math.pi * torch.outer(torch.arange(bins, dtype=torch.float64),
+                                             torch.arange(n_fft, dtype=torch.float64)) / n_fft
+        weights = torch.full((bins, 1), 2.0, dtype=torch.float64)
+        weights[0] = weights[-1] = 1.0
+        scale = weights / n_fft * window.double()[None, :]
+        self.register_buffer("cos_basis", (torch.cos(angles) * scale).float(), persistent=False)
+        self.register_buffer("sin_basis", (-torch.sin(angles) * scale).float(), persistent=False)
 
     @property
     def bins(self) -> int:
@@ -116,9 +131,10 @@ class CausalISTFT(StreamingModule):
                 f"CausalISTFT takes [batch, {2 * self.bins}, frames], got {tuple(spec.shape)}"
             )
         log_magnitude, phase = spec.float().split(self.bins, dim=1)
-        magnitude = torch.exp(log_magnitude.clamp(max=_MAX_LOG_MAGNITUDE))
-        complex_spec = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
-        frames = torch.fft.irfft(complex_spec.transpose(1, 2), n=self.n_fft, dim=-1) * self.window
+        magnitude = torch.exp(log_magnitude.clamp(max=_MAX_LOG_MAGNITUDE)).transpose(1, 2)
+        phase = phase.transpose(1, 2)
+        # irfft(magnitude * e^{i phase}) * window, as real matmuls: [B, J, bins] @ [bins, n_fft].
+        frames = (magnitude * torch.cos(phase)) @ self.cos_basis + (magnitude * torch.sin(phase)) @ self.sin_basis
         num_frames = frames.shape[1]
         length = (num_frames - 1) * self.hop + self.n_fft
         overlapped = F.fold(
