@@ -26,7 +26,7 @@ import torch
 from pipecat_michi.model.checkpoint import load_checkpoint
 from pipecat_michi.model.config import MichiConfig
 from pipecat_michi.model.michi import MichiModel
-from pipecat_michi.model.spectral import CausalISTFT
+from pipecat_michi.model.spectral import CausalISTFT, synthesis_log_magnitude, synthesis_spectrum
 from pipecat_michi.train.features import mel_cepstral_distance, white_noise_mcd
 from pipecat_michi.train.judge import HELD_OUT_SENTENCES, OfflineWhisper, fluent_speech, twilio_path, wer
 
@@ -58,9 +58,8 @@ def oracle_swaps(model: MichiModel, audio: np.ndarray) -> dict[str, np.ndarray]:
     _, spectrum, _ = model.codec.decoder.decode_stream_with_spectrum(latents, state)
     bins = cfg.n_fft // 2 + 1
     predicted_magnitude, predicted_phase = spectrum.float().cpu().split(bins, dim=1)
-    exact = torch.fft.rfft(torch.nn.functional.pad(wav, (cfg.n_fft - cfg.stft_hop, 0))
-                           .unfold(-1, cfg.n_fft, cfg.stft_hop), dim=-1).transpose(1, 2)
-    exact_magnitude, exact_phase = exact.abs().clamp(min=1e-5).log(), exact.angle()
+    exact_magnitude = synthesis_log_magnitude(wav, cfg.n_fft, cfg.stft_hop)
+    exact_phase = synthesis_spectrum(wav, cfg.n_fft, cfg.stft_hop).angle()
     istft = CausalISTFT(cfg.n_fft, cfg.stft_hop)
     delay = cfg.decoder_delay_samples
     swaps = {"exact magnitudes, codec phases": (exact_magnitude, predicted_phase),

@@ -23,11 +23,27 @@ _LOG_MAGNITUDE_FLOOR = 1e-5  # -100 dB: silence, not -inf
 _MAX_LOG_MAGNITUDE = 4.6  # ~100x full scale per bin
 
 
-def _state_dtype(dtype: torch.dtype | None) -> torch.dtype:
-    return dtype if dtype is not None else torch.float32
+class _HopFrames(StreamingModule, Float32Buffers):
+    """What both directions share: ``n_fft``-sample frames every ``hop`` samples, and a state of
+    ``n_fft - hop`` samples per row (the overlap that crosses a chunk boundary)."""
+
+    def __init__(self, n_fft: int, hop: int) -> None:
+        super().__init__()
+        self.n_fft = n_fft
+        self.hop = hop
+
+    @property
+    def bins(self) -> int:
+        return self.n_fft // 2 + 1
+
+    def _overlap_state(
+        self, name: str, batch_size: int, device: torch.device | None, dtype: torch.dtype | None
+    ) -> StreamingState:
+        shape = (batch_size, self.n_fft - self.hop)
+        return {name: torch.zeros(shape, device=device or self.window.device, dtype=dtype or torch.float32)}
 
 
-class CausalSTFT(StreamingModule, Float32Buffers):
+class CausalSTFT(_HopFrames):
     """``wav[B, T]`` -> log-magnitude frames ``[B, n_fft // 2 + 1, T // hop]``.
 
     Frame ``j`` is the Hann-windowed spectrum of ``wav[j * hop - (n_fft - hop) : (j + 1) * hop]``:
@@ -36,16 +52,10 @@ class CausalSTFT(StreamingModule, Float32Buffers):
     """
 
     def __init__(self, n_fft: int, hop: int) -> None:
-        super().__init__()
         if n_fft < hop:
             raise ValueError(f"CausalSTFT: n_fft {n_fft} is shorter than hop {hop}")
-        self.n_fft = n_fft
-        self.hop = hop
+        super().__init__(n_fft, hop)
         self.register_buffer("window", torch.hann_window(n_fft, periodic=True), persistent=False)
-
-    @property
-    def bins(self) -> int:
-        return self.n_fft // 2 + 1
 
     def init_state(
         self,
@@ -53,8 +63,7 @@ class CausalSTFT(StreamingModule, Float32Buffers):
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> StreamingState:
-        shape = (batch_size, self.n_fft - self.hop)
-        return {"history": torch.zeros(shape, device=device or self.window.device, dtype=_state_dtype(dtype))}
+        return self._overlap_state("history", batch_size, device, dtype)
 
     def step(self, wav: torch.Tensor, state: StreamingState) -> tuple[torch.Tensor, StreamingState]:
         if wav.shape[-1] % self.hop:
@@ -69,19 +78,23 @@ class CausalSTFT(StreamingModule, Float32Buffers):
         return log_magnitude.transpose(1, 2).to(wav.dtype), {"history": history}
 
 
-def synthesis_log_magnitude(wav: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
-    """``[B, n_fft // 2 + 1, T // hop]``: the log-magnitudes that ``CausalISTFT`` must be given
-    (with the matching phases) to rebuild ``wav[B, T]`` exactly, ``n_fft - hop`` samples late.
+def synthesis_spectrum(wav: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
+    """``[B, n_fft // 2 + 1, T // hop]`` complex: the spectra whose log-magnitudes and phases,
+    given to ``CausalISTFT``, rebuild ``wav[B, T]`` exactly, ``n_fft - hop`` samples late.
 
     Frame ``j`` is the unwindowed spectrum of ``wav[j * hop - (n_fft - hop) : (j + 1) * hop]``
     (zeros before the start): the synthesis window alone makes the overlap-add sum to ``wav``.
     """
     padded = F.pad(wav.float(), (n_fft - hop, 0))
-    power = torch.fft.rfft(padded.unfold(-1, n_fft, hop), dim=-1).abs().square()
-    return (0.5 * torch.log(power.clamp(min=_LOG_MAGNITUDE_FLOOR**2))).transpose(1, 2)
+    return torch.fft.rfft(padded.unfold(-1, n_fft, hop), dim=-1).transpose(1, 2)
 
 
-class CausalISTFT(StreamingModule, Float32Buffers):
+def synthesis_log_magnitude(wav: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
+    """The log-magnitudes of ``synthesis_spectrum`` (floored at -100 dB)."""
+    return torch.log(synthesis_spectrum(wav, n_fft, hop).abs().clamp(min=_LOG_MAGNITUDE_FLOOR))
+
+
+class CausalISTFT(_HopFrames):
     """``[B, 2 * (n_fft // 2 + 1), J]`` (log-magnitudes, then phases) -> ``wav[B, J * hop]``.
 
     Each frame's inverse FFT is weighted by a periodic Hann window scaled so that the windows
@@ -92,11 +105,9 @@ class CausalISTFT(StreamingModule, Float32Buffers):
     """
 
     def __init__(self, n_fft: int, hop: int) -> None:
-        super().__init__()
         if n_fft % hop or n_fft < 2 * hop:
             raise ValueError(f"CausalISTFT: n_fft {n_fft} must be a multiple of hop {hop}, at least 2x")
-        self.n_fft = n_fft
-        self.hop = hop
+        super().__init__(n_fft, hop)
         # A periodic Hann window at hop n_fft / k sums to k / 2 (k >= 2): scale it to sum to one.
         window = torch.hann_window(n_fft, periodic=True) * (2.0 * hop / n_fft)
         self.register_buffer("window", window, persistent=False)
@@ -112,18 +123,14 @@ class CausalISTFT(StreamingModule, Float32Buffers):
         self.register_buffer("cos_basis", (torch.cos(angles) * scale).float(), persistent=False)
         self.register_buffer("sin_basis", (-torch.sin(angles) * scale).float(), persistent=False)
 
-    @property
-    def bins(self) -> int:
-        return self.n_fft // 2 + 1
-
     def init_state(
         self,
         batch_size: int,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> StreamingState:
-        shape = (batch_size, self.n_fft - self.hop)
-        return {"tail": torch.zeros(shape, device=device or self.window.device, dtype=torch.float32)}
+        # The overlap-add's running sum stays float32 whatever the model's dtype.
+        return self._overlap_state("tail", batch_size, device, torch.float32)
 
     def step(self, spec: torch.Tensor, state: StreamingState) -> tuple[torch.Tensor, StreamingState]:
         if spec.dim() != 3 or spec.shape[1] != 2 * self.bins:

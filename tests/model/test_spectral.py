@@ -14,8 +14,8 @@ HOP = 240
 
 
 def _true_spectrum(wav: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
-    """Log-magnitude and phase of unwindowed frames ``wav[j*hop - (n_fft-hop) : (j+1)*hop]``:
-    what the inverse STFT must turn back into ``wav`` (its synthesis window sums to one)."""
+    """Log-magnitude and phase of unwindowed frames ``wav[j*hop - (n_fft-hop) : (j+1)*hop]``,
+    computed here from the definition: what the inverse STFT must turn back into ``wav``."""
     padded = torch.nn.functional.pad(wav, (n_fft - hop, 0))
     spectrum = torch.fft.rfft(padded.unfold(-1, n_fft, hop), dim=-1)
     return torch.cat([spectrum.abs().clamp(min=1e-9).log(), spectrum.angle()], dim=-1).transpose(1, 2)
