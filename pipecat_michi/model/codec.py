@@ -5,7 +5,11 @@ Both stream one frame per ``step`` under the contract of ``streaming.py``, and t
 equals stepping frame by frame from the zero state.
 
 With ``CodecConfig.stft_hop`` set (the spectral codec) the encoder reads a causal STFT and the
-decoder ends in an inverse STFT (``spectral.py``): the same blocks, run at the hop rate.
+decoder ends in an inverse STFT (``spectral.py``): the same blocks, run at the hop rate. Beside
+the conv stacks, a linear path maps each frame's block of log-magnitudes (its hops x bins) to the
+latent and back (``block_projection`` / ``block_expansion``): training starts it at the block PCA
+of the corpus (``train/codec_init.py``), a latent that already keeps speech intelligible, and the
+conv stacks learn what it misses (the phases above all) on top.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipecat_michi.model.backbone import Float32Buffers
 from pipecat_michi.model.config import CodecConfig
 from pipecat_michi.model.streaming import (
     StreamingConv1d,
@@ -66,6 +71,25 @@ class EncoderBlock(StreamingModule):
         return x, new_state
 
 
+class BlockProjection(Float32Buffers):
+    """The spectral encoder's linear path: one frame's log-magnitudes ``[hops x bins]``, flattened
+    hop-major, -> ``weight @ block + bias``, a latent-sized vector.
+
+    A fixed analysis, not a parameter: zero (off) until set from data (``train/codec_init.py``).
+    As a parameter, Adam's first steps on the raw log-magnitudes it reads (1920 inputs around
+    -5) moved the latent by whole units per step and the codec diverged. It stays float32 under
+    a model cast, like the STFT in front of it.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.zeros(out_features, in_features))
+        self.register_buffer("bias", torch.zeros(out_features))
+
+    def forward(self, blocks: torch.Tensor) -> torch.Tensor:
+        return F.linear(blocks.float(), self.weight, self.bias).to(blocks.dtype)
+
+
 class CodecEncoder(StreamingModule):
     """Causal conv encoder: ``wav[B, T]`` -> ``latents[B, T // frame_samples, latent_dim]``.
 
@@ -87,6 +111,9 @@ class CodecEncoder(StreamingModule):
             channels = out_channels
         self.blocks = nn.ModuleList(blocks)
         self.conv_out = StreamingConv1d(channels, cfg.latent_dim, 3)
+        self.block_projection = (
+            BlockProjection(cfg.hops_per_frame * self.stft.bins, cfg.latent_dim) if self.stft is not None else None
+        )
 
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
         """Encode ``wav[B, T]`` offline; ``T`` must be a positive multiple of ``frame_samples``."""
@@ -122,11 +149,16 @@ class CodecEncoder(StreamingModule):
             x = self._step_child("stft", wav, state, new_state)
         else:
             x = wav[:, None, :]
+        spectrum = x
         x = self._step_child("conv_in", x, state, new_state)
         for i in range(len(self.blocks)):
             x = self._step_child(f"blocks.{i}", x, state, new_state)
-        x = self._step_child("conv_out", F.elu(x), state, new_state)
-        return x.transpose(1, 2), new_state
+        latents = self._step_child("conv_out", F.elu(x), state, new_state).transpose(1, 2)
+        if self.block_projection is not None:
+            batch, bins, hops = spectrum.shape
+            blocks = spectrum.transpose(1, 2).reshape(batch, hops // self.cfg.hops_per_frame, -1)
+            latents = latents + self.block_projection(blocks)
+        return latents, new_state
 
 
 class ResBlock(StreamingModule):
@@ -208,6 +240,13 @@ class CodecDecoder(StreamingModule):
         self.blocks = nn.ModuleList(blocks)
         self.istft = CausalISTFT(cfg.n_fft, cfg.stft_hop) if cfg.stft_hop is not None else None
         self.conv_post = StreamingConv1d(channels, 2 * self.istft.bins if self.istft is not None else 1, 7)
+        # Spectral codec: latent -> its frame's log-magnitudes [hops x bins], added to conv_post's.
+        # It learns (its inputs are unit-scale latents); zero until trained or set from data.
+        self.block_expansion = None
+        if self.istft is not None:
+            self.block_expansion = nn.Linear(cfg.latent_dim, cfg.hops_per_frame * self.istft.bins)
+            nn.init.zeros_(self.block_expansion.weight)
+            nn.init.zeros_(self.block_expansion.bias)
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         """Decode ``latents[B, F, latent_dim]`` offline into ``wav[B, F * frame_samples]``."""
@@ -253,6 +292,10 @@ class CodecDecoder(StreamingModule):
         x = self._step_child("conv_post", F.leaky_relu(x), state, new_state)
         if self.istft is None:
             return torch.tanh(x[:, 0, :]), None, new_state
+        batch, frames, _ = latents.shape
+        bins = self.istft.bins
+        block_magnitude = self.block_expansion(latents).reshape(batch, frames * self.cfg.hops_per_frame, bins)
+        x = torch.cat([x[:, :bins] + block_magnitude.transpose(1, 2), x[:, bins:]], dim=1)
         # An overlap-add has no tanh to bound it: clip to full scale like a DAC would.
         wav = self._step_child("istft", x, state, new_state)
         return wav.clamp(-1.0, 1.0), x, new_state

@@ -106,6 +106,11 @@ class CodecConfig(_Frozen):
         return self.stft_n_fft if self.stft_n_fft is not None else 2 * self.stft_hop
 
     @property
+    def hops_per_frame(self) -> int:
+        """The spectral codec's STFT hops per latent frame (0 for the waveform codec)."""
+        return self.frame_samples // self.stft_hop if self.stft_hop is not None else 0
+
+    @property
     def decoder_delay_samples(self) -> int:
         """How many samples the decoder's output lags the audio that was encoded: decoded
         sample ``t`` reconstructs input sample ``t - decoder_delay_samples``."""

@@ -6,6 +6,11 @@ through ``CausalISTFT``, so its convolutions run at the hop rate (100 Hz) instea
 Both compute in float32 whatever the input dtype (``torch.fft`` has no bfloat16 kernels on the
 CPU, and a bf16 overlap-add would lose the quiet samples) and hand back the input's dtype; their
 windows and DFT bases stay float32 when the model is cast (``Float32Buffers``).
+
+Both directions use the square root of a periodic Hann window (analysis and synthesis alike), so
+the overlap-add rebuilds a signal exactly and the magnitudes the decoder must predict are those
+of windowed frames: smooth enough that 64 linear floats per 80 ms keep speech intelligible, where
+unwindowed frames' leakage made them ragged (``benchmarks/codec_eval.py --oracle``).
 """
 
 from __future__ import annotations
@@ -21,6 +26,11 @@ from pipecat_michi.model.streaming import StreamingModule, StreamingState
 _LOG_MAGNITUDE_FLOOR = 1e-5  # -100 dB: silence, not -inf
 # exp() of a larger predicted log-magnitude is clipped: one wild bin must not overflow a frame.
 _MAX_LOG_MAGNITUDE = 4.6  # ~100x full scale per bin
+
+
+def analysis_window(n_fft: int) -> torch.Tensor:
+    """The square root of a periodic Hann window: what frames are weighted by before an FFT."""
+    return torch.hann_window(n_fft, periodic=True).sqrt()
 
 
 class _HopFrames(StreamingModule, Float32Buffers):
@@ -46,8 +56,8 @@ class _HopFrames(StreamingModule, Float32Buffers):
 class CausalSTFT(_HopFrames):
     """``wav[B, T]`` -> log-magnitude frames ``[B, n_fft // 2 + 1, T // hop]``.
 
-    Frame ``j`` is the Hann-windowed spectrum of ``wav[j * hop - (n_fft - hop) : (j + 1) * hop]``:
-    it ends with its own hop, so it needs no future sample. The state ``history`` holds the last
+    Frame ``j`` is the spectrum of ``wav[j * hop - (n_fft - hop) : (j + 1) * hop]`` weighted by
+    ``analysis_window``: it ends with its own hop, so it needs no future sample. The state ``history`` holds the last
     ``n_fft - hop`` samples (zeros before the stream's first sample).
     """
 
@@ -55,7 +65,7 @@ class CausalSTFT(_HopFrames):
         if n_fft < hop:
             raise ValueError(f"CausalSTFT: n_fft {n_fft} is shorter than hop {hop}")
         super().__init__(n_fft, hop)
-        self.register_buffer("window", torch.hann_window(n_fft, periodic=True), persistent=False)
+        self.register_buffer("window", analysis_window(n_fft), persistent=False)
 
     def init_state(
         self,
@@ -82,11 +92,12 @@ def synthesis_spectrum(wav: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
     """``[B, n_fft // 2 + 1, T // hop]`` complex: the spectra whose log-magnitudes and phases,
     given to ``CausalISTFT``, rebuild ``wav[B, T]`` exactly, ``n_fft - hop`` samples late.
 
-    Frame ``j`` is the unwindowed spectrum of ``wav[j * hop - (n_fft - hop) : (j + 1) * hop]``
-    (zeros before the start): the synthesis window alone makes the overlap-add sum to ``wav``.
+    Frame ``j`` is the spectrum of ``wav[j * hop - (n_fft - hop) : (j + 1) * hop]`` (zeros before
+    the start) weighted by ``analysis_window``: the frames ``CausalSTFT`` reads, before the log.
     """
     padded = F.pad(wav.float(), (n_fft - hop, 0))
-    return torch.fft.rfft(padded.unfold(-1, n_fft, hop), dim=-1).transpose(1, 2)
+    frames = padded.unfold(-1, n_fft, hop) * analysis_window(n_fft).to(padded.device)
+    return torch.fft.rfft(frames, dim=-1).transpose(1, 2)
 
 
 def synthesis_log_magnitude(wav: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
@@ -97,8 +108,8 @@ def synthesis_log_magnitude(wav: torch.Tensor, n_fft: int, hop: int) -> torch.Te
 class CausalISTFT(_HopFrames):
     """``[B, 2 * (n_fft // 2 + 1), J]`` (log-magnitudes, then phases) -> ``wav[B, J * hop]``.
 
-    Each frame's inverse FFT is weighted by a periodic Hann window scaled so that the windows
-    sum to one at this overlap, then overlap-added. A sample is complete once every frame that
+    Each frame's inverse FFT is weighted by ``analysis_window`` again, scaled so that analysis
+    times synthesis windows sum to one at this overlap, then overlap-added. A sample is complete once every frame that
     covers it is in, so a step emits the ``J * hop`` samples that are complete and keeps the
     last ``n_fft - hop`` (the state ``tail``) for the next frames to add to: the output lags the
     frames by ``n_fft - hop`` samples. Offline, the final tail is dropped.
@@ -108,8 +119,9 @@ class CausalISTFT(_HopFrames):
         if n_fft % hop or n_fft < 2 * hop:
             raise ValueError(f"CausalISTFT: n_fft {n_fft} must be a multiple of hop {hop}, at least 2x")
         super().__init__(n_fft, hop)
-        # A periodic Hann window at hop n_fft / k sums to k / 2 (k >= 2): scale it to sum to one.
-        window = torch.hann_window(n_fft, periodic=True) * (2.0 * hop / n_fft)
+        # Analysis x synthesis = a periodic Hann window, which at hop n_fft / k sums to k / 2
+        # (k >= 2): scale it to sum to one.
+        window = analysis_window(n_fft) * (2.0 * hop / n_fft)
         self.register_buffer("window", window, persistent=False)
         # The inverse real DFT as two real matrices (irfft's weights: bins 0 and n/2 once, the
         # rest twice), the synthesis window folded in: no complex tensors, which torch.compile's

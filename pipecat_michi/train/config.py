@@ -44,6 +44,13 @@ class TrainConfig(BaseModel):
     codec_context_frames: int = Field(default=0, ge=0)
     # Spectral codec: weight of an L1 on the decoder's log-magnitudes against the input's exact ones.
     codec_magnitude_weight: float = Field(default=0.0, ge=0)
+    # Codec stage, fresh spectral codec (--fresh-codec, or no --init): start its linear path at the
+    # block PCA of this many of the manifest's clips (train/codec_init.py); 0 leaves it random.
+    codec_pca_clips: int = Field(default=256, ge=0)
+    # Codec stage: train the decoder only, the encoder (and so the latent space) stays as it is:
+    # with a PCA-started spectral codec, Adam's first steps on the raw log-magnitudes it reads
+    # threw its latents far from the PCA (RMS 1 -> ~4 within 150 steps).
+    freeze_codec_encoder: bool = Field(default=False, description="codec stage: the encoder does not learn")
     lr: float = Field(default=3e-4, gt=0)
     warmup_steps: int = Field(default=10, ge=0)
     # After warmup: constant, or a cosine from lr down to 10% of it at ``steps`` (a run resumed

@@ -35,6 +35,7 @@ from pipecat_michi.train.data import ExampleBuilder, sample_batch, split_entries
 from pipecat_michi.train.manifest import read_manifest
 from pipecat_michi.train.plot import plot_losses
 from pipecat_michi.train.augment import Augmenter
+from pipecat_michi.train.codec_init import init_spectral_codec_from_pca
 from pipecat_michi.train.distill import Teacher
 from pipecat_michi.train.lora import attach_lora, load_adapters
 from pipecat_michi.train.stages import STAGES, LossWeights, set_trainable
@@ -161,6 +162,10 @@ class Trainer:
             distill=config.distill_weight, distill_lag_tokens=config.distill_lag_tokens,
             codec_context_frames=config.codec_context_frames, codec_magnitude=config.codec_magnitude_weight,
         )
+        if self._starts_a_spectral_codec():
+            init_spectral_codec_from_pca(
+                self.model.codec, [e.user_wav.to(self.model.device) for e in self.examples[: config.codec_pca_clips]]
+            )
         self.listening_extras: dict[str, object] = {}
         if config.stage == "listening":
             self.listening_extras["augmenter"] = Augmenter(
@@ -171,8 +176,12 @@ class Trainer:
                 self.listening_extras["teacher"] = Teacher(
                     model_config.listening, whisper_source, model_config.sample_rate_hz
                 ).to(self.model.device)
+        trainable = set_trainable(self.model, self.stage)
+        if config.freeze_codec_encoder:
+            self.model.codec.encoder.requires_grad_(False)
+            trainable = [p for p in trainable if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
-            self._param_groups(set_trainable(self.model, self.stage)), lr=config.lr, weight_decay=config.weight_decay
+            self._param_groups(trainable), lr=config.lr, weight_decay=config.weight_decay
         )
         self.adversary: Adversary | None = None
         if config.adversarial:
@@ -188,6 +197,14 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         if config.resume and (config.out_dir / TRAIN_STATE_FILE).is_file():
             self._load_state()
+
+    def _starts_a_spectral_codec(self) -> bool:
+        """Whether this run trains a spectral codec from its random initialisation."""
+        config = self.config
+        resuming = config.resume and (config.out_dir / TRAIN_STATE_FILE).is_file()
+        fresh = config.fresh_codec or config.init is None
+        return (config.stage == "codec" and fresh and not resuming and config.codec_pca_clips > 0
+                and self.model.config.codec.spectral)
 
     def _param_groups(self, trainable: list[torch.nn.Parameter]) -> list[dict]:
         """Pretrained parameters (the Whisper encoder body) at ``lr``, the rest at

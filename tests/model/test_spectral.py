@@ -14,10 +14,12 @@ HOP = 240
 
 
 def _true_spectrum(wav: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
-    """Log-magnitude and phase of unwindowed frames ``wav[j*hop - (n_fft-hop) : (j+1)*hop]``,
-    computed here from the definition: what the inverse STFT must turn back into ``wav``."""
+    """Log-magnitude and phase of frames ``wav[j*hop - (n_fft-hop) : (j+1)*hop]`` under a
+    square-root Hann window, computed here from the definition: what the inverse STFT must turn
+    back into ``wav``."""
     padded = torch.nn.functional.pad(wav, (n_fft - hop, 0))
-    spectrum = torch.fft.rfft(padded.unfold(-1, n_fft, hop), dim=-1)
+    window = torch.hann_window(n_fft, periodic=True).sqrt()
+    spectrum = torch.fft.rfft(padded.unfold(-1, n_fft, hop) * window, dim=-1)
     return torch.cat([spectrum.abs().clamp(min=1e-9).log(), spectrum.angle()], dim=-1).transpose(1, 2)
 
 
@@ -149,7 +151,8 @@ def test_the_codec_loss_pairs_each_decoder_frame_with_its_true_magnitudes() -> N
         assert predicted.shape == true.shape == (2, 241, frames) and recon.shape == target.shape
         # The true magnitudes of the first trained frame are those of the input just before it.
         start = context * cfg.frame_samples
-        first = torch.fft.rfft(torch.nn.functional.pad(wav, (240, 0))[:, start : start + 480]).abs()
+        window = torch.hann_window(480, periodic=True).sqrt()
+        first = torch.fft.rfft(torch.nn.functional.pad(wav, (240, 0))[:, start : start + 480] * window).abs()
         torch.testing.assert_close(true[:, :, 0], first.clamp(min=1e-5).log(), atol=1e-4, rtol=0)
     waveform = Codec(MichiConfig.preset("tiny").codec)
     assert reconstruct_with_spectrum(waveform, wav, 0)[3] is None

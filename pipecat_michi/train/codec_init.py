@@ -1,0 +1,75 @@
+"""A spectral codec's linear path started at the block PCA of the training speech.
+
+One 80 ms frame's log-magnitudes (8 hops x 241 bins under michi-nano) are ~1900 numbers; their
+first 64 principal components already keep speech intelligible (held-out slt sentences, Whisper
+tiny.en: 4.4% WER with Griffin-Lim phases against 3.0% for the exact spectra; ~98.6% of the
+variance). So a fresh codec's latent starts there, whitened (unit variance per component, what
+the flow head's noise expects), and its decoder starts from the matching reconstruction: the
+conv stacks' contributions to both are zeroed, and training refines magnitudes and learns the
+phases from a codec that is already understood instead of from noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from loguru import logger
+
+from pipecat_michi.model.codec import Codec
+
+# Every third block enters the SVD: neighbours are alike, and the SVD's cost grows with rows.
+_ROW_STRIDE = 3
+
+
+@torch.no_grad()
+def block_log_magnitudes(codec: Codec, wav: torch.Tensor) -> torch.Tensor:
+    """``wav[T]`` -> its whole frames' log-magnitude blocks ``[frames, hops_per_frame * bins]``
+    (hop-major), as the encoder's linear path reads them."""
+    cfg = codec.cfg
+    usable = wav.shape[-1] // cfg.frame_samples * cfg.frame_samples
+    if usable == 0:
+        return torch.zeros(0, cfg.hops_per_frame * codec.encoder.stft.bins)
+    stft = codec.encoder.stft
+    device = stft.window.device
+    spectrum, _ = stft.step(wav[None, :usable].to(device, torch.float32), stft.init_state(1, device, torch.float32))
+    return spectrum[0].T.reshape(usable // cfg.frame_samples, -1)
+
+
+@torch.no_grad()
+def init_spectral_codec_from_pca(codec: Codec, clips: Iterable[torch.Tensor]) -> float:
+    """Set ``codec``'s linear path to the whitened block PCA of ``clips`` (24 kHz mono tensors)
+    and zero the conv stacks' share of the latent and of the log-magnitudes. Returns the share
+    of the blocks' variance the latent keeps."""
+    cfg = codec.cfg
+    if not cfg.spectral:
+        raise ValueError("PCA initialisation is for the spectral codec (CodecConfig.stft_hop)")
+    blocks = torch.cat([block_log_magnitudes(codec, clip).cpu() for clip in clips]).double()
+    bins = codec.encoder.stft.bins
+    # One mean per bin (not per hop of the block): the expansion's bias repeats it for each hop.
+    mean = blocks.reshape(-1, cfg.hops_per_frame, bins).mean(dim=(0, 1)).repeat(cfg.hops_per_frame)
+    rows = blocks[::_ROW_STRIDE] - mean
+    if rows.shape[0] <= cfg.latent_dim:
+        raise ValueError(
+            f"{blocks.shape[0]} frames of speech are too few for a {cfg.latent_dim}-component PCA "
+            f"(every {_ROW_STRIDE}rd frame is used); give more clips"
+        )
+    _, singular, components = torch.linalg.svd(rows, full_matrices=False)
+    kept = components[: cfg.latent_dim]  # [latent, hops * bins]
+    scale = singular[: cfg.latent_dim] / (rows.shape[0] - 1) ** 0.5  # each component's std
+    explained = float(singular[: cfg.latent_dim].square().sum() / singular.square().sum())
+
+    projection, expansion = codec.encoder.block_projection, codec.decoder.block_expansion
+    projection.weight.copy_(kept / scale[:, None])
+    projection.bias.copy_(-(kept @ mean) / scale)
+    expansion.weight.copy_((kept * scale[:, None]).T)
+    expansion.bias.copy_(mean)
+    codec.encoder.conv_out.conv.weight.zero_()
+    codec.encoder.conv_out.conv.bias.zero_()
+    codec.decoder.conv_post.conv.weight[:bins].zero_()
+    codec.decoder.conv_post.conv.bias[:bins].zero_()
+    logger.info(
+        f"codec linear path from the block PCA of {blocks.shape[0]} frames: "
+        f"{cfg.latent_dim} components keep {100 * explained:.1f}% of the variance"
+    )
+    return explained
