@@ -123,19 +123,27 @@ def generate_fluent_corpus(config: FluentCorpusConfig) -> Path:
     return manifest
 
 
-def _write_utterance(
-    config: FluentCorpusConfig, audio_dir: Path, i: int, text: str, voice: str, speed: int,
-    audio: np.ndarray, source_rate: int,
-) -> ManifestEntry:
-    rate = config.sample_rate_hz
-    lead, tail = round(config.lead_ms * rate / 1000), round(config.tail_ms * rate / 1000)
+def framed_utterance(
+    text: str, audio: np.ndarray, source_rate: int, rate: int, lead_ms: float = 200.0, tail_ms: float = 800.0
+) -> tuple[np.ndarray, list[WordTiming]]:
+    """A synthesised sentence as the corpus stores it: resampled to ``rate``, silence trimmed,
+    peak 0.7, ``lead_ms`` of silence before and ``tail_ms`` after; with approximate word timings."""
+    lead, tail = round(lead_ms * rate / 1000), round(tail_ms * rate / 1000)
     audio = soxr.resample(audio, source_rate, rate).astype(np.float32)
     loud = np.flatnonzero(np.abs(audio) > 0.02 * max(float(np.abs(audio).max()), 1e-6))
     audio = audio[loud[0]: loud[-1] + 1] if loud.size else audio
     audio = 0.7 * audio / max(float(np.abs(audio).max()), 1e-6)
     wav = np.concatenate([np.zeros(lead, np.float32), audio, np.zeros(tail, np.float32)])
+    return wav, approximate_word_timings(text.split(), lead, lead + len(audio))
+
+
+def _write_utterance(
+    config: FluentCorpusConfig, audio_dir: Path, i: int, text: str, voice: str, speed: int,
+    audio: np.ndarray, source_rate: int,
+) -> ManifestEntry:
+    rate = config.sample_rate_hz
+    wav, words = framed_utterance(text, audio, source_rate, rate, config.lead_ms, config.tail_ms)
     name = f"fluent{i:05d}.wav"
     soundfile.write(audio_dir / name, wav, rate, subtype="FLOAT")
-    words = approximate_word_timings(text.split(), lead, lead + len(audio))
     return ManifestEntry(id=f"fluent{i:05d}", audio=f"audio/{name}", sample_rate_hz=rate,
                          text=text, words=words, speaker=f"{voice}@{speed}")

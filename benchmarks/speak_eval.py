@@ -1,0 +1,93 @@
+"""Does the model say what it means? Whisper's WER on its forced speech of held-out sentences.
+
+Forced TTS, judged by an ASR we did not write: each held-out sentence (``judge.HELD_OUT_SENTENCES``,
+never in a training corpus) becomes the bot's inner monologue, one token per frame where the bot's
+voice would say it (word timings from a synthesis of the sentence in ``--voice``, as the training
+corpus has them, text leading the audio by ``MONOLOGUE_LEAD_FRAMES``). The model speaks it over a
+silent caller, one duplex step per 80 ms frame (flow head sampled in one step, codec decoder), and
+faster-whisper tiny.en transcribes the bot's audio; jiwer scores it against the sentence. Beside
+it: the reference voice and the codec's resynthesis of it (what the speaking head aims at).
+
+    .venv/bin/python benchmarks/speak_eval.py --checkpoint runs/speaking-slt
+    .venv/bin/python benchmarks/speak_eval.py --checkpoint runs/speaking-slt --twilio --save-dir /tmp/speak
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import soxr
+import torch
+
+from pipecat_michi.model.checkpoint import load_checkpoint
+from pipecat_michi.model.tokenizer import load_tokenizer
+from pipecat_michi.train.data import MONOLOGUE_LEAD_FRAMES, frame_tokens
+from pipecat_michi.train.evaluate import forced_speech
+from pipecat_michi.train.fluent import framed_utterance
+from pipecat_michi.train.judge import HELD_OUT_SENTENCES, OfflineWhisper, fluent_speech, twilio_path, wer
+
+WHISPER_RATE_HZ = 16000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, required=True, help="a MichiAI checkpoint with a trained speaking head")
+    parser.add_argument("--voice", default="slt", help="the bot's voice: word timings and the reference (default slt)")
+    parser.add_argument("--sentences", type=int, default=len(HELD_OUT_SENTENCES))
+    parser.add_argument("--twilio", action="store_true", help="also score everything through 8 kHz mu-law")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0, help="the flow head's noise")
+    parser.add_argument("--save-dir", type=Path, help="write each sentence's reference and bot speech as WAV")
+    parser.add_argument("--verbose", action="store_true", help="print every transcript")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model = load_checkpoint(args.checkpoint).eval()
+    tokenizer = load_tokenizer(model.config, args.checkpoint)
+    rate, frame = model.config.sample_rate_hz, model.config.frame_samples
+    delay = model.config.codec.decoder_delay_samples
+    generator = torch.Generator().manual_seed(args.seed)
+    sentences = list(HELD_OUT_SENTENCES[: args.sentences])
+    clips: dict[str, list[np.ndarray]] = {"reference": [], "codec": [], "bot": []}
+    spent = spoken_seconds = 0.0
+    for i, text in enumerate(sentences):
+        audio, source_rate = fluent_speech(text, args.voice)
+        wav, words = framed_utterance(text, audio, source_rate, rate)
+        wav = np.pad(wav, (0, -wav.size % frame))
+        frames = wav.size // frame
+        monologue = frame_tokens(words, tokenizer, frames, frame, MONOLOGUE_LEAD_FRAMES)
+        started = time.perf_counter()
+        bot = forced_speech(model, monologue, generator).float().cpu().numpy()[delay:]
+        spent, spoken_seconds = spent + time.perf_counter() - started, spoken_seconds + wav.size / rate
+        with torch.no_grad():
+            codec = model.codec.decode(model.codec.encode(torch.from_numpy(wav)[None].to(model.device, model.dtype)))
+        clips["reference"].append(wav)
+        clips["codec"].append(codec[0].float().cpu().numpy()[delay:])
+        clips["bot"].append(bot)
+        if args.save_dir is not None:
+            args.save_dir.mkdir(parents=True, exist_ok=True)
+            for kind in clips:
+                soundfile.write(args.save_dir / f"{i:02d}-{kind}.wav", clips[kind][-1], rate)
+
+    judge = OfflineWhisper(cpu_threads=args.threads)
+    print(f"{args.checkpoint}: forced speech of {len(sentences)} held-out sentences, timings from {args.voice}; "
+          f"judge: faster-whisper tiny.en")
+    print(f"{'path':<7} {'reference':>10} {'codec':>8} {'bot':>8}")
+    paths = [("clean", lambda a: a)] + ([("twilio", lambda a: twilio_path(a, rate))] if args.twilio else [])
+    for path, through in paths:
+        heard = {kind: [judge.transcribe(soxr.resample(through(a), rate, WHISPER_RATE_HZ)) for a in audio]
+                 for kind, audio in clips.items()}
+        print(f"{path:<7} " + " ".join(f"{100 * wer(heard[k], sentences):>7.1f}%" for k in ("reference", "codec"))
+              + f" {100 * wer(heard['bot'], sentences):>7.1f}%")
+        if args.verbose:
+            for text, bot in zip(sentences, heard["bot"]):
+                print(f"    said: {text}\n    bot:  {bot}")
+    print(f"bot speech: {spent / spoken_seconds:.2f}x real time ({args.threads} threads, unbatched eager steps)")
+
+
+if __name__ == "__main__":
+    main()
