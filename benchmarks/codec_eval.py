@@ -10,6 +10,8 @@ adds other voices (e.g. a held-out one) to show how far the codec generalises be
 
     .venv/bin/python benchmarks/codec_eval.py --checkpoint runs/codec-slt
     .venv/bin/python benchmarks/codec_eval.py --checkpoint runs/codec-slt --voices slt,kal16 --twilio
+    .venv/bin/python benchmarks/codec_eval.py --pca-start data/slt/manifest.jsonl --oracle   # the linear bound
+    .venv/bin/python benchmarks/codec_eval.py --pca-start data/slt/manifest.jsonl --oracle   # the linear bound
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ import soxr
 import torch
 
 from pipecat_michi.model.checkpoint import load_checkpoint
-from pipecat_michi.model.config import MichiConfig
+from pipecat_michi.model.config import CodecConfig, MichiConfig
 from pipecat_michi.model.michi import MichiModel
 from pipecat_michi.model.spectral import CausalISTFT, synthesis_log_magnitude, synthesis_spectrum
+from pipecat_michi.train.codec_init import init_spectral_codec_from_pca
 from pipecat_michi.train.features import mel_cepstral_distance, white_noise_mcd
 from pipecat_michi.train.judge import HELD_OUT_SENTENCES, OfflineWhisper, fluent_speech, twilio_path, wer
+from pipecat_michi.train.manifest import read_manifest
 
 WHISPER_RATE_HZ = 16000
 
@@ -63,14 +67,45 @@ def oracle_swaps(model: MichiModel, audio: np.ndarray) -> dict[str, np.ndarray]:
     istft = CausalISTFT(cfg.n_fft, cfg.stft_hop)
     delay = cfg.decoder_delay_samples
     swaps = {"exact magnitudes, codec phases": (exact_magnitude, predicted_phase),
-             "codec magnitudes, exact phases": (predicted_magnitude, exact_phase)}
+             "codec magnitudes, exact phases": (predicted_magnitude, exact_phase),
+             "codec magnitudes, Griffin-Lim phases": (predicted_magnitude, griffin_lim_phase(predicted_magnitude, cfg))}
     return {name: istft(torch.cat(halves, dim=1))[0, delay : delay + audio.size].clamp(-1, 1).numpy()
             for name, halves in swaps.items()}
+
+
+def griffin_lim_phase(log_magnitude: torch.Tensor, cfg: CodecConfig, iterations: int = 32) -> torch.Tensor:
+    """Phases for ``log_magnitude [1, bins, J]`` by Griffin-Lim (offline, not causal): what the
+    magnitudes alone carry, whatever a decoder makes of the phases."""
+    istft = CausalISTFT(cfg.n_fft, cfg.stft_hop)
+    delay = cfg.decoder_delay_samples
+    phase = torch.rand(log_magnitude.shape, generator=torch.Generator().manual_seed(0)) * 2 * torch.pi
+    for _ in range(iterations):
+        wav = istft(torch.cat([log_magnitude, phase], dim=1))
+        # The overlap-add lags its frames by ``delay``: re-analyse the signal where they began.
+        aligned = torch.nn.functional.pad(wav[:, delay:], (0, delay))
+        phase = synthesis_spectrum(aligned, cfg.n_fft, cfg.stft_hop).angle()
+    return phase
+
+
+def pca_started_model(manifest: Path, clips: int) -> MichiModel:
+    """michi-nano with a fresh spectral codec started at the block PCA of ``manifest``'s first
+    ``clips`` clips (as ``michi-train codec --fresh-codec`` starts one), before any training."""
+    torch.manual_seed(0)
+    model = MichiModel(MichiConfig.preset("michi-nano")).eval()
+    entries = read_manifest(manifest)[:clips]
+    waves = [torch.from_numpy(soundfile.read(e.audio, dtype="float32", always_2d=True)[0][:, e.channel].copy())
+             for e in entries]
+    init_spectral_codec_from_pca(model.codec, waves)
+    return model
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, help="a MichiAI checkpoint; default: random michi-nano codec")
+    parser.add_argument("--pca-start", type=Path, metavar="MANIFEST",
+                        help="instead of a checkpoint: a fresh michi-nano codec started at the block PCA of "
+                             "MANIFEST's first --pca-clips clips (the linear bound; with --oracle)")
+    parser.add_argument("--pca-clips", type=int, default=256)
     parser.add_argument("--voices", default="slt", help="comma-separated; the first is the bot's voice (default slt)")
     parser.add_argument("--sentences", type=int, default=len(HELD_OUT_SENTENCES))
     parser.add_argument("--twilio", action="store_true", help="also score both through 8 kHz mu-law")
@@ -82,7 +117,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    if args.checkpoint is None:
+    if args.pca_start is not None:
+        model, source = pca_started_model(args.pca_start, args.pca_clips), f"PCA start on {args.pca_start}"
+    elif args.checkpoint is None:
         model, source = MichiModel(MichiConfig.preset("michi-nano")).eval(), "random-init michi-nano codec"
     else:
         model, source = load_checkpoint(args.checkpoint).eval(), str(args.checkpoint)
