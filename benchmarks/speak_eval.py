@@ -6,7 +6,9 @@ voice would say it (word timings from a synthesis of the sentence in ``--voice``
 corpus has them, text leading the audio by ``MONOLOGUE_LEAD_FRAMES``). The model speaks it over a
 silent caller, one duplex step per 80 ms frame (flow head sampled in one step, codec decoder), and
 faster-whisper tiny.en transcribes the bot's audio; jiwer scores it against the sentence. Beside
-it: the reference voice and the codec's resynthesis of it (what the speaking head aims at).
+it: the reference voice and the codec's resynthesis of it (what the speaking head aims at), and
+with ``--paced`` the same sentence paced by the model itself (``evaluate.paced_speech``: a token
+whenever its text head asks for one, as in a call where no timing is given).
 
     .venv/bin/python benchmarks/speak_eval.py --checkpoint runs/speaking-slt
     .venv/bin/python benchmarks/speak_eval.py --checkpoint runs/speaking-slt --twilio --save-dir /tmp/speak
@@ -26,7 +28,7 @@ import torch
 from pipecat_michi.model.checkpoint import load_checkpoint
 from pipecat_michi.model.tokenizer import load_tokenizer
 from pipecat_michi.train.data import MONOLOGUE_LEAD_FRAMES, frame_tokens
-from pipecat_michi.train.evaluate import forced_speech
+from pipecat_michi.train.evaluate import forced_speech, paced_speech
 from pipecat_michi.train.fluent import framed_utterance
 from pipecat_michi.train.judge import HELD_OUT_SENTENCES, OfflineWhisper, fluent_speech, twilio_path, wer
 
@@ -43,6 +45,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="the flow head's noise")
     parser.add_argument("--save-dir", type=Path, help="write each sentence's reference and bot speech as WAV")
     parser.add_argument("--verbose", action="store_true", help="print every transcript")
+    parser.add_argument("--paced", action="store_true",
+                        help="also let the model pace the text itself (a token whenever its text head asks for one)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -52,7 +56,8 @@ def main() -> None:
     delay = model.config.codec.decoder_delay_samples
     generator = torch.Generator().manual_seed(args.seed)
     sentences = list(HELD_OUT_SENTENCES[: args.sentences])
-    clips: dict[str, list[np.ndarray]] = {"reference": [], "codec": [], "bot": []}
+    clips: dict[str, list[np.ndarray]] = {"reference": [], "codec": [], "bot": []} | ({"paced": []} if args.paced else {})
+    paced_tokens = paced_said = 0
     spent = spoken_seconds = 0.0
     for i, text in enumerate(sentences):
         audio, source_rate = fluent_speech(text, args.voice)
@@ -68,6 +73,11 @@ def main() -> None:
         clips["reference"].append(wav)
         clips["codec"].append(codec[0].float().cpu().numpy()[delay:])
         clips["bot"].append(bot)
+        if args.paced:
+            tokens = [int(t) for t in monologue if int(t) != tokenizer.tokens.pad_id]
+            paced, said = paced_speech(model, tokens, generator, max_frames=2 * frames)
+            clips["paced"].append(paced.float().cpu().numpy()[delay:])
+            paced_tokens, paced_said = paced_tokens + len(tokens), paced_said + said
         if args.save_dir is not None:
             args.save_dir.mkdir(parents=True, exist_ok=True)
             for kind in clips:
@@ -76,16 +86,17 @@ def main() -> None:
     judge = OfflineWhisper(cpu_threads=args.threads)
     print(f"{args.checkpoint}: forced speech of {len(sentences)} held-out sentences, timings from {args.voice}; "
           f"judge: faster-whisper tiny.en")
-    print(f"{'path':<7} {'reference':>10} {'codec':>8} {'bot':>8}")
+    print(f"{'path':<7} " + " ".join(f"{kind:>9}" for kind in clips))
     paths = [("clean", lambda a: a)] + ([("twilio", lambda a: twilio_path(a, rate))] if args.twilio else [])
     for path, through in paths:
         heard = {kind: [judge.transcribe(soxr.resample(through(a), rate, WHISPER_RATE_HZ)) for a in audio]
                  for kind, audio in clips.items()}
-        print(f"{path:<7} " + " ".join(f"{100 * wer(heard[k], sentences):>7.1f}%" for k in ("reference", "codec"))
-              + f" {100 * wer(heard['bot'], sentences):>7.1f}%")
+        print(f"{path:<7} " + " ".join(f"{100 * wer(heard[kind], sentences):>8.1f}%" for kind in clips))
         if args.verbose:
-            for text, bot in zip(sentences, heard["bot"]):
-                print(f"    said: {text}\n    bot:  {bot}")
+            for i, text in enumerate(sentences):
+                print(f"    said: {text}\n" + "".join(f"    {kind}: {heard[kind][i]}\n" for kind in clips if kind != "reference"))
+    if args.paced:
+        print(f"paced: the model asked for {paced_said} of {paced_tokens} tokens within twice the forced length")
     print(f"bot speech: {spent / spoken_seconds:.2f}x real time ({args.threads} threads, unbatched eager steps)")
 
 

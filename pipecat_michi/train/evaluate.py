@@ -55,6 +55,44 @@ def forced_speech(model: MichiModel, frame_text: torch.Tensor, generator: torch.
 
 
 @torch.no_grad()
+def paced_speech(
+    model: MichiModel, tokens: list[int], generator: torch.Generator, max_frames: int, tail_frames: int = 12
+) -> tuple[torch.Tensor, int]:
+    """Speak ``tokens`` in the model's own time -> ``(wav [F * frame_samples], tokens said)``.
+
+    Forced TTS, but the model paces it: whenever its text head predicts a token (not PAD), the
+    next of ``tokens`` goes into the inner monologue in its place; while it predicts PAD, PAD
+    does. It runs ``tail_frames`` past the step that asked for the last token, or ``max_frames``.
+    """
+    pad_id = model.config.tokens.pad_id
+    cache = model.new_cache(1, capacity=max(max_frames, 16))
+    silence = torch.zeros(1, max_frames * model.config.frame_samples, device=model.device, dtype=model.dtype)
+    listen_embeds = model.listening(silence)[0]
+    prev_latent = torch.zeros(1, model.config.codec.latent_dim, device=model.device, dtype=model.dtype)
+    prev_text = torch.tensor([pad_id], device=model.device)
+    latents, said, tail_left = [], 0, None
+    for t in range(max_frames):
+        if tail_left is not None:  # the last token is in: speak ``tail_frames`` more frames
+            if tail_left == 0:
+                break
+            tail_left -= 1
+        embeds = listen_embeds[:, t] + model.latent_in(prev_latent) + model.backbone.embed_tokens(prev_text)
+        hidden = model.backbone.forward_cached(embeds[:, None], cache, slice(0, 1))[:, 0]
+        noise = torch.randn(1, model.config.codec.latent_dim, generator=generator).to(model.device, model.dtype)
+        prev_latent = model.flow.sample(hidden, noise)
+        latents.append(prev_latent)
+        wants_a_token = int(model.backbone.logits(hidden).argmax(dim=-1)) != pad_id
+        if wants_a_token and said < len(tokens):
+            prev_text = torch.tensor([tokens[said]], device=model.device)
+            said += 1
+            if said == len(tokens):
+                tail_left = tail_frames
+        else:
+            prev_text = torch.tensor([pad_id], device=model.device)
+    return model.codec.decode(torch.stack(latents, dim=1))[0], said
+
+
+@torch.no_grad()
 def transcribe(model: MichiModel, tokenizer: Tokenizer, wav: torch.Tensor) -> str:
     """The listening head's streaming transcript of ``wav [F * frame_samples]``, PADs dropped."""
     logits = model.listening(wav[None].to(model.device, model.dtype))[1]
