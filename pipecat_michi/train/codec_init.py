@@ -3,10 +3,16 @@
 One 80 ms frame's log-magnitudes (8 hops x 241 bins under michi-nano) are ~1900 numbers; their
 first 64 principal components already keep speech intelligible (held-out slt sentences, Whisper
 tiny.en: 4.4% WER with Griffin-Lim phases against 3.0% for the exact spectra; ~98.6% of the
-variance). So a fresh codec's latent starts there, whitened (unit variance per component, what
-the flow head's noise expects), and its decoder starts from the matching reconstruction: the
-conv stacks' contributions to both are zeroed, and training refines magnitudes and learns the
-phases from a codec that is already understood instead of from noise.
+variance). So a fresh codec's latent starts there, and its decoder starts from the matching
+reconstruction: the conv stacks' contributions to both are zeroed, and training refines
+magnitudes and learns the phases from a codec that is already understood instead of from noise.
+
+The components keep their relative scales, with one factor for all that makes the latent's mean
+square 1 (the scale the flow head's unit noise expects): a distance between latents is then a
+log-spectral distance, so the speaking head's loss weighs each component by what it changes in
+the spectrum. Whitened instead (unit variance each), the ~60 components that carry little of the
+spectrum (and are hardly predictable from the text) weighed as much as the loudness and the
+formants, and a speaking head trained on them predicted little but the first two.
 """
 
 from __future__ import annotations
@@ -38,9 +44,9 @@ def block_log_magnitudes(codec: Codec, wav: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def init_spectral_codec_from_pca(codec: Codec, clips: Iterable[torch.Tensor]) -> float:
-    """Set ``codec``'s linear path to the whitened block PCA of ``clips`` (24 kHz mono tensors)
-    and zero the conv stacks' share of the latent and of the log-magnitudes. Returns the share
-    of the blocks' variance the latent keeps."""
+    """Set ``codec``'s linear path to the block PCA of ``clips`` (24 kHz mono tensors), scaled to a
+    mean square of 1, and zero the conv stacks' share of the latent and of the log-magnitudes.
+    Returns the share of the blocks' variance the latent keeps."""
     cfg = codec.cfg
     if not cfg.spectral:
         raise ValueError("PCA initialisation is for the spectral codec (CodecConfig.stft_hop)")
@@ -56,13 +62,14 @@ def init_spectral_codec_from_pca(codec: Codec, clips: Iterable[torch.Tensor]) ->
         )
     _, singular, components = torch.linalg.svd(rows, full_matrices=False)
     kept = components[: cfg.latent_dim]  # [latent, hops * bins]
-    scale = singular[: cfg.latent_dim] / (rows.shape[0] - 1) ** 0.5  # each component's std
+    variances = singular[: cfg.latent_dim].square() / (rows.shape[0] - 1)
+    scale = variances.mean().sqrt()  # one factor for all: the latent's mean square becomes 1
     explained = float(singular[: cfg.latent_dim].square().sum() / singular.square().sum())
 
     projection, expansion = codec.encoder.block_projection, codec.decoder.block_expansion
-    projection.weight.copy_(kept / scale[:, None])
+    projection.weight.copy_(kept / scale)
     projection.bias.copy_(-(kept @ mean) / scale)
-    expansion.weight.copy_((kept * scale[:, None]).T)
+    expansion.weight.copy_(kept.T * scale)
     expansion.bias.copy_(mean)
     codec.encoder.conv_out.conv.weight.zero_()
     codec.encoder.conv_out.conv.bias.zero_()

@@ -59,6 +59,9 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(default=0.0, ge=0)
     grad_clip: float = Field(default=1.0, gt=0)
     mel_weight: float = Field(default=1.0, ge=0)
+    # Speaking/joint: Gaussian noise on the previous latents the backbone reads, its std drawn per
+    # frame uniformly in [0, this] (latents have mean square 1): robustness to its own samples.
+    latent_input_noise: float = Field(default=0.0, ge=0)
     # Text-only LM batches mixed into the speaking/joint stages (0 turns them off).
     text_lm_weight: float = Field(default=0.5, ge=0)
     text_batch_size: int = Field(default=4, ge=1)

@@ -24,7 +24,7 @@ from pipecat_michi.model.checkpoint import (
 )
 from pipecat_michi.model.codec import Codec
 from pipecat_michi.model.flow_head import FlowHead
-from pipecat_michi.model.config import BackboneLoraConfig, CodecConfig, MichiConfig
+from pipecat_michi.model.config import BackboneLoraConfig, MichiConfig
 from pipecat_michi.model.michi import MichiModel
 from pipecat_michi.model.runtime import resolve_device
 from pipecat_michi.model.smollm2 import smollm2_gguf_file
@@ -70,7 +70,7 @@ def build_model(config: TrainConfig) -> tuple[MichiModel, Path | None]:
         logger.info(f"initialising from checkpoint {config.init}")
         model = _with_adapters(config, *load_checkpoint_with_adapters(config.init))
         if config.fresh_codec:
-            replace_codec(model, MichiConfig.preset(config.preset).codec, config.seed)
+            replace_codec(model, MichiConfig.preset(config.preset), config.seed)
         return model, config.init
     torch.manual_seed(config.seed)
     model = MichiModel(MichiConfig.preset(config.preset))
@@ -106,17 +106,20 @@ def _with_adapters(config: TrainConfig, model: MichiModel, adapters: dict[str, t
     return model
 
 
-def replace_codec(model: MichiModel, codec_config: CodecConfig, seed: int) -> None:
-    """Swap ``model``'s codec for a freshly initialised one of ``codec_config``'s shape, with
-    fresh latent projection and flow head: both live in the codec's latent space, which a new
-    codec redefines (and may resize)."""
+def replace_codec(model: MichiModel, preset: MichiConfig, seed: int) -> None:
+    """Swap ``model``'s codec for a freshly initialised one of ``preset``'s shape, with fresh
+    latent projection and flow head (the preset's objective too): both live in the codec's
+    latent space, which a new codec redefines (and may resize). The flow head's configuration
+    is the preset's, not the checkpoint's: a checkpoint from before MeanFlow kept its rectified
+    head, whose one-step samples are the conditional mean."""
+    codec_config, flow_config = preset.codec, preset.flow
     logger.info(f"replacing the codec (and the latent projection and flow head) with fresh ones: {codec_config}")
     torch.manual_seed(seed)
     device, dtype = model.device, model.dtype
-    model.config = model.config.model_copy(update={"codec": codec_config})
+    model.config = model.config.model_copy(update={"codec": codec_config, "flow": flow_config})
     model.codec = Codec(codec_config).to(device, dtype)
     model.latent_in = torch.nn.Linear(codec_config.latent_dim, model.config.backbone.hidden_size).to(device, dtype)
-    model.flow = FlowHead(model.config.flow, codec_config.latent_dim, model.config.backbone.hidden_size).to(device, dtype)
+    model.flow = FlowHead(flow_config, codec_config.latent_dim, model.config.backbone.hidden_size).to(device, dtype)
 
 
 def _is_smollm2_package_file(path: Path) -> bool:
@@ -161,6 +164,7 @@ class Trainer:
             mel=config.mel_weight, text_lm=config.text_lm_weight, transcript_lag_frames=config.transcript_lag_frames,
             distill=config.distill_weight, distill_lag_tokens=config.distill_lag_tokens,
             codec_context_frames=config.codec_context_frames, codec_magnitude=config.codec_magnitude_weight,
+            latent_input_noise=config.latent_input_noise,
         )
         if self._starts_a_spectral_codec():
             init_spectral_codec_from_pca(

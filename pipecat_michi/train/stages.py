@@ -49,6 +49,9 @@ class LossWeights:
     codec_context_frames: int = 0
     # Spectral codec: L1 on the decoder's log-magnitudes before its inverse STFT (0: off).
     codec_magnitude: float = 0.0
+    # Speaking: the previous latents the backbone reads get Gaussian noise, its std drawn per
+    # frame uniformly in [0, this] (0: off).
+    latent_input_noise: float = 0.0
 
 
 def codec_examples(builder: ExampleBuilder, singles: list[ManifestEntry], pairs: Pairs) -> list[Example]:
@@ -163,12 +166,21 @@ def _shift_right(x: torch.Tensor, fill: float) -> torch.Tensor:
 
 
 def _speaking_terms(
-    model: MichiModel, batch: Batch, listen_embeds: torch.Tensor, text: torch.Tensor | None, g: torch.Generator
+    model: MichiModel, batch: Batch, listen_embeds: torch.Tensor, text: torch.Tensor | None, g: torch.Generator,
+    input_noise: float = 0.0,
 ) -> Losses:
     with torch.no_grad():  # the codec is frozen: its encoder defines the latent space
         latents = model.codec.encode(batch.bot_wav)
     # What the model hears of itself is what it played: silence (zeros) while holding.
     played = latents * batch.speak[..., None]
+    if input_noise > 0:
+        # In a call the backbone reads its own samples, not the true latents: noisy inputs in
+        # training keep it from trusting them blindly and drifting once its samples err (CAM,
+        # Pasini et al. 2024; CALM). Silence stays exact: holding, the model plays zeros.
+        rows, frames, dim = played.shape
+        level = input_noise * torch.rand(rows, frames, 1, generator=g)
+        noise = level * torch.randn(rows, frames, dim, generator=g)
+        played = played + noise.to(played.device, played.dtype) * batch.speak[..., None]
     prev_text = _shift_right(batch.bot_text, model.config.tokens.pad_id)
     embeds = listen_embeds + model.latent_in(_shift_right(played, 0.0)) + model.backbone.embed_tokens(prev_text)
     hidden = model.backbone(embeds)
@@ -189,7 +201,7 @@ def speaking_losses(
 ) -> Losses:
     with torch.no_grad():  # the listening head is pretrained and frozen here
         listen_embeds = model.listening(batch.user_wav)[0]
-    losses = _speaking_terms(model, batch, listen_embeds, text, g)
+    losses = _speaking_terms(model, batch, listen_embeds, text, g, w.latent_input_noise)
     losses["total"] = losses["monologue"] + losses["flow"] + w.text_lm * losses.get("text_lm", 0.0)
     return losses
 
@@ -198,7 +210,7 @@ def joint_losses(
     model: MichiModel, batch: Batch, text: torch.Tensor | None, g: torch.Generator, w: LossWeights
 ) -> Losses:
     listen_embeds, losses = _listening_terms(model, batch, w)
-    losses.update(_speaking_terms(model, batch, listen_embeds, text, g))
+    losses.update(_speaking_terms(model, batch, listen_embeds, text, g, w.latent_input_noise))
     losses["total"] = (losses["transcript"] + losses["speak"] + losses["monologue"] + losses["flow"]
                        + w.text_lm * losses.get("text_lm", 0.0))
     return losses

@@ -94,15 +94,18 @@ def test_discriminator_warms_up_only_just_before_the_adversarial_start(tone_mani
     assert ["gen_adv" in row for row in history] == [False, False, False, True]
 
 
-def _tiny_spectral_checkpoint(directory: Path) -> Path:
+def _tiny_spectral_checkpoint(directory: Path, flow_objective: str | None = None) -> Path:
     from pipecat_michi.model.checkpoint import save_checkpoint
     from pipecat_michi.model.config import MichiConfig
     from pipecat_michi.model.michi import MichiModel
 
     tiny = MichiConfig.preset("tiny")
     codec = tiny.codec.model_copy(update={"strides": (8,), "stft_hop": 240, "resblock_dilations": (1, 3)})
+    update: dict[str, object] = {"codec": codec}
+    if flow_objective is not None:
+        update["flow"] = tiny.flow.model_copy(update={"objective": flow_objective})
     torch.manual_seed(0)
-    save_checkpoint(MichiModel(tiny.model_copy(update={"codec": codec})), directory)
+    save_checkpoint(MichiModel(tiny.model_copy(update=update)), directory)
     return directory
 
 
@@ -120,15 +123,48 @@ def test_the_spectral_codec_learns_through_its_delay(
 
 
 def test_fresh_codec_replaces_the_codec_and_its_latent_space(tone_manifest: Path, tmp_path: Path) -> None:
-    init = _tiny_spectral_checkpoint(tmp_path / "init")
+    from pipecat_michi.model.config import MichiConfig
+
+    init = _tiny_spectral_checkpoint(tmp_path / "init", flow_objective="rectified")
     before = load_checkpoint(init)
     Trainer(_config(tone_manifest, tmp_path / "fresh", "codec", steps=1, init=init, preset="tiny",
                     fresh_codec=True, seed=3)).train()
     after = load_checkpoint(tmp_path / "fresh")
     assert not after.config.codec.spectral  # the tiny preset's waveform codec
+    assert after.config.flow == MichiConfig.preset("tiny").flow  # and its flow head, objective included
     assert after.config.listening == before.config.listening
     for name, tensor in after.listening.state_dict().items():  # what it heard with is kept
         torch.testing.assert_close(tensor, before.listening.state_dict()[name], rtol=0, atol=0, msg=name)
     # The latent projection and the flow head live in the old codec's latent space: made anew.
     assert not torch.equal(after.latent_in.weight, before.latent_in.weight)
     assert not torch.equal(after.flow.input_proj.weight, before.flow.input_proj.weight)
+
+
+def test_latent_input_noise_blurs_what_the_backbone_hears_of_its_speech_not_its_silence(
+    tone_manifest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipecat_michi.model.config import MichiConfig
+    from pipecat_michi.model.michi import MichiModel
+    from pipecat_michi.model.tokenizer import load_tokenizer
+    from pipecat_michi.train.data import ExampleBuilder, sample_batch, split_entries
+    from pipecat_michi.train.manifest import read_manifest
+    from pipecat_michi.train.stages import LossWeights, speaking_losses
+
+    torch.manual_seed(0)
+    model = MichiModel(MichiConfig.preset("tiny"))
+    builder = ExampleBuilder(load_tokenizer(model.config), model.config.frame_samples, model.config.sample_rate_hz)
+    _, pairs = split_entries(read_manifest(tone_manifest))
+    batch = sample_batch([builder.dialogue(u, b) for u, b in pairs], 2, 16, model.config.frame_samples,
+                         torch.Generator().manual_seed(0))
+    heard: list[torch.Tensor] = []
+    original = model.latent_in.forward
+    monkeypatch.setattr(model.latent_in, "forward", lambda x: heard.append(x.detach().clone()) or original(x))
+    for noise in (0.0, 0.5):
+        speaking_losses(model, batch, None, torch.Generator().manual_seed(1), LossWeights(latent_input_noise=noise))
+    clean, noisy = heard
+    # The input at frame t is what was played at t - 1: speech there is blurred, silence is not.
+    played_speech = torch.nn.functional.pad(batch.speak, (1, 0))[:, :-1] > 0
+    assert played_speech.any() and (~played_speech).any()
+    torch.testing.assert_close(noisy[~played_speech], clean[~played_speech], rtol=0, atol=0)
+    difference = (noisy - clean)[played_speech]
+    assert 0.05 < difference.square().mean().sqrt() < 0.5  # std ~U(0, 0.5): RMS ~0.29
