@@ -119,6 +119,10 @@ def replace_codec(model: MichiModel, preset: MichiConfig, seed: int) -> None:
     model.config = model.config.model_copy(update={"codec": codec_config, "flow": flow_config})
     model.codec = Codec(codec_config).to(device, dtype)
     model.latent_in = torch.nn.Linear(codec_config.latent_dim, model.config.backbone.hidden_size).to(device, dtype)
+    # The new input branch grows from zero, as it should into a pretrained backbone: at its default
+    # initialisation it added ~4x a token embedding's norm and drowned the text it must follow.
+    torch.nn.init.zeros_(model.latent_in.weight)
+    torch.nn.init.zeros_(model.latent_in.bias)
     model.flow = FlowHead(flow_config, codec_config.latent_dim, model.config.backbone.hidden_size).to(device, dtype)
 
 

@@ -227,7 +227,10 @@ class Stage:
 STAGES: dict[str, Stage] = {
     "codec": Stage(("codec",), codec_examples, codec_losses, uses_text_lm=False),
     "listening": Stage(("listening",), listening_examples, listening_losses, uses_text_lm=False),
-    "speaking": Stage(("backbone", "latent_in", "flow"), speaking_examples, speaking_losses, uses_text_lm=True),
+    # listening.to_backbone, the listening head's projection into the backbone's input, is trained
+    # only where the backbone reads it: the listening stage's losses never reach it.
+    "speaking": Stage(("backbone", "latent_in", "flow", "listening.to_backbone"), speaking_examples, speaking_losses,
+                      uses_text_lm=True),
     "joint": Stage(("backbone", "latent_in", "flow", "listening"), joint_examples, joint_losses, uses_text_lm=True),
 }
 
@@ -236,7 +239,7 @@ def set_trainable(model: MichiModel, stage: Stage) -> list[nn.Parameter]:
     """Freeze everything but the stage's modules; return the parameters that learn."""
     model.requires_grad_(False)
     for name in stage.trainable:
-        module = getattr(model, name)
+        module = model.get_submodule(name)
         if name == "backbone" and model.config.lora is not None:
             # An adapted backbone learns through its adapters alone; its weights stay frozen.
             for param_name, param in module.named_parameters():

@@ -168,3 +168,17 @@ def test_latent_input_noise_blurs_what_the_backbone_hears_of_its_speech_not_its_
     torch.testing.assert_close(noisy[~played_speech], clean[~played_speech], rtol=0, atol=0)
     difference = (noisy - clean)[played_speech]
     assert 0.05 < difference.square().mean().sqrt() < 0.5  # std ~U(0, 0.5): RMS ~0.29
+
+
+def test_the_speaking_stage_trains_the_listening_heads_bridge_into_the_backbone_only() -> None:
+    from pipecat_michi.model.config import MichiConfig
+    from pipecat_michi.model.michi import MichiModel
+    from pipecat_michi.train.stages import STAGES, set_trainable
+
+    model = MichiModel(MichiConfig.preset("tiny"))
+    trainable = {id(p) for p in set_trainable(model, STAGES["speaking"])}
+    bridge = {id(p) for p in model.listening.to_backbone.parameters()}
+    assert bridge <= trainable
+    assert not any(id(p) in trainable for n, p in model.listening.named_parameters() if not n.startswith("to_backbone."))
+    assert all(id(p) in trainable for p in model.flow.parameters())
+    assert not any(id(p) in trainable for p in model.codec.parameters())
