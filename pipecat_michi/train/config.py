@@ -94,5 +94,8 @@ class TrainConfig(BaseModel):
     # Learning-rate multiplier for the parts a pretrained source did not initialise (e.g. the
     # Whisper listening head's CTC and output layers over Whisper's pretrained encoder).
     new_parts_lr_scale: float = Field(default=1.0, gt=0)
+    # Learning-rate multiplier for the flow head (speaking/joint): it learns far slower than the
+    # backbone's adapters at one shared rate (docs/training.md, "The speaking head on the codec").
+    flow_lr_scale: float = Field(default=1.0, gt=0)
     checkpoint_every: int = Field(default=50, ge=1)
     seed: int = 0

@@ -215,15 +215,19 @@ class Trainer:
                 and self.model.config.codec.spectral)
 
     def _param_groups(self, trainable: list[torch.nn.Parameter]) -> list[dict]:
-        """Pretrained parameters (the Whisper encoder body) at ``lr``, the rest at
-        ``lr * new_parts_lr_scale``; each group's scale survives in the optimizer state."""
+        """Pretrained parameters (the Whisper encoder body) at ``lr``, the flow head at
+        ``lr * flow_lr_scale`` (its own group only when that is not 1, so earlier runs resume),
+        the rest at ``lr * new_parts_lr_scale``; each group's scale survives in the optimizer state."""
         listening = self.model.listening
         pretrained_ids = set()
         if self.model.config.listening.kind == "whisper":
             pretrained_ids = {id(p) for p in listening.encoder.parameters()}
+        flow_ids = {id(p) for p in self.model.flow.parameters()} if self.config.flow_lr_scale != 1.0 else set()
         pretrained = [p for p in trainable if id(p) in pretrained_ids]
-        new = [p for p in trainable if id(p) not in pretrained_ids]
-        groups = [{"params": pretrained, "lr_scale": 1.0}, {"params": new, "lr_scale": self.config.new_parts_lr_scale}]
+        flow = [p for p in trainable if id(p) in flow_ids]
+        new = [p for p in trainable if id(p) not in pretrained_ids | flow_ids]
+        groups = [{"params": pretrained, "lr_scale": 1.0}, {"params": flow, "lr_scale": self.config.flow_lr_scale},
+                  {"params": new, "lr_scale": self.config.new_parts_lr_scale}]
         return [g for g in groups if g["params"]]
 
     def train(self) -> list[dict[str, float]]:

@@ -182,3 +182,16 @@ def test_the_speaking_stage_trains_the_listening_heads_bridge_into_the_backbone_
     assert not any(id(p) in trainable for n, p in model.listening.named_parameters() if not n.startswith("to_backbone."))
     assert all(id(p) in trainable for p in model.flow.parameters())
     assert not any(id(p) in trainable for p in model.codec.parameters())
+
+
+def test_the_flow_head_can_learn_at_its_own_rate(tone_manifest: Path, tmp_path: Path) -> None:
+    trainer = Trainer(_config(tone_manifest, tmp_path / "flow-lr", "speaking", steps=1, flow_lr_scale=4.0))
+    flow_ids = {id(p) for p in trainer.model.flow.parameters()}
+    groups = trainer.optimizer.param_groups
+    flow_group = next(g for g in groups if any(id(p) in flow_ids for p in g["params"]))
+    assert flow_group["lr_scale"] == 4.0 and {id(p) for p in flow_group["params"]} == flow_ids
+    trainer.train()
+    assert flow_group["lr"] == pytest.approx(4.0 * min(g["lr"] for g in groups))
+    # At the default scale the flow head shares its group, as runs from before resume into.
+    default = Trainer(_config(tone_manifest, tmp_path / "flow-default", "speaking", steps=1))
+    assert len(default.optimizer.param_groups) == 1
