@@ -453,6 +453,9 @@ class CallHandler:
 
     async def _release(self) -> None:
         """Every exit path: tasks cancelled, slot freed, call forgotten."""
+        # The token's count drops first: once the slot is free, the token may call again (its
+        # count used to drop only after the session's close, so an immediate redial was refused).
+        self.admitted = False
         try:
             await self._cancel_tasks()
             if self._session is not None:
