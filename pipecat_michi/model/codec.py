@@ -76,7 +76,7 @@ class BlockProjection(Float32Buffers):
     hop-major, -> ``weight @ block + bias``, a latent-sized vector.
 
     A fixed analysis, not a parameter: zero (off) until set from data (``train/codec_init.py``).
-    As a parameter, Adam's first steps on the raw log-magnitudes it reads (1920 inputs around
+    As a parameter, Adam's first steps on the raw log-magnitudes it reads (~1900 inputs around
     -5) moved the latent by whole units per step and the codec diverged. It stays float32 under
     a model cast, like the STFT in front of it.
     """
@@ -241,7 +241,7 @@ class CodecDecoder(StreamingModule):
         self.istft = CausalISTFT(cfg.n_fft, cfg.stft_hop) if cfg.stft_hop is not None else None
         self.conv_post = StreamingConv1d(channels, 2 * self.istft.bins if self.istft is not None else 1, 7)
         # Spectral codec: latent -> its frame's log-magnitudes [hops x bins], added to conv_post's.
-        # It learns (its inputs are unit-scale latents); zero until trained or set from data.
+        # It learns (its inputs, the latents, have a mean square of 1); zero until trained or set from data.
         self.block_expansion = None
         if self.istft is not None:
             self.block_expansion = nn.Linear(cfg.latent_dim, cfg.hops_per_frame * self.istft.bins)
