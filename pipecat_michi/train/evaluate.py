@@ -31,27 +31,45 @@ def codec_quality(model: MichiModel, wav: torch.Tensor) -> dict[str, float]:
     }
 
 
+class _SilentCallSpeaker:
+    """The duplex step over a silent caller, one frame at a time, as forced and paced speech share
+    it: each step reads the previous text token and the model's own previous latent, samples the
+    next latent in one flow step and keeps it; ``audio`` decodes what was said."""
+
+    def __init__(self, model: MichiModel, max_frames: int, generator: torch.Generator) -> None:
+        self.model, self.generator = model, generator
+        self.cache = model.new_cache(1, capacity=max(max_frames, 16))
+        silence = torch.zeros(1, max_frames * model.config.frame_samples, device=model.device, dtype=model.dtype)
+        self.listen_embeds = model.listening(silence)[0]
+        self.latent = torch.zeros(1, model.config.codec.latent_dim, device=model.device, dtype=model.dtype)
+        self.latents: list[torch.Tensor] = []
+
+    def step(self, t: int, prev_text: torch.Tensor) -> torch.Tensor:
+        """Frame ``t`` after ``prev_text [1]``: its latent is kept; returns the backbone's hidden state."""
+        model = self.model
+        embeds = self.listen_embeds[:, t] + model.latent_in(self.latent) + model.backbone.embed_tokens(prev_text)
+        hidden = model.backbone.forward_cached(embeds[:, None], self.cache, slice(0, 1))[:, 0]
+        noise = torch.randn(1, model.config.codec.latent_dim, generator=self.generator)
+        self.latent = model.flow.sample(hidden, noise.to(model.device, model.dtype))
+        self.latents.append(self.latent)
+        return hidden
+
+    def audio(self) -> torch.Tensor:
+        return self.model.codec.decode(torch.stack(self.latents, dim=1))[0]
+
+
 @torch.no_grad()
 def forced_speech(model: MichiModel, frame_text: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Speak ``frame_text [F]`` (one inner-monologue token per frame) -> ``wav [F * frame_samples]``.
 
     The duplex step with its text channel forced and speaking always on; the user is silent.
     """
-    frames = frame_text.shape[0]
-    cache = model.new_cache(1, capacity=max(frames, 16))
-    silence = torch.zeros(1, frames * model.config.frame_samples, device=model.device, dtype=model.dtype)
-    listen_embeds = model.listening(silence)[0]
-    prev_latent = torch.zeros(1, model.config.codec.latent_dim, device=model.device, dtype=model.dtype)
+    speaker = _SilentCallSpeaker(model, frame_text.shape[0], generator)
     prev_text = torch.tensor([model.config.tokens.pad_id], device=model.device)
-    latents = []
-    for t in range(frames):
-        embeds = listen_embeds[:, t] + model.latent_in(prev_latent) + model.backbone.embed_tokens(prev_text)
-        hidden = model.backbone.forward_cached(embeds[:, None], cache, slice(0, 1))[:, 0]
-        noise = torch.randn(1, model.config.codec.latent_dim, generator=generator).to(model.device, model.dtype)
-        prev_latent = model.flow.sample(hidden, noise)
-        latents.append(prev_latent)
+    for t in range(frame_text.shape[0]):
+        speaker.step(t, prev_text)
         prev_text = frame_text[t: t + 1].to(model.device)
-    return model.codec.decode(torch.stack(latents, dim=1))[0]
+    return speaker.audio()
 
 
 @torch.no_grad()
@@ -64,32 +82,24 @@ def paced_speech(
     next of ``tokens`` goes into the inner monologue in its place; while it predicts PAD, PAD
     does. It runs ``tail_frames`` past the step that asked for the last token, or ``max_frames``.
     """
-    pad_id = model.config.tokens.pad_id
-    cache = model.new_cache(1, capacity=max(max_frames, 16))
-    silence = torch.zeros(1, max_frames * model.config.frame_samples, device=model.device, dtype=model.dtype)
-    listen_embeds = model.listening(silence)[0]
-    prev_latent = torch.zeros(1, model.config.codec.latent_dim, device=model.device, dtype=model.dtype)
-    prev_text = torch.tensor([pad_id], device=model.device)
-    latents, said, tail_left = [], 0, None
+    pad = torch.tensor([model.config.tokens.pad_id], device=model.device)
+    speaker = _SilentCallSpeaker(model, max_frames, generator)
+    prev_text, said, tail_left = pad, 0, None
     for t in range(max_frames):
         if tail_left is not None:  # the last token is in: speak ``tail_frames`` more frames
             if tail_left == 0:
                 break
             tail_left -= 1
-        embeds = listen_embeds[:, t] + model.latent_in(prev_latent) + model.backbone.embed_tokens(prev_text)
-        hidden = model.backbone.forward_cached(embeds[:, None], cache, slice(0, 1))[:, 0]
-        noise = torch.randn(1, model.config.codec.latent_dim, generator=generator).to(model.device, model.dtype)
-        prev_latent = model.flow.sample(hidden, noise)
-        latents.append(prev_latent)
-        wants_a_token = int(model.backbone.logits(hidden).argmax(dim=-1)) != pad_id
+        hidden = speaker.step(t, prev_text)
+        wants_a_token = int(model.backbone.logits(hidden).argmax(dim=-1)) != int(pad)
         if wants_a_token and said < len(tokens):
             prev_text = torch.tensor([tokens[said]], device=model.device)
             said += 1
             if said == len(tokens):
                 tail_left = tail_frames
         else:
-            prev_text = torch.tensor([pad_id], device=model.device)
-    return model.codec.decode(torch.stack(latents, dim=1))[0], said
+            prev_text = pad
+    return speaker.audio(), said
 
 
 @torch.no_grad()
