@@ -12,6 +12,7 @@ whenever its text head asks for one, as in a call where no timing is given).
 
     .venv/bin/python benchmarks/speak_eval.py --checkpoint runs/speaking-slt
     .venv/bin/python benchmarks/speak_eval.py --checkpoint runs/speaking-slt --twilio --save-dir /tmp/speak
+    .venv/bin/python benchmarks/speak_eval.py --checkpoint runs/speaking-resto --domain restaurant --twilio
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pipecat_michi.train.data import MONOLOGUE_LEAD_FRAMES, frame_tokens
 from pipecat_michi.train.evaluate import forced_speech, paced_speech
 from pipecat_michi.train.fluent import framed_utterance
 from pipecat_michi.train.judge import HELD_OUT_SENTENCES, OfflineWhisper, fluent_speech, twilio_path, wer
+from pipecat_michi.train.restaurant import HELD_OUT_ANSWERS
 
 WHISPER_RATE_HZ = 16000
 
@@ -39,7 +41,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True, help="a MichiAI checkpoint with a trained speaking head")
     parser.add_argument("--voice", default="slt", help="the bot's voice: word timings and the reference (default slt)")
-    parser.add_argument("--sentences", type=int, default=len(HELD_OUT_SENTENCES))
+    parser.add_argument("--domain", choices=("everyday", "restaurant"), default="everyday",
+                        help="held-out sentences: everyday (open vocabulary) or the demo's restaurant answers "
+                             "(train/restaurant.py: the domain's words in combinations training never saw)")
+    parser.add_argument("--sentences", type=int, help="only the first N held-out sentences")
     parser.add_argument("--twilio", action="store_true", help="also score everything through 8 kHz mu-law")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0, help="the flow head's noise")
@@ -55,7 +60,8 @@ def main() -> None:
     rate, frame = model.config.sample_rate_hz, model.config.frame_samples
     delay = model.config.codec.decoder_delay_samples
     generator = torch.Generator().manual_seed(args.seed)
-    sentences = list(HELD_OUT_SENTENCES[: args.sentences])
+    held_out = HELD_OUT_ANSWERS if args.domain == "restaurant" else HELD_OUT_SENTENCES
+    sentences = list(held_out[: args.sentences])
     clips: dict[str, list[np.ndarray]] = {"reference": [], "codec": [], "bot": []} | ({"paced": []} if args.paced else {})
     paced_tokens = paced_said = 0
     spent = spoken_seconds = 0.0
@@ -84,7 +90,7 @@ def main() -> None:
                 soundfile.write(args.save_dir / f"{i:02d}-{kind}.wav", clips[kind][-1], rate)
 
     judge = OfflineWhisper(cpu_threads=args.threads)
-    print(f"{args.checkpoint}: forced speech of {len(sentences)} held-out sentences, timings from {args.voice}; "
+    print(f"{args.checkpoint}: forced speech of {len(sentences)} held-out {args.domain} sentences, timings from {args.voice}; "
           f"judge: faster-whisper tiny.en")
     print(f"{'path':<7} " + " ".join(f"{kind:>9}" for kind in clips))
     paths = [("clean", lambda a: a)] + ([("twilio", lambda a: twilio_path(a, rate))] if args.twilio else [])

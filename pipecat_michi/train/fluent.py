@@ -15,6 +15,7 @@ from __future__ import annotations
 import random
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import soundfile
@@ -32,6 +33,7 @@ from pipecat_michi.train.judge import (
     fluent_speech,
 )
 from pipecat_michi.train.manifest import ManifestEntry, WordTiming, write_manifest
+from pipecat_michi.train.restaurant import restaurant_sentences
 
 # Two families, drawn half and half: flite's and festival's voices (closest to human recordings)
 # and espeak-ng's formant voices, many of them (accents x voice variants) so the head meets
@@ -54,6 +56,9 @@ class FluentCorpusConfig(BaseModel):
     out_dir: Path
     utterances: int = Field(default=400, ge=1)
     extra_text: Path | None = Field(default=None, description="more sentences, one per line")
+    # everyday: the corpus sentences (+ extra_text), drawn with replacement; restaurant: draws from
+    # the demo domain's grammar (train/restaurant.py), which never yields its held-out answers.
+    domain: Literal["everyday", "restaurant"] = "everyday"
     sample_rate_hz: int = 24000
     lead_ms: float = 200.0
     tail_ms: float = 800.0  # silence after the sentence: where the model should take its turn
@@ -62,10 +67,12 @@ class FluentCorpusConfig(BaseModel):
     # One voice (or a few) instead of the listening mix: the bot's voice for the codec and the
     # speaking head, e.g. ``slt``. Comma-separated on the command line.
     voices: tuple[str, ...] = Field(default=(), description="only these voices, e.g. slt (default: all)")
+    # Speaking rates drawn per sentence; the bot's voice speaks at one (e.g. 160, the judge's).
+    speeds_wpm: tuple[int, ...] = Field(default=SPEEDS_WPM, min_length=1, description="speaking rates, e.g. 160")
 
-    @field_validator("voices", mode="before")
+    @field_validator("voices", "speeds_wpm", mode="before")
     @classmethod
-    def _split_voices(cls, value: object) -> object:
+    def _split_list(cls, value: object) -> object:
         return tuple(v.strip() for v in value.split(",") if v.strip()) if isinstance(value, str) else value
 
     @field_validator("voices")
@@ -105,6 +112,8 @@ def generate_fluent_corpus(config: FluentCorpusConfig) -> Path:
     """Write ``audio/*.wav`` and ``manifest.jsonl`` under ``config.out_dir``; return the manifest."""
     rng = random.Random(config.seed)
     sentences = training_sentences(config.extra_text)
+    if config.domain == "restaurant":
+        sentences = restaurant_sentences(config.utterances, config.seed)
     audio_dir = config.out_dir / "audio"
     audio_dir.mkdir(parents=True, exist_ok=True)
     entries = []
@@ -112,7 +121,8 @@ def generate_fluent_corpus(config: FluentCorpusConfig) -> Path:
     picks = []
     for _ in range(config.utterances):
         family = config.voices or (NATURAL_VOICES if rng.random() < 0.5 else ESPEAK_TRAINING_VOICES)
-        picks.append((rng.choice(sentences), rng.choice(family), rng.choice(SPEEDS_WPM)))
+        text = sentences[len(picks)] if config.domain == "restaurant" else rng.choice(sentences)
+        picks.append((text, rng.choice(family), rng.choice(config.speeds_wpm)))
     with ThreadPoolExecutor(max_workers=config.workers) as pool:
         spoken = pool.map(lambda pick: fluent_speech(*pick), picks)
         for i, ((text, voice, speed), (audio, source_rate)) in enumerate(zip(picks, spoken)):
