@@ -12,16 +12,14 @@ and it passes when it contains one of the expected words.
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 
 import torch
 
-from pipecat_michi.model.checkpoint import load_checkpoint, load_gguf_backbone, save_gguf_tokenizer
-from pipecat_michi.model.config import MichiConfig
+from pipecat_michi.model.checkpoint import load_checkpoint
 from pipecat_michi.model.michi import MichiModel
-from pipecat_michi.model.smollm2 import smollm2_gguf_file
 from pipecat_michi.model.tokenizer import HFTokenizer
+from pipecat_michi.train.chat_texts import chat_document, greedy_answer, pretrained_backbone
 
 # (question, words of which one must appear in the answer, lowercase). Questions the pretrained
 # Q4_1 SmolLM2-135M-Instruct answers right (2026-12-04: 8/8), so a miss after is a loss; it got
@@ -39,19 +37,9 @@ QUESTIONS = (
 ANSWER_TOKENS = 24
 
 
-@torch.no_grad()
 def answer(model: MichiModel, tokenizer: HFTokenizer, question: str) -> str:
-    prompt = f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
-    ids = tokenizer.encode(prompt)
-    start = len(ids)
-    end_of_turn = tokenizer.tokens.eos_id
-    for _ in range(ANSWER_TOKENS):
-        hidden = model.backbone(model.backbone.embed_tokens(torch.tensor([ids])))
-        token = int(model.backbone.logits(hidden[0, -1]).argmax())
-        if token in (end_of_turn, tokenizer.tokens.pad_id):
-            break
-        ids.append(token)
-    return tokenizer.decode(ids[start:]).strip()
+    prompt = chat_document(question, "").removesuffix("<|im_end|>\n")
+    return greedy_answer(model, tokenizer, prompt, ANSWER_TOKENS)
 
 
 def score(model: MichiModel, tokenizer: HFTokenizer, label: str) -> int:
@@ -72,11 +60,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    gguf = smollm2_gguf_file()
-    config = MichiConfig.preset("michi-nano")
-    tokenizer = HFTokenizer(save_gguf_tokenizer(gguf, Path(tempfile.mkdtemp(prefix="michi-text-"))), config.tokens)
-    before = MichiModel(config).eval()
-    load_gguf_backbone(before, gguf)
+    before, tokenizer = pretrained_backbone()
     results = {"before (SmolLM2-135M-Instruct)": score(before, tokenizer, "before")}
     if args.checkpoint is not None:
         after = load_checkpoint(args.checkpoint)

@@ -66,6 +66,12 @@ class TrainConfig(BaseModel):
     text_lm_weight: float = Field(default=0.5, ge=0)
     text_batch_size: int = Field(default=4, ge=1)
     text_tokens: int = Field(default=64, ge=2)
+    # The LM batches' text: a JSONL file of {"text": ...} documents (e.g. ``michi-train chat-texts``,
+    # SmolLM2's own chat answers), instead of the manifest's sentences.
+    text_file: Path | None = None
+    # The LM batches learn the pretrained backbone's predictions (KL toward the backbone with its
+    # LoRA adapters off) instead of the text's tokens: keeps its text ability. Needs adapters.
+    text_distill: bool = Field(default=False, description="text batches distil the adapters-off backbone")
     # Codec stage: HiFi-GAN's multi-period discriminator, least-squares GAN and feature-matching
     # losses on top of reconstruction (train/adversarial.py). Off by default: it doubles the step.
     adversarial: bool = Field(default=False, description="codec stage: add the HiFi-GAN discriminator losses")
@@ -97,5 +103,10 @@ class TrainConfig(BaseModel):
     # Learning-rate multiplier for the flow head (speaking/joint): it learns far slower than the
     # backbone's adapters at one shared rate (docs/training.md, "The speaking head on the codec").
     flow_lr_scale: float = Field(default=1.0, gt=0)
+    # Speaking/joint: weight of an MSE from a linear readout of the backbone's state to the next
+    # latent (a training-only layer, at the flow head's rate). The flow loss reaches the backbone
+    # through a noisy target (latent - noise, noise of unit variance): a regression gives it the
+    # conditional mean directly (docs/training.md).
+    latent_readout_weight: float = Field(default=0.0, ge=0)
     checkpoint_every: int = Field(default=50, ge=1)
     seed: int = 0

@@ -62,6 +62,21 @@ class TextStream:
         return torch.stack([ids[s: s + length] for s in starts.tolist()])
 
 
+def read_text_documents(path: Path) -> list[str]:
+    """The ``text`` of each line of a JSONL file (blank lines skipped)."""
+    documents = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            documents.append(str(json.loads(line)["text"]))
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{path}:{number}: not a JSON object with a 'text' field ({error})") from None
+    if not documents:
+        raise ValueError(f"{path} has no text documents")
+    return documents
+
+
 def build_model(config: TrainConfig) -> tuple[MichiModel, Path | None]:
     """The model to train and the folder it came from (where an ``hf`` tokenizer lies)."""
     if config.resume and (config.out_dir / TRAIN_STATE_FILE).is_file():
@@ -163,28 +178,43 @@ class Trainer:
         if not self.examples:
             raise ValueError(f"manifest {config.manifest} has no examples for the {config.stage} stage")
         use_text = self.stage.uses_text_lm and config.text_lm_weight > 0
-        self.text = TextStream([e.text for e in entries], self.tokenizer) if use_text else None
+        if config.text_distill and self.model.config.lora is None:
+            raise ValueError("--text-distill learns from the backbone without its adapters: it needs --lora-rank")
+        texts = [e.text for e in entries] if config.text_file is None else read_text_documents(config.text_file)
+        self.text = TextStream(texts, self.tokenizer) if use_text else None
         self.weights = LossWeights(
             mel=config.mel_weight, text_lm=config.text_lm_weight, transcript_lag_frames=config.transcript_lag_frames,
             distill=config.distill_weight, distill_lag_tokens=config.distill_lag_tokens,
             codec_context_frames=config.codec_context_frames, codec_magnitude=config.codec_magnitude_weight,
-            latent_input_noise=config.latent_input_noise,
+            latent_input_noise=config.latent_input_noise, text_distill=config.text_distill,
+            latent_readout=config.latent_readout_weight,
         )
         if self._starts_a_spectral_codec():
             init_spectral_codec_from_pca(
                 self.model.codec, [e.user_wav.to(self.model.device) for e in self.examples[: config.codec_pca_clips]]
             )
-        self.listening_extras: dict[str, object] = {}
+        self.stage_extras: dict[str, object] = {}
         if config.stage == "listening":
-            self.listening_extras["augmenter"] = Augmenter(
+            self.stage_extras["augmenter"] = Augmenter(
                 model_config.sample_rate_hz, config.telephone_prob, config.noise_prob
             )
             whisper_source = whisper_weights_source(config, self.model)
             if whisper_source is not None and config.distill_weight > 0:
-                self.listening_extras["teacher"] = Teacher(
+                self.stage_extras["teacher"] = Teacher(
                     model_config.listening, whisper_source, model_config.sample_rate_hz
                 ).to(self.model.device)
+        # Speaking/joint: a linear readout of the next latent from the backbone's state, trained
+        # beside the flow head and dropped after (not part of the model).
+        self.readout: torch.nn.Linear | None = None
+        if config.latent_readout_weight > 0 and config.stage in ("speaking", "joint"):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed)
+                self.readout = torch.nn.Linear(model_config.backbone.hidden_size, model_config.codec.latent_dim)
+            self.readout.to(self.model.device)
+            self.stage_extras["readout"] = self.readout
         trainable = set_trainable(self.model, self.stage)
+        if self.readout is not None:
+            trainable += list(self.readout.parameters())
         if config.freeze_codec_encoder:
             self.model.codec.encoder.requires_grad_(False)
             trainable = [p for p in trainable if p.requires_grad]
@@ -222,7 +252,8 @@ class Trainer:
         pretrained_ids = set()
         if self.model.config.listening.kind == "whisper":
             pretrained_ids = {id(p) for p in listening.encoder.parameters()}
-        flow_ids = {id(p) for p in self.model.flow.parameters()} if self.config.flow_lr_scale != 1.0 else set()
+        flow_parts = list(self.model.flow.parameters()) + ([] if self.readout is None else list(self.readout.parameters()))
+        flow_ids = {id(p) for p in flow_parts} if self.config.flow_lr_scale != 1.0 else set()
         pretrained = [p for p in trainable if id(p) in pretrained_ids]
         flow = [p for p in trainable if id(p) in flow_ids]
         new = [p for p in trainable if id(p) not in pretrained_ids | flow_ids]
@@ -258,7 +289,7 @@ class Trainer:
         text = None if self.text is None else self.text.sample(cfg.text_batch_size, cfg.text_tokens, self.generator)
         text = None if text is None else text.to(device)
         extra = {"adversary": self.adversary, "step": self.step} if self.adversary is not None else {}
-        extra.update(self.listening_extras)
+        extra.update(self.stage_extras)
         losses = self.stage.losses(self.model, batch, text, self.generator, self.weights, **extra)
         self.optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
@@ -292,6 +323,7 @@ class Trainer:
                 "history": self.history,
                 "train_config": self.config.model_dump(mode="json"),
                 "adversary": self.adversary.state_dict() if self.adversary is not None else None,
+                "readout": self.readout.state_dict() if self.readout is not None else None,
             },
             out / TRAIN_STATE_FILE,
         )
@@ -305,6 +337,11 @@ class Trainer:
         # On the CPU: the generator state must be a CPU tensor; the optimizer moves its own state
         # to its parameters' device.
         state = torch.load(self.config.out_dir / TRAIN_STATE_FILE, map_location="cpu", weights_only=False)
+        if (self.readout is None) != (state.get("readout") is None):
+            trained = "without" if self.readout is not None else "with"
+            raise ValueError(f"{self.config.out_dir} was trained {trained} --latent-readout-weight; resume it the same way")
+        if self.readout is not None:
+            self.readout.load_state_dict(state["readout"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])

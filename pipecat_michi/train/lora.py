@@ -7,8 +7,12 @@ only the adapters learn. A checkpoint stores them under ``model/lora.py``'s name
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from pipecat_michi.model.config import BackboneLoraConfig
 from pipecat_michi.model.lora import LORA_A, LORA_B, LoraError
@@ -48,3 +52,24 @@ def load_adapters(model: MichiModel, adapters: dict[str, torch.Tensor]) -> None:
     expected = {k for k in model.backbone.state_dict() if ".lora_" in k}
     if len(expected) != len(state):
         raise LoraError(f"the checkpoint has {len(state)} adapter tensors, the backbone {len(expected)}")
+
+
+@contextmanager
+def adapters_disabled(module: torch.nn.Module) -> Iterator[None]:
+    """Inside, ``module`` computes with its pretrained weights alone (the teacher that keeps an
+    adapted backbone's text ability, ``stages._text_terms``); the adapters and their
+    ``requires_grad`` come back on exit."""
+    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    if not layers:
+        raise LoraError("the module has no adapters to disable")
+    learning = {name: p.requires_grad for name, p in module.named_parameters() if ".lora_" in name}
+    for layer in layers:
+        layer.enable_adapters(False)  # also clears the adapters' requires_grad
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for name, p in module.named_parameters():
+            if name in learning:
+                p.requires_grad_(learning[name])

@@ -66,6 +66,19 @@ QUESTION_TEMPLATES = (
     "My name is {name}, a table for {party} please.",
 )
 
+# What the demo's retrieval step injects into the call (text context, not training text): the
+# restaurant's facts, worded in the domain's words so the bot can say them.
+FACTS = (
+    "Rosa's Kitchen is a small Italian restaurant on river road, next to the park.",
+    "We are open from five to eleven, tuesday to sunday. We are closed on monday.",
+    "The kitchen closes at half past ten.",
+    "Tables can be booked by phone for up to ten people.",
+    "Prices: pizza twelve dollars, pasta fifteen dollars, lasagna eighteen dollars, steak twenty five dollars, "
+    "soup nine dollars, tiramisu nine dollars.",
+    "Vegetarian dishes: the salad, the pasta and the risotto.",
+    "Parking is free behind the restaurant.",
+)
+
 _SLOTS = {"hour": HOURS, "time": TIMES, "party": PARTY_SIZES, "day": DAYS, "dish": DISHES, "price": PRICES,
           "name": NAMES, "street": STREETS}
 

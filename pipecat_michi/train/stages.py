@@ -27,6 +27,7 @@ from pipecat_michi.train.augment import Augmenter
 from pipecat_michi.train.distill import Teacher
 from pipecat_michi.train.data import Batch, Example, ExampleBuilder
 from pipecat_michi.train.features import log_mel
+from pipecat_michi.train.lora import adapters_disabled
 from pipecat_michi.train.manifest import ManifestEntry
 
 StageName = Literal["codec", "listening", "speaking", "joint"]
@@ -52,6 +53,12 @@ class LossWeights:
     # Speaking: the previous latents the backbone reads get Gaussian noise, its std drawn per
     # frame uniformly in [0, this] (0: off).
     latent_input_noise: float = 0.0
+    # Text batches: learn the adapters-off backbone's next-token distribution (KL) instead of the
+    # text's own tokens. Cross-entropy on a corpus teaches the corpus (every question came to be
+    # answered with a corpus sentence); the frozen weights' predictions keep what they knew.
+    text_distill: bool = False
+    # Speaking/joint: MSE of a linear readout of the backbone's state to the next latent (0: off).
+    latent_readout: float = 0.0
 
 
 def codec_examples(builder: ExampleBuilder, singles: list[ManifestEntry], pairs: Pairs) -> list[Example]:
@@ -167,7 +174,7 @@ def _shift_right(x: torch.Tensor, fill: float) -> torch.Tensor:
 
 def _speaking_terms(
     model: MichiModel, batch: Batch, listen_embeds: torch.Tensor, text: torch.Tensor | None, g: torch.Generator,
-    input_noise: float = 0.0,
+    input_noise: float = 0.0, distill: bool = False, readout: nn.Module | None = None,
 ) -> Losses:
     with torch.no_grad():  # the codec is frozen: its encoder defines the latent space
         latents = model.codec.encode(batch.bot_wav)
@@ -190,29 +197,50 @@ def _speaking_terms(
         "monologue": F.cross_entropy(model.backbone.logits(hidden[valid]).float(), batch.bot_text[valid]),
         "flow": model.flow.loss(hidden[speaking], latents[speaking], generator=g),
     }
+    if readout is not None:
+        # The conditional mean of the next latent, read linearly from the state: a direct signal
+        # that the state must carry what is said (the flow loss's target carries unit noise).
+        losses["readout"] = F.mse_loss(readout(hidden[speaking]).float(), latents[speaking].float())
     if text is not None:
-        logits = model.backbone.logits(model.backbone(model.backbone.embed_tokens(text[:, :-1])))
-        losses["text_lm"] = F.cross_entropy(logits.flatten(0, 1).float(), text[:, 1:].flatten())
+        losses["text_lm"] = _text_loss(model, text, distill)
     return losses
 
 
+def _text_loss(model: MichiModel, text: torch.Tensor, distill: bool) -> torch.Tensor:
+    """Next-token loss of the backbone on text-only rows ``[B, L]``: cross-entropy on the text, or
+    with ``distill`` the KL from the backbone without its adapters (the pretrained weights)."""
+    inputs = model.backbone.embed_tokens(text[:, :-1])
+    log_probs = model.backbone.logits(model.backbone(inputs)).float().log_softmax(dim=-1)
+    if not distill:
+        return F.nll_loss(log_probs.flatten(0, 1), text[:, 1:].flatten())
+    with torch.no_grad(), adapters_disabled(model.backbone):
+        teacher = model.backbone.logits(model.backbone(inputs.detach())).float().log_softmax(dim=-1)
+    return F.kl_div(log_probs, teacher, log_target=True, reduction="none").sum(dim=-1).mean()
+
+
+def _speaking_total(losses: Losses, w: LossWeights) -> torch.Tensor:
+    return (losses["monologue"] + losses["flow"] + w.text_lm * losses.get("text_lm", 0.0)
+            + w.latent_readout * losses.get("readout", 0.0))
+
+
 def speaking_losses(
-    model: MichiModel, batch: Batch, text: torch.Tensor | None, g: torch.Generator, w: LossWeights
+    model: MichiModel, batch: Batch, text: torch.Tensor | None, g: torch.Generator, w: LossWeights,
+    readout: nn.Module | None = None,
 ) -> Losses:
     with torch.no_grad():  # the listening head is pretrained and frozen here
         listen_embeds = model.listening(batch.user_wav)[0]
-    losses = _speaking_terms(model, batch, listen_embeds, text, g, w.latent_input_noise)
-    losses["total"] = losses["monologue"] + losses["flow"] + w.text_lm * losses.get("text_lm", 0.0)
+    losses = _speaking_terms(model, batch, listen_embeds, text, g, w.latent_input_noise, w.text_distill, readout)
+    losses["total"] = _speaking_total(losses, w)
     return losses
 
 
 def joint_losses(
-    model: MichiModel, batch: Batch, text: torch.Tensor | None, g: torch.Generator, w: LossWeights
+    model: MichiModel, batch: Batch, text: torch.Tensor | None, g: torch.Generator, w: LossWeights,
+    readout: nn.Module | None = None,
 ) -> Losses:
     listen_embeds, losses = _listening_terms(model, batch, w)
-    losses.update(_speaking_terms(model, batch, listen_embeds, text, g, w.latent_input_noise))
-    losses["total"] = (losses["transcript"] + losses["speak"] + losses["monologue"] + losses["flow"]
-                       + w.text_lm * losses.get("text_lm", 0.0))
+    losses.update(_speaking_terms(model, batch, listen_embeds, text, g, w.latent_input_noise, w.text_distill, readout))
+    losses["total"] = losses["transcript"] + losses["speak"] + _speaking_total(losses, w)
     return losses
 
 

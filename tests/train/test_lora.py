@@ -5,6 +5,7 @@ backbone."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,10 @@ from pipecat_michi.model.config import BackboneLoraConfig, MichiConfig
 from pipecat_michi.model.lora import LoraError, merge_lora
 from pipecat_michi.model.michi import MichiModel
 from pipecat_michi.train.config import TrainConfig
-from pipecat_michi.train.lora import attach_lora, load_adapters
+from pipecat_michi.train.chat_texts import chat_document
+from pipecat_michi.train.lora import adapters_disabled, attach_lora, load_adapters
 from pipecat_michi.train.loop import Trainer
+from pipecat_michi.train.stages import _text_loss
 
 LORA = BackboneLoraConfig(rank=4, alpha=8.0)
 
@@ -138,3 +141,80 @@ def test_an_export_ships_the_adapters_and_not_the_backbone(tmp_path: Path) -> No
     assert (shipped / "model.safetensors").stat().st_size < 0.1 * (tmp_path / "full" / "model.safetensors").stat().st_size
     # The adapters ship in float16, the backbone comes back from the package bit for bit.
     torch.testing.assert_close(load_checkpoint(shipped).backbone(embeds), expected, atol=1e-2, rtol=1e-2)
+
+
+def test_adapters_disabled_computes_the_pretrained_backbone_and_restores_them() -> None:
+    torch.manual_seed(0)
+    plain = MichiModel(MichiConfig.preset("tiny"))
+    embeds = torch.randn(2, 5, plain.config.backbone.hidden_size)
+    pretrained = plain.backbone(embeds)
+    adapted = _adapted_tiny()
+    assert not torch.allclose(adapted.backbone(embeds), pretrained, atol=1e-3)
+    learning = {n for n, p in adapted.backbone.named_parameters() if p.requires_grad}
+    with adapters_disabled(adapted.backbone):
+        torch.testing.assert_close(adapted.backbone(embeds), pretrained, rtol=0, atol=0)
+    assert {n for n, p in adapted.backbone.named_parameters() if p.requires_grad} == learning
+    assert not torch.allclose(adapted.backbone(embeds), pretrained, atol=1e-3)
+    with pytest.raises(LoraError, match="no adapters"), adapters_disabled(plain.backbone):
+        pass
+
+
+def test_text_distillation_is_zero_on_fresh_adapters_and_pulls_trained_ones_back() -> None:
+    torch.manual_seed(0)
+    model = MichiModel(MichiConfig.preset("tiny"))
+    attach_lora(model, LORA, seed=0)
+    text = torch.randint(3, model.config.backbone.vocab_size, (2, 12))
+    assert float(_text_loss(model, text, distill=True).detach()) == pytest.approx(0.0, abs=1e-6)
+    adapted = _adapted_tiny()
+    loss = _text_loss(adapted, text, distill=True)
+    assert float(loss.detach()) > 1e-3
+    loss.backward()
+    grads = {n: p.grad for n, p in adapted.backbone.named_parameters() if p.grad is not None}
+    assert grads and all(".lora_" in n for n in grads)  # the teacher (frozen weights) gets none
+    # Cross-entropy on the text itself is the other choice, unchanged.
+    assert float(_text_loss(adapted, text, distill=False).detach()) > 1.0
+
+
+def test_text_distillation_needs_adapters_and_a_text_file_needs_text(tone_manifest: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    save_checkpoint(MichiModel(MichiConfig.preset("tiny")), tmp_path / "init")
+    with pytest.raises(ValueError, match="needs --lora-rank"):
+        Trainer(_config(tone_manifest, tmp_path / "out", "speaking", steps=1, init=tmp_path / "init", text_distill=True))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n[1, 2]\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        Trainer(_config(tone_manifest, tmp_path / "out", "speaking", steps=1, init=tmp_path / "init", text_file=bad))
+
+
+def test_a_speaking_run_distils_text_from_a_file(tone_manifest: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    save_checkpoint(MichiModel(MichiConfig.preset("tiny")), tmp_path / "init")
+    texts = tmp_path / "chat.jsonl"
+    texts.write_text("".join(json.dumps({"text": chat_document(f"question {i}?", f"answer {i}.")}) + "\n"
+                             for i in range(4)))
+    trainer = Trainer(_config(tone_manifest, tmp_path / "out", "speaking", steps=3, init=tmp_path / "init",
+                              lora_rank=4, lora_alpha=8.0, text_file=texts, text_distill=True))
+    assert trainer.text is not None and len(trainer.text.ids) > 4 * 8
+    history = trainer.train()
+    assert history[0]["text_lm"] == pytest.approx(0.0, abs=1e-6)  # fresh adapters: nothing to pull back
+    assert all(row["text_lm"] >= 0 for row in history)
+
+
+def test_a_latent_readout_trains_beside_the_flow_head_and_resumes_exactly(tone_manifest: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    save_checkpoint(MichiModel(MichiConfig.preset("tiny")), tmp_path / "init")
+    run = {"init": tmp_path / "init", "lora_rank": 4, "lora_alpha": 8.0, "latent_readout_weight": 1.0,
+           "flow_lr_scale": 2.0}
+    straight = Trainer(_config(tone_manifest, tmp_path / "straight", "speaking", steps=6, **run)).train()
+    assert "readout" in straight[0] and straight[-1]["readout"] < straight[0]["readout"]
+    # The readout is the trainer's, not the model's: the checkpoint is an ordinary MichiAI one.
+    assert not any(k.startswith("readout") for k in load_checkpoint(tmp_path / "straight").state_dict())
+    Trainer(_config(tone_manifest, tmp_path / "resumed", "speaking", steps=3, **run)).train()
+    resumed = Trainer(_config(tone_manifest, tmp_path / "resumed", "speaking", steps=6, resume=True, **run)).train()
+    for a, b in zip(straight[3:], resumed[3:]):
+        for name in a:
+            assert abs(a[name] - b[name]) <= 1e-6, (name, a[name], b[name])
+    plain = {k: v for k, v in run.items() if k != "latent_readout_weight"}
+    Trainer(_config(tone_manifest, tmp_path / "plain", "speaking", steps=1, **plain)).train()
+    with pytest.raises(ValueError, match="without --latent-readout-weight"):
+        Trainer(_config(tone_manifest, tmp_path / "plain", "speaking", steps=2, resume=True, **run))
