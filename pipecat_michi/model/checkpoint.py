@@ -30,6 +30,9 @@ from pipecat_michi.model.quantize import Int8WeightOnlyLinear
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
+# Beside a checkpoint: the hf tokenizer its text channel uses.
+TOKENIZER_FILE = "tokenizer.json"
+
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, malformed or does not fit the model; the message names the part."""
@@ -309,8 +312,8 @@ def save_gguf_tokenizer(gguf_file: str | Path, directory: str | Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer.backend_tokenizer.save(str(out / "tokenizer.json"))
-    return out / "tokenizer.json"
+    tokenizer.backend_tokenizer.save(str(out / TOKENIZER_FILE))
+    return out / TOKENIZER_FILE
 
 
 def _same_field(a: object, b: object) -> bool:

@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 from pipecat_michi.train.config import TrainConfig
 from pipecat_michi.train.chat_texts import ChatTextsConfig, generate_chat_texts
+from pipecat_michi.train.codec_init import FlattenLatentsConfig, flatten_checkpoint_latents
 from pipecat_michi.train.corpus import CorpusConfig, generate_corpus
 from pipecat_michi.train.fluent import FluentCorpusConfig, generate_fluent_corpus
 from pipecat_michi.train.loop import Trainer
@@ -55,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fields(fluent, FluentCorpusConfig, skip=set())
     chat = commands.add_parser("chat-texts", help="SmolLM2's own chat answers: text that keeps the backbone's text ability")
     _add_fields(chat, ChatTextsConfig, skip=set())
+    flatten = commands.add_parser("flatten-latents", help="rescale a trained codec's latent components (before speaking)")
+    _add_fields(flatten, FlattenLatentsConfig, skip=set())
     export = commands.add_parser("export", help="a checkpoint's trained parts only, compact, for shipping")
     _add_fields(export, ExportConfig, skip=set())
     lexicon = commands.add_parser("lexicon", help="the English word lexicon of the CTC beam decoder")
@@ -78,6 +81,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if command == "chat-texts":
         generate_chat_texts(ChatTextsConfig(**given))
+        return
+    if command == "flatten-latents":
+        flatten_checkpoint_latents(FlattenLatentsConfig(**given))
         return
     if command == "export":
         export_checkpoint(ExportConfig(**given))

@@ -17,12 +17,18 @@ formants, and a speaking head trained on them predicted little but the first two
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from loguru import logger
+from pydantic import BaseModel, ConfigDict, Field
 
+from pipecat_michi.model.checkpoint import TOKENIZER_FILE, load_checkpoint, save_checkpoint
 from pipecat_michi.model.codec import Codec
+from pipecat_michi.train.data import read_framed_audio
+from pipecat_michi.train.manifest import read_manifest
 
 # Every third block enters the SVD: neighbours are alike, and the SVD's cost grows with rows.
 _ROW_STRIDE = 3
@@ -80,3 +86,62 @@ def init_spectral_codec_from_pca(codec: Codec, clips: Iterable[torch.Tensor]) ->
         f"{cfg.latent_dim} components keep {100 * explained:.1f}% of the variance"
     )
     return explained
+
+
+@torch.no_grad()
+def rescale_latents(codec: Codec, factors: torch.Tensor) -> None:
+    """Multiply each latent component ``d`` by ``factors[d]``, exactly: the encoder's outputs
+    (linear path and conv stack) are scaled and the decoder's inputs divided back, so
+    ``decode(encode(x))`` is unchanged and only the space the speaking head works in changes."""
+    factors = factors.to(codec.encoder.conv_out.conv.weight)
+    if factors.shape != (codec.cfg.latent_dim,) or not bool((factors > 0).all()):
+        raise ValueError(f"need {codec.cfg.latent_dim} positive factors, got shape {tuple(factors.shape)}")
+    encoder, decoder = codec.encoder, codec.decoder
+    encoder.conv_out.conv.weight.mul_(factors[:, None, None])
+    encoder.conv_out.conv.bias.mul_(factors)
+    decoder.conv_pre.conv.weight.div_(factors[None, :, None])
+    if encoder.block_projection is not None:
+        encoder.block_projection.weight.mul_(factors[:, None].to(encoder.block_projection.weight))
+        encoder.block_projection.bias.mul_(factors.to(encoder.block_projection.bias))
+    if decoder.block_expansion is not None:
+        decoder.block_expansion.weight.div_(factors[None, :])
+
+
+@torch.no_grad()
+def flattening_factors(latents: torch.Tensor, power: float) -> torch.Tensor:
+    """Per-component factors that bring ``latents [N, D]``'s standard deviations ``s_d`` to
+    ``s_d ** (1 - power)`` (0: as they are, 1: whitened), then the whole to a mean square of 1."""
+    std = latents.double().std(dim=0).clamp(min=1e-8)
+    factors = std.pow(-power)
+    scaled = latents.double() * factors
+    return (factors / scaled.square().mean().sqrt()).float()
+
+
+class FlattenLatentsConfig(BaseModel):
+    """``michi-train flatten-latents``: a trained codec's latent space, flattened for the speaking head."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    checkpoint: Path
+    manifest: Path
+    out_dir: Path
+    power: float = Field(default=0.5, ge=0, le=1, description="0: as is, 1: whitened")
+    clips: int = Field(default=200, ge=1, description="manifest clips that measure the components' spread")
+
+
+@torch.no_grad()
+def flatten_checkpoint_latents(config: FlattenLatentsConfig) -> Path:
+    """Write ``config.checkpoint`` with its codec's latents rescaled by ``flattening_factors`` of
+    the manifest's speech (before the speaking stage: a speaking head learns the space it sees)."""
+    model = load_checkpoint(config.checkpoint).eval()
+    rate, frame = model.config.sample_rate_hz, model.config.frame_samples
+    entries = read_manifest(config.manifest)[: config.clips]
+    device = model.device
+    latents = torch.cat([model.codec.encode(read_framed_audio(e, rate, frame)[None].to(device))[0] for e in entries])
+    factors = flattening_factors(latents.float().cpu(), config.power)
+    rescale_latents(model.codec, factors)
+    out = save_checkpoint(model, config.out_dir)
+    if (config.checkpoint / TOKENIZER_FILE).is_file():
+        shutil.copy(config.checkpoint / TOKENIZER_FILE, out / TOKENIZER_FILE)
+    logger.info(f"latents flattened (power {config.power}, factors {float(factors.min()):.2f}..{float(factors.max()):.2f}) -> {out}")
+    return out

@@ -118,6 +118,11 @@ def _pad_to_frames(wav: torch.Tensor, frame_samples: int) -> torch.Tensor:
     return F.pad(wav, (0, -wav.shape[0] % frame_samples))
 
 
+def read_framed_audio(entry: ManifestEntry, sample_rate_hz: int, frame_samples: int) -> torch.Tensor:
+    """An entry's channel as float32, zero-padded to whole frames."""
+    return _pad_to_frames(_read_channel(entry, sample_rate_hz), frame_samples)
+
+
 class ExampleBuilder:
     """Reads manifest entries into ``Example``s for a model's frame size and tokenizer."""
 

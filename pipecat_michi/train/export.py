@@ -17,6 +17,7 @@ from loguru import logger
 from pydantic import BaseModel, ConfigDict
 
 from pipecat_michi.model.checkpoint import (
+    TOKENIZER_FILE,
     CheckpointError,
     load_checkpoint_with_adapters,
     load_gguf_backbone,
@@ -64,9 +65,9 @@ def export_checkpoint(config: ExportConfig) -> Path:
             f"({model.config.backbone_weights}): export with --keep-backbone"
         )
     out = save_checkpoint(model, config.out_dir, without_backbone=without_backbone, dtype=_DTYPES[config.dtype])
-    tokenizer = config.checkpoint / "tokenizer.json"
+    tokenizer = config.checkpoint / TOKENIZER_FILE
     if tokenizer.is_file():
-        shutil.copy(tokenizer, out / "tokenizer.json")
+        shutil.copy(tokenizer, out / TOKENIZER_FILE)
     size = sum(f.stat().st_size for f in out.iterdir()) / 1e6
     logger.info(f"exported {config.checkpoint} -> {out} ({size:.1f} MB, backbone {'kept' if config.keep_backbone else 'from ' + str(model.config.backbone_weights)})")
     return out

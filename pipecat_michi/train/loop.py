@@ -17,6 +17,7 @@ from loguru import logger
 from tqdm import tqdm
 
 from pipecat_michi.model.checkpoint import (
+    TOKENIZER_FILE,
     load_checkpoint_with_adapters,
     load_gguf_backbone,
     save_checkpoint,
@@ -43,7 +44,6 @@ from pipecat_michi.train.stages import STAGES, LossWeights, set_trainable
 TRAIN_STATE_FILE = "train_state.pt"
 LOSSES_FILE = "losses.jsonl"
 CURVES_FILE = "loss_curves.png"
-TOKENIZER_FILE = "tokenizer.json"
 
 
 class TextStream:

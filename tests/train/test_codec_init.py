@@ -13,7 +13,13 @@ from pipecat_michi.model.checkpoint import load_checkpoint, save_checkpoint
 from pipecat_michi.model.codec import Codec
 from pipecat_michi.model.config import CodecConfig, MichiConfig
 from pipecat_michi.model.michi import MichiModel
-from pipecat_michi.train.codec_init import init_spectral_codec_from_pca
+from pipecat_michi.train.cli import main
+from pipecat_michi.train.codec_init import (
+    FlattenLatentsConfig,
+    flattening_factors,
+    init_spectral_codec_from_pca,
+    rescale_latents,
+)
 from pipecat_michi.train.config import TrainConfig
 from pipecat_michi.train.loop import Trainer
 
@@ -121,3 +127,50 @@ def test_a_fresh_spectral_codec_starts_at_the_pca_and_a_frozen_encoder_stays(tmp
     # Resumed, the run keeps what it was started with: no second PCA over the trained weights.
     resumed = Trainer(config.model_copy(update={"resume": True, "steps": 3}))
     torch.testing.assert_close(resumed.model.codec.decoder.block_expansion.weight, after.decoder.block_expansion.weight)
+
+
+def test_rescaling_the_latents_changes_their_space_and_not_the_codec() -> None:
+    torch.manual_seed(0)
+    codec = Codec(SPECTRAL).eval()
+    init_spectral_codec_from_pca(codec, _clips(12, 10))
+    with torch.no_grad():  # the conv stacks too: a trained codec uses them
+        codec.encoder.conv_out.conv.weight.normal_(std=0.01)
+        codec.decoder.conv_post.conv.weight.normal_(std=0.01)
+    wav = _clips(1, 6, seed=3)[0][None]
+    latents, audio = codec.encode(wav), codec.decode(codec.encode(wav))
+    factors = 0.5 + torch.rand(SPECTRAL.latent_dim)
+    rescale_latents(codec, factors)
+    torch.testing.assert_close(codec.encode(wav), latents * factors, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(codec.decode(codec.encode(wav)), audio, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="positive factors"):
+        rescale_latents(codec, -factors)
+
+
+def test_flattening_factors_interpolate_between_as_is_and_whitened() -> None:
+    latents = torch.randn(4000, 8) * torch.tensor([8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.1, 0.05])
+    for power in (0.0, 0.5, 1.0):
+        scaled = latents * flattening_factors(latents, power)
+        assert float(scaled.square().mean()) == pytest.approx(1.0, rel=1e-4)
+        std = scaled.std(dim=0)
+        # Ratios of standard deviations shrink to the power 1 - power.
+        ratio = float(std[0] / std[-1])
+        assert ratio == pytest.approx(160.0 ** (1 - power), rel=0.1)
+
+
+def test_flatten_latents_writes_a_checkpoint_whose_codec_decodes_as_before(tmp_path: Path) -> None:
+    config = MichiConfig.preset("tiny").model_copy(update={"codec": SPECTRAL})
+    torch.manual_seed(0)
+    model = MichiModel(config).eval()
+    init_spectral_codec_from_pca(model.codec, _clips(12, 10))
+    save_checkpoint(model, tmp_path / "codec")
+    main(["flatten-latents", "--checkpoint", str(tmp_path / "codec"), "--manifest", str(_glide_manifest(tmp_path / "glides")),
+          "--out-dir", str(tmp_path / "flat"), "--power", "1"])
+    flat = load_checkpoint(tmp_path / "flat").eval()
+    wav = _clips(1, 6, seed=3)[0][None]
+    with torch.no_grad():
+        torch.testing.assert_close(flat.codec.decode(flat.codec.encode(wav)), model.codec.decode(model.codec.encode(wav)),
+                                   atol=1e-5, rtol=1e-4)
+        ratio = model.codec.encode(wav)[0].std(dim=0) / flat.codec.encode(wav)[0].std(dim=0)
+    assert float(ratio.max() / ratio.min()) > 2  # whitened: components rescaled unequally
+    with pytest.raises(ValueError):
+        FlattenLatentsConfig(checkpoint=tmp_path, manifest=tmp_path, out_dir=tmp_path, power=1.5)
