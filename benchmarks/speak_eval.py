@@ -48,6 +48,9 @@ def main() -> None:
     parser.add_argument("--twilio", action="store_true", help="also score everything through 8 kHz mu-law")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0, help="the flow head's noise")
+    parser.add_argument("--flow-noise-scale", type=float,
+                        help="the flow head's starting noise times this (default: the checkpoint's, 1.0): "
+                             "below 1 samples nearer the distribution's centre, as a temperature")
     parser.add_argument("--save-dir", type=Path, help="write each sentence's reference and bot speech as WAV")
     parser.add_argument("--verbose", action="store_true", help="print every transcript")
     parser.add_argument("--paced", action="store_true",
@@ -56,6 +59,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     model = load_checkpoint(args.checkpoint).eval()
+    if args.flow_noise_scale is not None:
+        model.flow.config = model.flow.config.model_copy(update={"noise_scale": args.flow_noise_scale})
     tokenizer = load_tokenizer(model.config, args.checkpoint)
     rate, frame = model.config.sample_rate_hz, model.config.frame_samples
     delay = model.config.codec.decoder_delay_samples
