@@ -11,7 +11,10 @@ adds other voices (e.g. a held-out one) to show how far the codec generalises be
     .venv/bin/python benchmarks/codec_eval.py --checkpoint runs/codec-slt
     .venv/bin/python benchmarks/codec_eval.py --checkpoint runs/codec-slt --voices slt,kal16 --twilio
     .venv/bin/python benchmarks/codec_eval.py --pca-start data/slt/manifest.jsonl --oracle   # the linear bound
-    .venv/bin/python benchmarks/codec_eval.py --pca-start data/slt/manifest.jsonl --oracle   # the linear bound
+    .venv/bin/python benchmarks/codec_eval.py --checkpoint runs/codec-slt --latent-noise 0.1,0.2,0.3
+
+``--latent-noise`` decodes the true latents plus Gaussian noise of each RMS (the latents have a mean
+square of 1): the decoder's margin, i.e. how close the speaking head's latents must come.
 """
 
 from __future__ import annotations
@@ -33,19 +36,26 @@ from pipecat_michi.train.codec_init import init_spectral_codec_from_pca
 from pipecat_michi.train.features import mel_cepstral_distance, white_noise_mcd
 from pipecat_michi.train.judge import HELD_OUT_SENTENCES, OfflineWhisper, fluent_speech, twilio_path, wer
 from pipecat_michi.train.manifest import read_manifest
+from pipecat_michi.train.restaurant import HELD_OUT_ANSWERS
 
 WHISPER_RATE_HZ = 16000
 
 
 @torch.no_grad()
-def reconstruct(model: MichiModel, audio: np.ndarray) -> np.ndarray:
+def reconstruct(
+    model: MichiModel, audio: np.ndarray, noise_rms: float = 0.0, generator: torch.Generator | None = None
+) -> np.ndarray:
     """Encode and decode ``audio`` (model rate) whole, aligned with it sample for sample: padded
-    to whole frames (plus the decoder's delay, which is then cut from the front), trimmed back."""
+    to whole frames (plus the decoder's delay, which is then cut from the front), trimmed back.
+    ``noise_rms``: Gaussian noise of that std added to every latent component before decoding."""
     frame = model.config.frame_samples
     delay = model.config.codec.decoder_delay_samples
     wav = torch.from_numpy(audio).to(model.device, model.dtype)[None]
     wav = torch.nn.functional.pad(wav, (0, (-(wav.shape[1] + delay)) % frame + delay))
-    recon = model.codec.decode(model.codec.encode(wav))[0, delay : delay + audio.size]
+    latents = model.codec.encode(wav)
+    if noise_rms > 0:
+        latents = latents + (noise_rms * torch.randn(latents.shape, generator=generator)).to(latents)
+    recon = model.codec.decode(latents)[0, delay : delay + audio.size]
     return recon.float().cpu().numpy()
 
 
@@ -107,15 +117,21 @@ def main() -> None:
                              "MANIFEST's first --pca-clips clips (the linear bound; with --oracle)")
     parser.add_argument("--pca-clips", type=int, default=256)
     parser.add_argument("--voices", default="slt", help="comma-separated; the first is the bot's voice (default slt)")
-    parser.add_argument("--sentences", type=int, default=len(HELD_OUT_SENTENCES))
+    parser.add_argument("--domain", choices=("everyday", "restaurant"), default="everyday",
+                        help="held-out sentences: everyday or the demo's restaurant answers (train/restaurant.py)")
+    parser.add_argument("--sentences", type=int, help="only the first N held-out sentences")
     parser.add_argument("--twilio", action="store_true", help="also score both through 8 kHz mu-law")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--save-dir", type=Path, help="write each original/reconstruction pair as WAV")
     parser.add_argument("--verbose", action="store_true", help="print every transcript")
     parser.add_argument("--oracle", action="store_true",
                         help="spectral codec: also score it with exact magnitudes or exact phases swapped in")
+    parser.add_argument("--latent-noise", default="", metavar="RMS,...",
+                        help="also decode the latents plus Gaussian noise of these RMS values (e.g. 0.1,0.2,0.3)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    noise_levels = [float(v) for v in args.latent_noise.split(",") if v.strip()]
+    generator = torch.Generator().manual_seed(0)
 
     if args.pca_start is not None:
         model, source = pca_started_model(args.pca_start, args.pca_clips), f"PCA start on {args.pca_start}"
@@ -127,7 +143,7 @@ def main() -> None:
         parser.error("--oracle swaps the inverse STFT's inputs: it needs a spectral codec")
     rate = model.config.sample_rate_hz
     judge = OfflineWhisper(cpu_threads=args.threads)
-    sentences = HELD_OUT_SENTENCES[: args.sentences]
+    sentences = (HELD_OUT_ANSWERS if args.domain == "restaurant" else HELD_OUT_SENTENCES)[: args.sentences]
     print(f"codec of {source}: {sum(p.numel() for p in model.codec.parameters()) / 1e6:.2f}M parameters, "
           f"{model.config.codec.latent_dim} floats per {model.config.codec.frame_ms:.0f} ms frame; "
           f"{len(sentences)} held-out sentences; judge: faster-whisper tiny.en")
@@ -149,6 +165,9 @@ def main() -> None:
             if args.oracle:
                 for name, clip in oracle_swaps(model, audio).items():
                     swapped.setdefault(name, []).append(clip)
+            for rms in noise_levels:
+                swapped.setdefault(f"latents + noise RMS {rms:g}", []).append(
+                    reconstruct(model, audio, rms, generator))
             if args.save_dir is not None:
                 args.save_dir.mkdir(parents=True, exist_ok=True)
                 soundfile.write(args.save_dir / f"{voice}-{i:02d}-original.wav", audio, rate)
@@ -164,7 +183,7 @@ def main() -> None:
                     print(f"    said:     {text}\n    original: {original}\n    codec:    {codec}")
         for name, clips in swapped.items():
             heard = [judge.transcribe(soxr.resample(clip, rate, WHISPER_RATE_HZ)) for clip in clips]
-            print(f"{voice:<10} oracle: {name}: WER {100 * wer(heard, list(sentences)):.1f}%")
+            print(f"{voice:<10} {'' if name.startswith('latents') else 'oracle: '}{name}: WER {100 * wer(heard, list(sentences)):.1f}%")
         print(f"{voice:<10} codec encode+decode {spent / seconds:.3f}x real time (whole clips, {args.threads} threads)")
 
 
