@@ -121,8 +121,7 @@ def generate_chat_texts(config: ChatTextsConfig) -> Path:
     model, tokenizer = pretrained_backbone()
     rng = random.Random(config.seed)
     asks: list[tuple[str, str | None]] = [(q, None) for q in EVERYDAY_QUESTIONS]
-    asks += [(fill(rng.choice(QUESTION_TEMPLATES), rng).capitalize(), RESTAURANT_SYSTEM)
-             for _ in range(config.restaurant_questions)]
+    asks += [(fill(rng.choice(QUESTION_TEMPLATES), rng), RESTAURANT_SYSTEM) for _ in range(config.restaurant_questions)]
     config.out.parent.mkdir(parents=True, exist_ok=True)
     with config.out.open("w") as out:
         for question, system in tqdm(asks, desc="chat-texts"):

@@ -111,9 +111,10 @@ def training_sentences(extra_text: Path | None) -> list[str]:
 def generate_fluent_corpus(config: FluentCorpusConfig) -> Path:
     """Write ``audio/*.wav`` and ``manifest.jsonl`` under ``config.out_dir``; return the manifest."""
     rng = random.Random(config.seed)
-    sentences = training_sentences(config.extra_text)
-    if config.domain == "restaurant":
+    if config.domain == "restaurant":  # one draw of the grammar per utterance, in order
         sentences = restaurant_sentences(config.utterances, config.seed)
+    else:
+        sentences = training_sentences(config.extra_text)
     audio_dir = config.out_dir / "audio"
     audio_dir.mkdir(parents=True, exist_ok=True)
     entries = []

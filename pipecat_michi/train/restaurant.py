@@ -127,8 +127,7 @@ def restaurant_sentences(count: int, seed: int = 0, answers_share: float = 0.8) 
     sentences: list[str] = []
     while len(sentences) < count:
         templates = ANSWER_TEMPLATES if rng.random() < answers_share else QUESTION_TEMPLATES
-        sentence = fill(rng.choice(templates), rng)
-        sentence = sentence[0].upper() + sentence[1:]
+        sentence = fill(rng.choice(templates), rng)  # every template starts with its capital
         if sentence.lower() not in held_out:
             sentences.append(sentence)
     return sentences

@@ -39,6 +39,7 @@ def test_each_held_out_answer_is_a_sentence_of_the_grammar():
 
 
 def test_fill_draws_every_slot():
+    assert all(t[0].isupper() for t in ANSWER_TEMPLATES + QUESTION_TEMPLATES)  # sentences start capitalised
     sentence = fill("A table for {party} at {time} {day}.", random.Random(0))
     assert "{" not in sentence and sentence.startswith("A table for ")
 
