@@ -9,6 +9,7 @@ samples of the right spread that ignore the text) and, when the run's ``train_st
 ``--latent-readout-weight`` readout, the share of the band's variance that linear readout of the
 backbone's state explains (the conditional mean: what the states carry). Teacher forcing makes
 it an upper bound of what a call gets; ``benchmarks/speak_eval.py`` is the judged figure.
+``--judge`` also decodes the teacher-forced samples and has Whisper transcribe them (WER).
 
     .venv/bin/python benchmarks/speak_probe.py --checkpoint runs/speaking-resto --domain restaurant
 """
@@ -19,16 +20,18 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+import soxr
 import torch
 
 from pipecat_michi.model.checkpoint import load_checkpoint
 from pipecat_michi.model.tokenizer import load_tokenizer
 from pipecat_michi.train.data import MONOLOGUE_LEAD_FRAMES, frame_tokens
 from pipecat_michi.train.fluent import framed_utterance
-from pipecat_michi.train.judge import HELD_OUT_SENTENCES, fluent_speech
+from pipecat_michi.train.judge import HELD_OUT_SENTENCES, OfflineWhisper, fluent_speech, wer
 from pipecat_michi.train.restaurant import HELD_OUT_ANSWERS
 
 BANDS = ((0, 4), (4, 8), (8, 16), (16, 32), (32, 64))
+WHISPER_RATE_HZ = 16000
 
 
 def main() -> None:
@@ -39,6 +42,7 @@ def main() -> None:
     parser.add_argument("--voice", default="slt")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--judge", action="store_true", help="also Whisper's WER on the decoded teacher-forced samples")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -56,6 +60,7 @@ def main() -> None:
     sentences = (HELD_OUT_ANSWERS if args.domain == "restaurant" else HELD_OUT_SENTENCES)[: args.sentences]
     generator = torch.Generator().manual_seed(args.seed)
     variance, flow_error, readout_error = torch.zeros(dim), torch.zeros(dim), torch.zeros(dim)
+    decoded: list[np.ndarray] = []
     for text in sentences:
         audio, source_rate = fluent_speech(text, args.voice)
         wav, words = framed_utterance(text, audio, source_rate, rate)
@@ -73,6 +78,9 @@ def main() -> None:
             flow_error += (sampled - latents).square().sum(0)
             if readout is not None:
                 readout_error += (readout(hidden.float().cpu()) - latents.cpu()).square().sum(0)
+            if args.judge:
+                delay = model.config.codec.decoder_delay_samples
+                decoded.append(model.codec.decode(sampled[None].to(model.dtype))[0, delay:].float().cpu().numpy())
     print(f"{args.checkpoint}: teacher-forced, {len(sentences)} held-out {args.domain} sentences in {args.voice}")
     print(f"{'components':<12}{'share of variance':>18}{'flow error / variance':>23}" + (f"{'readout explains':>18}" if readout else ""))
     for low, high in BANDS:
@@ -82,6 +90,12 @@ def main() -> None:
         if readout is not None:
             row += f"{100 * (1 - float(readout_error[band].sum() / variance[band].sum())):>17.0f}%"
         print(row)
+    if args.judge:
+        judge = OfflineWhisper(cpu_threads=args.threads)
+        heard = [judge.transcribe(soxr.resample(clip, rate, WHISPER_RATE_HZ)) for clip in decoded]
+        print(f"teacher-forced samples decoded, Whisper WER {100 * wer(heard, list(sentences)):.1f}%")
+        for text, said in zip(sentences, heard):
+            print(f"    {text} -> {said}")
 
 
 if __name__ == "__main__":
