@@ -43,10 +43,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--judge", action="store_true", help="also Whisper's WER on the decoded teacher-forced samples")
+    parser.add_argument("--flow-noise-scale", type=float, help="the flow head's starting noise times this (default 1.0)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     model = load_checkpoint(args.checkpoint).eval()
+    if args.flow_noise_scale is not None:
+        model.flow.config = model.flow.config.model_copy(update={"noise_scale": args.flow_noise_scale})
     tokenizer = load_tokenizer(model.config, args.checkpoint)
     rate, frame, dim = model.config.sample_rate_hz, model.config.frame_samples, model.config.codec.latent_dim
     readout = None
