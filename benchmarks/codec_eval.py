@@ -34,9 +34,8 @@ from pipecat_michi.model.michi import MichiModel
 from pipecat_michi.model.spectral import CausalISTFT, synthesis_log_magnitude, synthesis_spectrum
 from pipecat_michi.train.codec_init import init_spectral_codec_from_pca
 from pipecat_michi.train.features import mel_cepstral_distance, white_noise_mcd
-from pipecat_michi.train.judge import HELD_OUT_SENTENCES, OfflineWhisper, fluent_speech, twilio_path, wer
+from pipecat_michi.train.judge import OfflineWhisper, fluent_speech, held_out_sentences, twilio_path, wer
 from pipecat_michi.train.manifest import read_manifest
-from pipecat_michi.train.restaurant import HELD_OUT_ANSWERS
 
 WHISPER_RATE_HZ = 16000
 
@@ -143,7 +142,7 @@ def main() -> None:
         parser.error("--oracle swaps the inverse STFT's inputs: it needs a spectral codec")
     rate = model.config.sample_rate_hz
     judge = OfflineWhisper(cpu_threads=args.threads)
-    sentences = (HELD_OUT_ANSWERS if args.domain == "restaurant" else HELD_OUT_SENTENCES)[: args.sentences]
+    sentences = held_out_sentences(args.domain)[: args.sentences]
     print(f"codec of {source}: {sum(p.numel() for p in model.codec.parameters()) / 1e6:.2f}M parameters, "
           f"{model.config.codec.latent_dim} floats per {model.config.codec.frame_ms:.0f} ms frame; "
           f"{len(sentences)} held-out sentences; judge: faster-whisper tiny.en")

@@ -26,13 +26,10 @@ import soundfile
 import soxr
 import torch
 
-from pipecat_michi.model.checkpoint import load_checkpoint
-from pipecat_michi.model.tokenizer import load_tokenizer
 from pipecat_michi.train.data import MONOLOGUE_LEAD_FRAMES, frame_tokens
-from pipecat_michi.train.evaluate import forced_speech, paced_speech
+from pipecat_michi.train.evaluate import forced_speech, load_speaking_checkpoint, paced_speech
 from pipecat_michi.train.fluent import framed_utterance
-from pipecat_michi.train.judge import HELD_OUT_SENTENCES, OfflineWhisper, fluent_speech, twilio_path, wer
-from pipecat_michi.train.restaurant import HELD_OUT_ANSWERS
+from pipecat_michi.train.judge import OfflineWhisper, fluent_speech, held_out_sentences, twilio_path, wer
 
 WHISPER_RATE_HZ = 16000
 
@@ -58,15 +55,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    model = load_checkpoint(args.checkpoint).eval()
-    if args.flow_noise_scale is not None:
-        model.flow.config = model.flow.config.model_copy(update={"noise_scale": args.flow_noise_scale})
-    tokenizer = load_tokenizer(model.config, args.checkpoint)
+    model, tokenizer = load_speaking_checkpoint(args.checkpoint, args.flow_noise_scale)
     rate, frame = model.config.sample_rate_hz, model.config.frame_samples
     delay = model.config.codec.decoder_delay_samples
     generator = torch.Generator().manual_seed(args.seed)
-    held_out = HELD_OUT_ANSWERS if args.domain == "restaurant" else HELD_OUT_SENTENCES
-    sentences = list(held_out[: args.sentences])
+    sentences = list(held_out_sentences(args.domain)[: args.sentences])
     clips: dict[str, list[np.ndarray]] = {"reference": [], "codec": [], "bot": []} | ({"paced": []} if args.paced else {})
     paced_tokens = paced_said = 0
     spent = spoken_seconds = 0.0

@@ -23,12 +23,10 @@ import numpy as np
 import soxr
 import torch
 
-from pipecat_michi.model.checkpoint import load_checkpoint
-from pipecat_michi.model.tokenizer import load_tokenizer
 from pipecat_michi.train.data import MONOLOGUE_LEAD_FRAMES, frame_tokens
 from pipecat_michi.train.fluent import framed_utterance
-from pipecat_michi.train.judge import HELD_OUT_SENTENCES, OfflineWhisper, fluent_speech, wer
-from pipecat_michi.train.restaurant import HELD_OUT_ANSWERS
+from pipecat_michi.train.evaluate import load_speaking_checkpoint
+from pipecat_michi.train.judge import OfflineWhisper, fluent_speech, held_out_sentences, wer
 
 BANDS = ((0, 4), (4, 8), (8, 16), (16, 32), (32, 64))
 WHISPER_RATE_HZ = 16000
@@ -47,10 +45,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    model = load_checkpoint(args.checkpoint).eval()
-    if args.flow_noise_scale is not None:
-        model.flow.config = model.flow.config.model_copy(update={"noise_scale": args.flow_noise_scale})
-    tokenizer = load_tokenizer(model.config, args.checkpoint)
+    model, tokenizer = load_speaking_checkpoint(args.checkpoint, args.flow_noise_scale)
     rate, frame, dim = model.config.sample_rate_hz, model.config.frame_samples, model.config.codec.latent_dim
     readout = None
     state_file = args.checkpoint / "train_state.pt"
@@ -60,7 +55,7 @@ def main() -> None:
             readout = torch.nn.Linear(model.config.backbone.hidden_size, dim)
             readout.load_state_dict(state["readout"])
             print(f"readout of step {state['step']}")
-    sentences = (HELD_OUT_ANSWERS if args.domain == "restaurant" else HELD_OUT_SENTENCES)[: args.sentences]
+    sentences = held_out_sentences(args.domain)[: args.sentences]
     generator = torch.Generator().manual_seed(args.seed)
     variance, flow_error, readout_error = torch.zeros(dim), torch.zeros(dim), torch.zeros(dim)
     decoded: list[np.ndarray] = []

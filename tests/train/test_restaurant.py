@@ -5,6 +5,7 @@ import shutil
 import pytest
 
 from pipecat_michi.train.fluent import FluentCorpusConfig, generate_fluent_corpus
+from pipecat_michi.train.judge import HELD_OUT_SENTENCES, held_out_sentences
 from pipecat_michi.train.manifest import read_manifest
 from pipecat_michi.train.restaurant import (
     ANSWER_TEMPLATES,
@@ -53,3 +54,10 @@ def test_a_restaurant_corpus_speaks_domain_sentences_at_one_rate(tmp_path):
     assert [e.text for e in entries] == restaurant_sentences(3, seed=0)
     assert {e.speaker for e in entries} == {"slt@160"}
     assert all(e.words[-1].end_sample <= e.words[0].start_sample + 24000 * 10 for e in entries)
+
+
+def test_the_judge_names_each_domains_held_out_sentences():
+    assert held_out_sentences("restaurant") == HELD_OUT_ANSWERS
+    assert held_out_sentences("everyday") == HELD_OUT_SENTENCES
+    with pytest.raises(ValueError, match="unknown domain"):
+        held_out_sentences("weather")
