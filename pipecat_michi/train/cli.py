@@ -1,4 +1,5 @@
-"""``michi-train``: one subcommand per stage, plus ``corpus`` to synthesise a local corpus.
+"""``michi-train``: one subcommand per stage, plus the tools that prepare their data and
+checkpoints (``TOOLS``: corpora, chat texts, flattened latents, export, lexicon).
 
     michi-train corpus --out-dir data/espeak
     michi-train codec --manifest data/espeak/manifest.jsonl --out-dir runs/codec --preset michi-nano --backbone-gguf smollm2
@@ -7,12 +8,15 @@
     michi-train joint     --manifest ... --init runs/speaking --out-dir runs/joint
     michi-train <stage> ... --resume     # continue a run from its out-dir
 
-Flags are ``TrainConfig`` / ``CorpusConfig`` fields with dashes; pydantic validates the values.
+Flags are the fields of ``TrainConfig`` (or of the tool's config) with dashes; pydantic
+validates the values.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -47,21 +51,26 @@ def _add_fields(parser: argparse.ArgumentParser, model: type[BaseModel], skip: s
                                 help=f"default: {default}" if default is not None else None)
 
 
+# The commands that prepare data or checkpoints rather than train a stage:
+# name -> (what it does, its pydantic config, the function that runs it).
+TOOLS: dict[str, tuple[str, type[BaseModel], Callable[[Any], object]]] = {
+    "corpus": ("synthesise an espeak-ng corpus with exact word timings", CorpusConfig, generate_corpus),
+    "fluent-corpus": ("fluent sentences from flite/festival/espeak-ng voices (listening)", FluentCorpusConfig,
+                      generate_fluent_corpus),
+    "chat-texts": ("SmolLM2's own chat answers: text that keeps the backbone's text ability", ChatTextsConfig,
+                   generate_chat_texts),
+    "flatten-latents": ("rescale a trained codec's latent components (before speaking)", FlattenLatentsConfig,
+                        flatten_checkpoint_latents),
+    "export": ("a checkpoint's trained parts only, compact, for shipping", ExportConfig, export_checkpoint),
+    "lexicon": ("the English word lexicon of the CTC beam decoder", LexiconConfig, build_lexicon_file),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="michi-train", description="Train MichiAI stage by stage.")
     commands = parser.add_subparsers(dest="command", required=True)
-    corpus = commands.add_parser("corpus", help="synthesise an espeak-ng corpus with exact word timings")
-    _add_fields(corpus, CorpusConfig, skip=set())
-    fluent = commands.add_parser("fluent-corpus", help="fluent sentences from flite/festival/espeak-ng voices (listening)")
-    _add_fields(fluent, FluentCorpusConfig, skip=set())
-    chat = commands.add_parser("chat-texts", help="SmolLM2's own chat answers: text that keeps the backbone's text ability")
-    _add_fields(chat, ChatTextsConfig, skip=set())
-    flatten = commands.add_parser("flatten-latents", help="rescale a trained codec's latent components (before speaking)")
-    _add_fields(flatten, FlattenLatentsConfig, skip=set())
-    export = commands.add_parser("export", help="a checkpoint's trained parts only, compact, for shipping")
-    _add_fields(export, ExportConfig, skip=set())
-    lexicon = commands.add_parser("lexicon", help="the English word lexicon of the CTC beam decoder")
-    _add_fields(lexicon, LexiconConfig, skip=set())
+    for name, (text, config, _) in TOOLS.items():
+        _add_fields(commands.add_parser(name, help=text), config, skip=set())
     for stage, text in STAGE_HELP.items():
         sub = commands.add_parser(stage, help=text)
         _add_fields(sub, TrainConfig, skip={"stage"})
@@ -73,23 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     args = vars(build_parser().parse_args(argv))
     command = args.pop("command")
     given = {k: v for k, v in args.items() if v is not None and v is not False}
-    if command == "corpus":
-        generate_corpus(CorpusConfig(**given))
-        return
-    if command == "fluent-corpus":
-        generate_fluent_corpus(FluentCorpusConfig(**given))
-        return
-    if command == "chat-texts":
-        generate_chat_texts(ChatTextsConfig(**given))
-        return
-    if command == "flatten-latents":
-        flatten_checkpoint_latents(FlattenLatentsConfig(**given))
-        return
-    if command == "export":
-        export_checkpoint(ExportConfig(**given))
-        return
-    if command == "lexicon":
-        build_lexicon_file(LexiconConfig(**given))
+    if command in TOOLS:
+        _, config, run = TOOLS[command]
+        run(config(**given))
         return
     if given.get("backbone_gguf") == "smollm2":
         given["backbone_gguf"] = smollm2_gguf_file()
