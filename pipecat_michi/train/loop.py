@@ -245,8 +245,8 @@ class Trainer:
                 and self.model.config.codec.spectral)
 
     def _param_groups(self, trainable: list[torch.nn.Parameter]) -> list[dict]:
-        """Pretrained parameters (the Whisper encoder body) at ``lr``, the flow head at
-        ``lr * flow_lr_scale`` (its own group only when that is not 1, so earlier runs resume),
+        """Pretrained parameters (the Whisper encoder body) at ``lr``, the flow head (and the
+        latent readout) at ``lr * flow_lr_scale`` (its own group only when that is not 1, so earlier runs resume),
         the rest at ``lr * new_parts_lr_scale``; each group's scale survives in the optimizer state."""
         listening = self.model.listening
         pretrained_ids = set()
