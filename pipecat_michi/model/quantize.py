@@ -38,6 +38,33 @@ MIN_QUANTIZED_WEIGHTS = 4096
 _CPU_KERNEL_ALIGNMENT = 32
 
 
+@torch.library.custom_op("pipecat_michi::int8_weight_mm", mutates_args=())
+def int8_weight_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``x @ (qweight * scales).T`` by torch's CPU int8 kernel, opaque to ``torch.compile``."""
+    return torch._weight_int8pack_mm(x.contiguous(), qweight, scales)
+
+
+@int8_weight_mm.register_fake
+def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], qweight.shape[0])
+
+
+@torch.library.custom_op("pipecat_michi::int8_weight_mm", mutates_args=())
+def int8_weight_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``x [N, in] @ (qweight * scales).T`` by torch's CPU int8 kernel, ``x``'s dtype (bf16/fp16).
+
+    An op of our own so that ``torch.compile`` calls the kernel as it is: inductor 2.13's
+    lowering of ``aten._weight_int8pack_mm`` fails when its input is a fused pointwise result
+    (``LoweringException: AssertionError: Pointwise``), as the listening head's GELU output is.
+    """
+    return torch._weight_int8pack_mm(x.contiguous(), qweight, scales)
+
+
+@int8_weight_mm.register_fake
+def _int8_weight_mm_shape(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], qweight.shape[0])
+
+
 class Int8WeightOnlyLinear(nn.Module):
     """``y = x @ (qweight * scales).T + bias``: symmetric int8 per output row, any input dtype.
 
@@ -63,7 +90,7 @@ class Int8WeightOnlyLinear(nn.Module):
         flat = x.reshape(-1, self.in_features)
         if x.device.type == "cpu" and self.in_features % _CPU_KERNEL_ALIGNMENT == 0:
             compute = torch.bfloat16 if x.dtype == torch.float32 else x.dtype
-            y = torch._weight_int8pack_mm(flat.to(compute), self.qweight, self.scales.to(compute)).to(x.dtype)
+            y = int8_weight_mm(flat.to(compute), self.qweight, self.scales.to(compute)).to(x.dtype)
         else:
             y = F.linear(flat, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
         if self.bias is not None:
@@ -86,7 +113,8 @@ class Int8DynamicLinear(Int8WeightOnlyLinear):
     with int32 accumulation and returns float32: about 3x the MACs/s of
     ``_weight_int8pack_mm``, which is compute-bound at batch 1 on this project's CPU. Inputs
     of another dtype are cast to float32 and back. Off the CPU (or without fbgemm) it falls
-    back to the weight-only dequantize-then-matmul form of its parent.
+    back to the weight-only dequantize-then-matmul form of its parent; inside ``torch.compile``
+    to its parent's forward.
     """
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -117,7 +145,9 @@ class Int8DynamicLinear(Int8WeightOnlyLinear):
         return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or not _has_fbgemm_linear():
+        # A compiled step cannot carry fbgemm's packed weight (an opaque object dynamo does not
+        # trace): there it runs the weight-only kernel on the same int8 weights, unrounded inputs.
+        if x.device.type != "cpu" or not _has_fbgemm_linear() or torch.compiler.is_compiling():
             return super().forward(x)
         flat = x.reshape(-1, self.in_features).float()
         y = torch.ops.quantized.linear_dynamic(flat, self._cpu_packed(), False).to(x.dtype)
