@@ -1,7 +1,11 @@
 """How far a cheaper way of running the model (bf16, fp16, int8 weights) strays from float32.
 
-One seeded call is run twice, free-running (each run feeds back its own text and audio), with
-greedy text and the same flow noise, so numbers are the only difference. Tests, the quality
+One seeded call is run twice with greedy text and the same flow noise, so numbers are the only
+difference. The candidate runs either free-running (it feeds back its own text and latents) or
+teacher-forced (it is fed the reference's, ``run_call(..., forced=reference)``). The serving bar
+("text top-1 agreement") is the teacher-forced one: free-running, a single flipped near-tie at
+frame k changes every later input, so the share of equal tokens measures when the two calls
+diverged rather than how often the cheaper model picks the same token. Tests, the quality
 benchmark and the choice of the embedded engine's default all use these measures.
 """
 
@@ -44,18 +48,32 @@ def seeded_call_audio(model: MichiModel, frames: int, seed: int) -> torch.Tensor
 
 
 @torch.no_grad()
-def run_call(model: MichiModel, audio: torch.Tensor, seed: int, speak_threshold: float = 0.0) -> CallTrace:
+def run_call(
+    model: MichiModel,
+    audio: torch.Tensor,
+    seed: int,
+    speak_threshold: float = 0.0,
+    forced: CallTrace | None = None,
+) -> CallTrace:
     """Step one call through ``audio [frames, frame_samples]``: greedy text, seeded flow noise.
 
     ``speak_threshold`` 0 makes the model speak every frame, so every frame's audio counts.
+    ``forced``: feed back that trace's text token and latent after each frame instead of this
+    run's own (teacher forcing), so each frame's prediction has the reference's history.
     """
+    if forced is not None and len(forced.text_tokens) != len(audio):
+        raise ValueError(f"forced trace has {len(forced.text_tokens)} frames, the audio {len(audio)}")
     cache, state = model.new_cache(1), model.init_state(1)
     sampling = Sampling.greedy(1, speak_threshold=speak_threshold, device=model.device)
     generator = torch.Generator().manual_seed(seed)
     tokens, latents, wav = [], [], []
-    for frame in audio:
+    for index, frame in enumerate(audio):
         noise = StepNoise.draw([generator], model.config.codec.latent_dim, model.device)
         out, state = model.step(frame[None].to(model.device), state, cache, sampling, noise)
+        if forced is not None:
+            # What the next step reads of this one (speak_threshold 0: the played latent is the latent).
+            state["prev_text"] = forced.text_tokens[index : index + 1].to(state["prev_text"])
+            state["prev_latent"] = forced.latents[index : index + 1].to(state["prev_latent"])
         tokens.append(out.text_tokens.cpu())
         latents.append(out.latents.float().cpu())
         wav.append(out.audio.float().cpu())

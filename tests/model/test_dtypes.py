@@ -69,3 +69,22 @@ def test_parity_measures_detect_a_different_model(reference: MichiModel) -> None
     agreement = compare(run_call(reference, audio, seed=0), run_call(other, audio, seed=0))
     assert not agreement.passes() and agreement.audio_snr_db < 3.0
     assert compare(run_call(reference, audio, seed=0), run_call(reference, audio, seed=0)).audio_snr_db == float("inf")
+
+
+def test_a_teacher_forced_call_reads_the_forced_history(reference: MichiModel) -> None:
+    audio = seeded_call_audio(reference, frames=8, seed=0)
+    expected = run_call(reference, audio, seed=0)
+    # Forced with its own trace, a model runs exactly as free-running.
+    forced_self = run_call(reference, audio, seed=0, forced=expected)
+    assert torch.equal(forced_self.text_tokens, expected.text_tokens)
+    assert torch.equal(forced_self.latents, expected.latents)
+    # Forced with another history, every frame after the first reads it: the first frame is
+    # unchanged (nothing fed back yet), later latents move.
+    altered = type(expected)(
+        (expected.text_tokens + 7) % reference.config.backbone.vocab_size, -expected.latents, expected.audio
+    )
+    forced_other = run_call(reference, audio, seed=0, forced=altered)
+    assert torch.equal(forced_other.latents[0], expected.latents[0])
+    assert not torch.allclose(forced_other.latents[1:], expected.latents[1:])
+    with pytest.raises(ValueError, match="forced trace has 8 frames"):
+        run_call(reference, audio[:5], seed=0, forced=expected)
