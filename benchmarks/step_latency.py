@@ -129,12 +129,15 @@ def bench_preset(name: str, args: argparse.Namespace, device: torch.device, dtyp
     config = MichiConfig.preset(name)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
-    model = quantize_model(MichiModel(config).to(device=device, dtype=dtype).eval(), args.quantize)
-    if args.compile:
-        model.compile_step(mode="reduce-overhead" if device.type == "cuda" else None)
+    model = MichiModel(config).to(device=device, dtype=dtype).eval()
+    # Counted before quantizing: int8 weights are buffers, not parameters.
+    parameters = model.num_parameters()
     parts = ", ".join(f"{part} {format_params(sum(p.numel() for p in module.parameters()))}"
                       for part, module in model.named_children())
-    print(f"\n== {name}: {model.num_parameters():,} parameters ({parts}); "
+    model = quantize_model(model, args.quantize)
+    if args.compile:
+        model.compile_step(mode="reduce-overhead" if device.type == "cuda" else None)
+    print(f"\n== {name}: {parameters:,} parameters ({parts}); "
           f"built in {time.perf_counter() - start:.1f} s")
     floor_ms = weight_bytes(model) / (args.read_gbs * 1e9) * 1000
     print(f"weights read per step: {weight_bytes(model) / 1e6:.0f} MB (quantize {args.quantize}); "
