@@ -102,12 +102,26 @@ def format_context(tokenizer: Tokenizer, role: str, text: str) -> str:
     return f"<|im_start|>{role}\n{text}<|im_end|>\n"
 
 
+# SmolLM2's tokenizer.json, shipped with the packaged michi-nano checkpoint. SmolLM and SmolLM2
+# share one 49152-token vocabulary (same ids for <|endoftext|>, <|im_start|>, <|im_end|>), so a
+# random-weight preset of either shape (michi-nano, michi-530m) runs with it: a worker or a
+# benchmark started with ``--preset michi-530m`` needs no checkpoint.
+PRESET_TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "michi-nano-listening"
+PRESET_TOKENIZER_VOCAB = 49152
+
+
 def load_tokenizer(config: MichiConfig, checkpoint_dir: str | Path | None = None) -> Tokenizer:
-    """The tokenizer a config names: built-in bytes, or ``tokenizer.json`` in the checkpoint."""
+    """The tokenizer a config names: built-in bytes, or ``tokenizer.json`` in the checkpoint
+    (without a checkpoint, SmolLM's for a preset of its vocabulary)."""
     if config.tokenizer == "bytes":
         return ByteTokenizer()
     if checkpoint_dir is None:
-        raise ValueError(f"config {config.name!r} needs a checkpoint directory with tokenizer.json")
+        if config.backbone.vocab_size != PRESET_TOKENIZER_VOCAB:
+            raise ValueError(
+                f"config {config.name!r} (vocab {config.backbone.vocab_size}) needs a checkpoint "
+                "directory with tokenizer.json"
+            )
+        checkpoint_dir = PRESET_TOKENIZER_DIR
     return HFTokenizer(checkpoint_dir, config.tokens)
 
 
