@@ -69,6 +69,11 @@ class FluentCorpusConfig(BaseModel):
     voices: tuple[str, ...] = Field(default=(), description="only these voices, e.g. slt (default: all)")
     # Speaking rates drawn per sentence; the bot's voice speaks at one (e.g. 160, the judge's).
     speeds_wpm: tuple[int, ...] = Field(default=SPEEDS_WPM, min_length=1, description="speaking rates, e.g. 160")
+    # Speed perturbation (Ko et al., 2015, as Kaldi's recipes do): each sentence is resampled by a
+    # factor drawn in [1 - p, 1 + p], which moves pitch, formants and tempo together, as a
+    # different speaker's vocal tract would: five natural voices become a continuum of them.
+    speed_perturb: float = Field(default=0.0, ge=0.0, le=0.3,
+                                 description="resample each sentence by a factor in [1-p, 1+p] (0: off)")
 
     @field_validator("voices", "speeds_wpm", mode="before")
     @classmethod
@@ -124,14 +129,26 @@ def generate_fluent_corpus(config: FluentCorpusConfig) -> Path:
         family = config.voices or (NATURAL_VOICES if rng.random() < 0.5 else ESPEAK_TRAINING_VOICES)
         text = sentences[len(picks)] if config.domain == "restaurant" else rng.choice(sentences)
         picks.append((text, rng.choice(family), rng.choice(config.speeds_wpm)))
+    # Drawn after the picks, so a corpus without perturbation is the one this seed always gave.
+    factors = [1.0 + rng.uniform(-config.speed_perturb, config.speed_perturb) if config.speed_perturb else 1.0
+               for _ in picks]
     with ThreadPoolExecutor(max_workers=config.workers) as pool:
         spoken = pool.map(lambda pick: fluent_speech(*pick), picks)
-        for i, ((text, voice, speed), (audio, source_rate)) in enumerate(zip(picks, spoken)):
-            entries.append(_write_utterance(config, audio_dir, i, text, voice, speed, audio, source_rate))
+        for i, ((text, voice, speed), (audio, source_rate), factor) in enumerate(zip(picks, spoken, factors)):
+            audio = speed_perturbed(audio, source_rate, factor)
+            entries.append(_write_utterance(config, audio_dir, i, text, voice, speed, audio, source_rate, factor))
     manifest = write_manifest(config.out_dir / "manifest.jsonl", entries)
     voices = len(config.voices or TRAINING_VOICES)
     logger.info(f"fluent corpus: {config.utterances} sentences, {voices} voices -> {manifest}")
     return manifest
+
+
+def speed_perturbed(audio: np.ndarray, rate: int, factor: float) -> np.ndarray:
+    """``audio`` stretched to ``factor`` times its length at the same ``rate``: slower and lower
+    for a factor above 1, faster and higher below."""
+    if factor == 1.0:
+        return audio
+    return soxr.resample(audio, rate, round(rate * factor)).astype(np.float32)
 
 
 def framed_utterance(
@@ -150,11 +167,12 @@ def framed_utterance(
 
 def _write_utterance(
     config: FluentCorpusConfig, audio_dir: Path, i: int, text: str, voice: str, speed: int,
-    audio: np.ndarray, source_rate: int,
+    audio: np.ndarray, source_rate: int, factor: float = 1.0,
 ) -> ManifestEntry:
     rate = config.sample_rate_hz
     wav, words = framed_utterance(text, audio, source_rate, rate, config.lead_ms, config.tail_ms)
     name = f"fluent{i:05d}.wav"
     soundfile.write(audio_dir / name, wav, rate, subtype="FLOAT")
     return ManifestEntry(id=f"fluent{i:05d}", audio=f"audio/{name}", sample_rate_hz=rate,
-                         text=text, words=words, speaker=f"{voice}@{speed}")
+                         text=text, words=words,
+                         speaker=f"{voice}@{speed}" + ("" if factor == 1.0 else f"x{factor:.3f}"))

@@ -13,6 +13,7 @@ from pipecat_michi.train.fluent import (
     FluentCorpusConfig,
     approximate_word_timings,
     generate_fluent_corpus,
+    speed_perturbed,
     training_sentences,
 )
 from pipecat_michi.train.manifest import read_manifest
@@ -45,6 +46,30 @@ def test_a_one_voice_corpus_speaks_only_in_that_voice(tmp_path):
     entries = read_manifest(manifest)
     assert len(entries) == 4
     assert {entry.speaker.split("@")[0] for entry in entries} == {"slt"}
+
+
+def test_speed_perturbation_stretches_pitch_and_length_together():
+    rate = 16000
+    tone = torch.sin(2 * torch.pi * 200 * torch.arange(rate) / rate).numpy()
+    slower = speed_perturbed(tone, rate, 1.1)
+    assert len(slower) == round(1.1 * rate)
+    spectrum = abs(torch.fft.rfft(torch.from_numpy(slower)))
+    assert abs(spectrum.argmax().item() * rate / len(slower) - 200 / 1.1) < 2  # 200 Hz -> ~182 Hz
+    assert speed_perturbed(tone, rate, 1.0) is tone
+
+
+def test_a_perturbed_corpus_varies_each_sentence_and_keeps_the_unperturbed_draws(tmp_path):
+    if shutil.which("flite") is None:
+        pytest.skip("flite is not installed")
+    plain = read_manifest(generate_fluent_corpus(
+        FluentCorpusConfig(out_dir=tmp_path / "plain", utterances=3, voices="slt", workers=1)))
+    perturbed = read_manifest(generate_fluent_corpus(
+        FluentCorpusConfig(out_dir=tmp_path / "perturbed", utterances=3, voices="slt", workers=1, speed_perturb=0.15)))
+    assert [e.text for e in perturbed] == [e.text for e in plain]
+    factors = [float(e.speaker.split("x")[-1]) for e in perturbed]
+    assert all(0.85 <= f <= 1.15 for f in factors) and len(set(factors)) == 3
+    with pytest.raises(ValueError):
+        FluentCorpusConfig(out_dir=tmp_path, speed_perturb=0.5)
 
 
 def test_transcript_targets_are_delayed_by_whole_frames():
