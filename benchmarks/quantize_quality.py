@@ -4,7 +4,9 @@ One seeded call (quiet noise from the caller, greedy text, the same flow noise, 
 speaking every frame) runs once in float32 and twice per mode: teacher-forced (fed float32's
 text and latents, model/parity.py) for text top-1 agreement (share of frames with the same text
 token), mean latent cosine and audio SNR against float32, and free-running for its text
-agreement (where a flipped near-tie changes every later input). Each mode prints whether it
+agreement (where a flipped near-tie changes every later input). "ties" counts the teacher-forced
+flips at frames where float32's runner-up token had at least half the top token's probability
+(a coin toss that any rounding decides), over all flips. Each mode prints whether it
 passes the serving bar (teacher-forced text >= 95 %, cosine >= 0.99) and its mean ms per step
 over the call (CPU threads as given). Random weights for each preset, and the demo
 checkpoint (a random codec barely depends on the latent, so audio SNR only means something for
@@ -27,7 +29,7 @@ from pipecat_michi.engine.config import DEMO_CHECKPOINT, NANO_LISTENING_CHECKPOI
 from pipecat_michi.model.checkpoint import load_checkpoint
 from pipecat_michi.model.config import MichiConfig
 from pipecat_michi.model.michi import MichiModel
-from pipecat_michi.model.parity import compare, run_call, seeded_call_audio
+from pipecat_michi.model.parity import compare, flips_at_near_ties, recorded_text_top2, run_call, seeded_call_audio
 from pipecat_michi.model.quantize import quantize_model, weight_bytes
 from pipecat_michi.model.runtime import prepare_model_thread, resolve_dtype
 
@@ -57,18 +59,23 @@ def timed_call(model: MichiModel, audio: torch.Tensor, seed: int):  # noqa: ANN2
 
 def measure(name: str, reference: MichiModel, args: argparse.Namespace) -> None:
     audio = seeded_call_audio(reference, args.frames, args.seed)
-    expected, reference_ms = timed_call(reference, audio, args.seed)
+    with recorded_text_top2(reference) as records:
+        expected, reference_ms = timed_call(reference, audio, args.seed)
+    top2 = torch.cat(records[-len(audio):])  # the timed call's frames (after the warm-up's)
     print(f"\n== {name}: {args.frames} frames, seed {args.seed}; float32 {weight_bytes(reference) / 1e6:.0f} MB "
           f"of weights, {reference_ms:.1f} ms/step")
-    print(f"{'mode':<22} {'text agree':>10} {'free-run':>8} {'latent cos':>10} {'audio SNR':>10} {'bar':>5} "
-          f"{'MB':>6} {'ms/step':>8} {'speed-up':>8}")
+    print(f"median top-token probability (float32): {top2[:, 0].median().item():.4f}")
+    print(f"{'mode':<22} {'text agree':>10} {'free-run':>8} {'ties':>6} {'latent cos':>10} {'audio SNR':>10} "
+          f"{'bar':>5} {'MB':>6} {'ms/step':>8} {'speed-up':>8}")
     for mode in args.modes:
         dtype_name, quantize = mode.split(":")
         candidate = quantize_model(copy.deepcopy(reference).to(resolve_dtype(dtype_name, reference.device)), quantize)
         trace, ms = timed_call(candidate, audio, args.seed)
         free_running = compare(expected, trace)
-        agreement = compare(expected, run_call(candidate, audio, args.seed, forced=expected))
-        print(f"{mode:<22} {agreement.text_agreement:10.3f} {free_running.text_agreement:8.3f} "
+        forced = run_call(candidate, audio, args.seed, forced=expected)
+        agreement = compare(expected, forced)
+        ties, flips = flips_at_near_ties(expected, forced, top2)
+        print(f"{mode:<22} {agreement.text_agreement:10.3f} {free_running.text_agreement:8.3f} {ties:>3}/{flips:<2} "
               f"{agreement.latent_cosine:10.5f} {agreement.audio_snr_db:8.1f}dB "
               f"{'pass' if agreement.passes() else 'FAIL':>5} "
               f"{weight_bytes(candidate) / 1e6:6.0f} {ms:8.1f} {reference_ms / ms:7.2f}x")

@@ -11,6 +11,8 @@ benchmark and the choice of the embedded engine's default all use these measures
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -87,3 +89,31 @@ def compare(reference: CallTrace, candidate: CallTrace) -> Agreement:
     power = reference.audio.pow(2).sum().item()
     snr = float("inf") if error == 0 else 10.0 * torch.log10(torch.tensor(power / error)).item()
     return Agreement(text_agreement=text, latent_cosine=cosine, audio_snr_db=snr)
+
+
+@contextmanager
+def recorded_text_top2(model: MichiModel) -> Iterator[list[torch.Tensor]]:
+    """While open, each step of ``model`` appends its text distribution's two largest
+    probabilities (``[B, 2]``, on the CPU) to the yielded list: how decided each frame was, so a
+    flipped token can be told from a flipped near-tie."""
+    records: list[torch.Tensor] = []
+    original = model.backbone.logits
+
+    def logits(hidden: torch.Tensor) -> torch.Tensor:
+        out = original(hidden)
+        records.append(out.float().softmax(dim=-1).topk(2, dim=-1).values.cpu())
+        return out
+
+    model.backbone.logits = logits  # an instance attribute, shadowing the method until removed
+    try:
+        yield records
+    finally:
+        del model.backbone.logits
+
+
+def flips_at_near_ties(reference: CallTrace, candidate: CallTrace, top2: torch.Tensor, ratio: float = 2.0) -> tuple[int, int]:
+    """(flipped frames whose reference runner-up had at least 1/``ratio`` of the top token's
+    probability, all flipped frames); ``top2 [frames, 2]`` from ``recorded_text_top2``."""
+    flipped = reference.text_tokens != candidate.text_tokens
+    near_tie = top2[:, 1] * ratio >= top2[:, 0]
+    return int((flipped & near_tie).sum()), int(flipped.sum())

@@ -88,3 +88,21 @@ def test_a_teacher_forced_call_reads_the_forced_history(reference: MichiModel) -
     assert not torch.allclose(forced_other.latents[1:], expected.latents[1:])
     with pytest.raises(ValueError, match="forced trace has 8 frames"):
         run_call(reference, audio[:5], seed=0, forced=expected)
+
+
+def test_recorded_top2_tells_a_near_tie_from_a_decided_frame(reference: MichiModel) -> None:
+    from pipecat_michi.model.parity import flips_at_near_ties, recorded_text_top2
+
+    audio = seeded_call_audio(reference, frames=6, seed=0)
+    with recorded_text_top2(reference) as records:
+        expected = run_call(reference, audio, seed=0)
+    assert "logits" not in vars(reference.backbone)  # the method is back
+    top2 = torch.cat(records)
+    assert top2.shape == (6, 2) and (top2[:, 0] >= top2[:, 1]).all()
+    flipped = type(expected)(expected.text_tokens.clone(), expected.latents, expected.audio)
+    flipped.text_tokens[[1, 4]] += 1
+    decided = torch.tensor([[0.9, 0.05]]).repeat(6, 1)
+    tied = decided.clone()
+    tied[4] = torch.tensor([0.3, 0.2])
+    assert flips_at_near_ties(expected, flipped, decided) == (0, 2)
+    assert flips_at_near_ties(expected, flipped, tied) == (1, 2)
