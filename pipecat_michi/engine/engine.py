@@ -501,7 +501,9 @@ class DuplexEngine:
             )
             # Each call draws from its own generator: its output never depends on its neighbours.
             drawn = StepNoise.draw([session.generator], latent_noise.shape[1])
-            latent_noise[slot], uniform[slot] = drawn.latent_noise[0], drawn.text_uniform[0]
+            # Scaled after the draw: the generator's sequence does not depend on the setting.
+            latent_noise[slot] = drawn.latent_noise[0] * settings.flow_temperature
+            uniform[slot] = drawn.text_uniform[0]
         device = self.model.device
         sampling = Sampling(
             temperature.to(device), top_k.to(device), threshold.to(device), flow_steps.to(device),

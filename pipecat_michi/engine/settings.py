@@ -17,6 +17,7 @@ from pydantic import (
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 TopK = Annotated[int, Field(ge=0, le=1000)]
 FlowSteps = Annotated[int, Field(ge=1, le=32)]
+FlowTemperature = Annotated[float, Field(ge=0.0, le=2.0)]
 SpeakThreshold = Annotated[float, Field(gt=0.0, lt=1.0)]
 Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
 
@@ -32,6 +33,9 @@ class SessionSettings(BaseModel):
         temperature: Sampling temperature of text tokens; 0 is greedy.
         top_k: Sample among the ``top_k`` likeliest tokens; 0 disables the cut.
         flow_steps: Euler steps of the flow-matching speaking head per frame.
+        flow_temperature: Scale of the speaking head's starting noise, relative to the
+            checkpoint's (``flow.noise_scale``): 1 samples the voice as trained, lower is
+            steadier and plainer (0: the same latent for the same context), higher more varied.
         speak_threshold: Speak probability above which the model takes the turn.
         seed: Seed of the call's sampler; ``None`` draws one.
     """
@@ -41,6 +45,7 @@ class SessionSettings(BaseModel):
     temperature: Temperature = 0.8
     top_k: TopK = 50
     flow_steps: FlowSteps = 1
+    flow_temperature: FlowTemperature = 1.0
     speak_threshold: SpeakThreshold = 0.5
     seed: Seed | None = None
 

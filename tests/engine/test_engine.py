@@ -223,3 +223,32 @@ async def test_a_call_runs_in_every_dtype(dtype: str) -> None:
         assert engine._batch.cache.host_lengths[0] == 0  # the closed call's slot was reset
     assert [r.frame_index for r in results] == list(range(5))
     assert any(r.audio is not None for r in results) and all(r.kv_length for r in results)
+
+
+async def _voiced_call(engine: DuplexEngine, audio: np.ndarray, seed: int, flow_temperature: float) -> list[StepResult]:
+    session = await engine.open_session(SessionSettingsUpdate(
+        seed=seed, temperature=0.0, speak_threshold=0.01, flow_temperature=flow_temperature))
+    results = []
+    for index, frame in enumerate(audio):
+        session.push_audio(frame, index)
+        results.append(await session.receive(timeout=10))
+    await session.close()
+    return results
+
+
+async def test_flow_temperature_scales_the_speaking_heads_noise() -> None:
+    # Greedy text: the seed reaches the call only through the speaking head's noise.
+    audio = _audio(3, 6)
+    async with DuplexEngine(_config()) as engine:
+        steady = [await _voiced_call(engine, audio, seed, flow_temperature=0.0) for seed in (1, 2)]
+        varied = [await _voiced_call(engine, audio, seed, flow_temperature=1.0) for seed in (1, 2)]
+        half = await _voiced_call(engine, audio, 1, flow_temperature=0.5)
+    assert all(r.speaking for r in steady[0] + varied[0])
+    _same(*steady)  # no noise: the seed changes nothing
+    assert any(not np.array_equal(a.audio, b.audio) for a, b in zip(*varied))
+
+    def distance(x: list[StepResult], y: list[StepResult]) -> float:
+        return float(sum(np.abs(a.audio.astype(int) - b.audio.astype(int)).mean() for a, b in zip(x, y)))
+
+    # Half the noise lands between no noise and all of it (same seed, so the same draws).
+    assert 0 < distance(half, steady[0]) < distance(varied[0], steady[0])

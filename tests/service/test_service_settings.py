@@ -22,7 +22,8 @@ from pipecat_michi.service.settings import SESSION_FIELDS
 pytestmark = pytest.mark.timeout(60)
 
 # A valid value other than the default for every SessionSettings field.
-SAMPLES = {"temperature": 0.25, "top_k": 7, "flow_steps": 3, "speak_threshold": 0.61, "seed": 42}
+SAMPLES = {"temperature": 0.25, "top_k": 7, "flow_steps": 3, "flow_temperature": 0.5, "speak_threshold": 0.61,
+           "seed": 42}
 
 
 def test_every_session_setting_is_a_service_setting_and_an_update_field() -> None:
