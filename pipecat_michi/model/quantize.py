@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from loguru import logger
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 QuantizeMode = Literal["none", "int8", "int8-dynamic"]
 QUANTIZE_MODES: tuple[str, ...] = ("none", "int8", "int8-dynamic")
@@ -36,17 +37,6 @@ MIN_QUANTIZED_WEIGHTS = 4096
 # torch._weight_int8pack_mm crashed (SIGSEGV) on bf16 inputs with in_features 33 and 40 in
 # torch 2.13; multiples of 16 ran. Every linear of our presets has a multiple of 32.
 _CPU_KERNEL_ALIGNMENT = 32
-
-
-@torch.library.custom_op("pipecat_michi::int8_weight_mm", mutates_args=())
-def int8_weight_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """``x @ (qweight * scales).T`` by torch's CPU int8 kernel, opaque to ``torch.compile``."""
-    return torch._weight_int8pack_mm(x.contiguous(), qweight, scales)
-
-
-@int8_weight_mm.register_fake
-def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(x.shape[0], qweight.shape[0])
 
 
 @torch.library.custom_op("pipecat_michi::int8_weight_mm", mutates_args=())
@@ -62,6 +52,55 @@ def int8_weight_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor)
 
 @int8_weight_mm.register_fake
 def _int8_weight_mm_shape(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], qweight.shape[0])
+
+
+# fbgemm's packed weights, by the tensors they were packed from (weakly: a freed weight's entry
+# is dropped). The packed weight is an opaque object dynamo cannot trace, so a compiled step
+# passes the int8 tensors and ``int8_dynamic_mm`` finds (or makes) the pack here.
+# (Keyed by identity: a tensor's == is elementwise, so weakref.WeakKeyDictionary cannot hold it.)
+_FBGEMM_PACKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _tensor_key(tensor: torch.Tensor | None) -> tuple | None:
+    """What identifies a tensor's contents: its storage and, outside inference mode, its version."""
+    if tensor is None:
+        return None
+    return tensor.data_ptr(), 0 if tensor.is_inference() else tensor._version  # inference tensors have none
+
+
+def fbgemm_pack(qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> object:
+    """fbgemm's prepacked form of an int8 weight with per-row ``scales`` (cached per tensor)."""
+    key = (_tensor_key(qweight), _tensor_key(scales), _tensor_key(bias))
+    entry = _FBGEMM_PACKS.get(qweight)
+    if entry is not None and entry[0] == key:
+        return entry[1]
+    # torch 2.13 warns here (quantized tensor creation is deprecated, pytorch#184982): the
+    # prepack op still takes a per-channel qint8 tensor; the GEMM op itself does not warn.
+    zero_points = torch.zeros(qweight.shape[0], dtype=torch.long)
+    w = torch._make_per_channel_quantized_tensor(qweight, scales.double(), zero_points, 0)
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "fbgemm"
+    try:
+        packed = torch.ops.quantized.linear_prepack(w, None if bias is None else bias.detach().float())
+    finally:
+        torch.backends.quantized.engine = previous
+    _FBGEMM_PACKS[qweight] = (key, packed)
+    return packed
+
+
+@torch.library.custom_op("pipecat_michi::int8_dynamic_mm", mutates_args=())
+def int8_dynamic_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """fbgemm's ``quantized.linear_dynamic`` of float32 ``x [N, in]``: int8 activations (one
+    scale per call) x int8 weights with per-row ``scales``, float32 out. An op of our own so a
+    compiled step calls it as it is."""
+    return torch.ops.quantized.linear_dynamic(x.contiguous(), fbgemm_pack(qweight, scales, bias), False)
+
+
+@int8_dynamic_mm.register_fake
+def _int8_dynamic_mm_shape(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     return x.new_empty(x.shape[0], qweight.shape[0])
 
 
@@ -90,7 +129,10 @@ class Int8WeightOnlyLinear(nn.Module):
         flat = x.reshape(-1, self.in_features)
         if x.device.type == "cpu" and self.in_features % _CPU_KERNEL_ALIGNMENT == 0:
             compute = torch.bfloat16 if x.dtype == torch.float32 else x.dtype
-            y = int8_weight_mm(flat.to(compute), self.qweight, self.scales.to(compute)).to(x.dtype)
+            # Compiled, through our op (see int8_weight_mm); eager, straight to the kernel: a
+            # custom op's Python dispatch costs ~30 us a call, 230 calls a michi-530m step.
+            kernel = int8_weight_mm if torch.compiler.is_compiling() else torch._weight_int8pack_mm
+            y = kernel(flat.to(compute), self.qweight, self.scales.to(compute)).to(x.dtype)
         else:
             y = F.linear(flat, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
         if self.bias is not None:
@@ -113,44 +155,34 @@ class Int8DynamicLinear(Int8WeightOnlyLinear):
     with int32 accumulation and returns float32: about 3x the MACs/s of
     ``_weight_int8pack_mm``, which is compute-bound at batch 1 on this project's CPU. Inputs
     of another dtype are cast to float32 and back. Off the CPU (or without fbgemm) it falls
-    back to the weight-only dequantize-then-matmul form of its parent; inside ``torch.compile``
-    to its parent's forward.
+    back to the weight-only dequantize-then-matmul form of its parent.
     """
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__(qweight, scales, bias)
-        self._packed = None
+        # The eager path's copy of the pack and the storages it came from: a step checks three
+        # pointers instead of fbgemm_pack's keyed lookup (230 linears a michi-530m step).
+        self._packed: object | None = None
         self._packed_key: tuple | None = None
 
     def __getstate__(self) -> dict:
         # The packed weight is a cache (and not copyable): copies and pickles pack again.
-        state = super().__getstate__()
-        return {**state, "_packed": None, "_packed_key": None}
+        return {**super().__getstate__(), "_packed": None, "_packed_key": None}
 
-    def _cpu_packed(self) -> torch.Tensor:
+    def _cpu_packed(self) -> object:
         key = (self.qweight.data_ptr(), self.scales.data_ptr(), None if self.bias is None else self.bias.data_ptr())
         if self._packed is None or self._packed_key != key:
-            # torch 2.13 warns here (quantized tensor creation is deprecated, pytorch#184982):
-            # the prepack op still takes a per-channel qint8 tensor; the GEMM op itself does not warn.
-            zero_points = torch.zeros(self.out_features, dtype=torch.long)
-            w = torch._make_per_channel_quantized_tensor(self.qweight, self.scales.double(), zero_points, 0)
-            bias = None if self.bias is None else self.bias.detach().float()
-            previous = torch.backends.quantized.engine
-            torch.backends.quantized.engine = "fbgemm"
-            try:
-                self._packed = torch.ops.quantized.linear_prepack(w, bias)
-            finally:
-                torch.backends.quantized.engine = previous
-            self._packed_key = key
+            self._packed, self._packed_key = fbgemm_pack(self.qweight, self.scales, self.bias), key
         return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # A compiled step cannot carry fbgemm's packed weight (an opaque object dynamo does not
-        # trace): there it runs the weight-only kernel on the same int8 weights, unrounded inputs.
-        if x.device.type != "cpu" or not _has_fbgemm_linear() or torch.compiler.is_compiling():
+        if x.device.type != "cpu" or not _has_fbgemm_linear():
             return super().forward(x)
         flat = x.reshape(-1, self.in_features).float()
-        y = torch.ops.quantized.linear_dynamic(flat, self._cpu_packed(), False).to(x.dtype)
+        if torch.compiler.is_compiling():
+            y = int8_dynamic_mm(flat, self.qweight, self.scales, self.bias).to(x.dtype)
+        else:  # the op's Python dispatch would cost ~30 us a call
+            y = torch.ops.quantized.linear_dynamic(flat, self._cpu_packed(), False).to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
 

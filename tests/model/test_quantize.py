@@ -119,19 +119,20 @@ def test_an_int8_dynamic_model_passes_the_quality_bar_against_float32(
 
 @pytest.mark.parametrize("linear_type", [Int8WeightOnlyLinear, Int8DynamicLinear], ids=lambda t: t.__name__)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_a_quantized_linear_compiles_with_inductor_and_equals_the_weight_only_kernel(
+def test_a_quantized_linear_compiles_with_inductor_and_equals_eager(
     linear_type: type[Int8WeightOnlyLinear], dtype: torch.dtype
 ) -> None:
     # GELU then an int8 linear is the listening head's MLP: inductor 2.13 failed to lower
     # aten._weight_int8pack_mm on a fused pointwise input; the compiled step crashed on it.
+    # int8-dynamic's fbgemm weight is opaque to dynamo: our op finds it by the int8 tensors.
     torch.manual_seed(0)
     layer = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 96)).to(dtype).eval()
     layer[2] = linear_type.from_weight(layer[2].weight, layer[2].bias)
     x = torch.randn(2, 3, 64, dtype=dtype)
     torch._dynamo.reset()
     with torch.no_grad():
-        compiled = torch.compile(layer, backend="inductor", dynamic=False, fullgraph=True)(x)
-        # Compiled, int8-dynamic runs the weight-only kernel (fbgemm's packed weight is opaque).
-        weight_only = Int8WeightOnlyLinear.forward(layer[2], layer[1](layer[0](x)))
+        eager = layer(x)
+        compiled = torch.compile(copy.deepcopy(layer), backend="inductor", dynamic=False, fullgraph=True)(x)
     assert compiled.dtype == dtype
-    assert _relative_error(compiled, weight_only) < 1e-2
+    # The same kernels; only the fused GELU's rounding differs (bf16).
+    assert _relative_error(compiled, eager) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
