@@ -32,8 +32,11 @@ def _config(**overrides) -> EngineConfig:
     return EngineConfig(preset="tiny", device="cpu", slot_capacity=3, **overrides)
 
 
-async def _call(engine: DuplexEngine, audio: np.ndarray, seed: int, prompt: str | None = None) -> list[StepResult]:
-    session = await engine.open_session(SessionSettingsUpdate(seed=seed, speak_threshold=0.3), system_prompt=prompt)
+async def _call(
+    engine: DuplexEngine, audio: np.ndarray, seed: int, prompt: str | None = None, **settings: float
+) -> list[StepResult]:
+    update = SessionSettingsUpdate(**({"seed": seed, "speak_threshold": 0.3} | settings))
+    session = await engine.open_session(update, system_prompt=prompt)
     results = []
     for index, frame in enumerate(audio):
         session.push_audio(frame, index)
@@ -226,14 +229,7 @@ async def test_a_call_runs_in_every_dtype(dtype: str) -> None:
 
 
 async def _voiced_call(engine: DuplexEngine, audio: np.ndarray, seed: int, flow_temperature: float) -> list[StepResult]:
-    session = await engine.open_session(SessionSettingsUpdate(
-        seed=seed, temperature=0.0, speak_threshold=0.01, flow_temperature=flow_temperature))
-    results = []
-    for index, frame in enumerate(audio):
-        session.push_audio(frame, index)
-        results.append(await session.receive(timeout=10))
-    await session.close()
-    return results
+    return await _call(engine, audio, seed, temperature=0.0, speak_threshold=0.01, flow_temperature=flow_temperature)
 
 
 async def test_flow_temperature_scales_the_speaking_heads_noise() -> None:
