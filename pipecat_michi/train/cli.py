@@ -29,6 +29,7 @@ from pipecat_michi.train.loop import Trainer
 from pipecat_michi.model.smollm2 import smollm2_gguf_file
 from pipecat_michi.train.export import ExportConfig, export_checkpoint
 from pipecat_michi.train.lexicon import LexiconConfig, build_lexicon_file
+from pipecat_michi.train.sentences import SentencesConfig, generate_sentences
 
 STAGE_HELP = {
     "codec": "causal autoencoder + HiFi-GAN decoder (STFT + mel reconstruction)",
@@ -59,6 +60,8 @@ TOOLS: dict[str, tuple[str, type[BaseModel], Callable[[Any], object]]] = {
                       generate_fluent_corpus),
     "chat-texts": ("SmolLM2's own chat answers: text that keeps the backbone's text ability", ChatTextsConfig,
                    generate_chat_texts),
+    "sentences": ("many distinct speakable sentences SmolLM2 writes (listening corpus text)", SentencesConfig,
+                  generate_sentences),
     "flatten-latents": ("rescale a trained codec's latent components (before speaking)", FlattenLatentsConfig,
                         flatten_checkpoint_latents),
     "export": ("a checkpoint's trained parts only, compact, for shipping", ExportConfig, export_checkpoint),

@@ -1,0 +1,59 @@
+"""SmolLM2-written corpus text: batched cached sampling equals one-at-a-time decoding, and only
+sentences a caller could say aloud, never evaluation text, are kept."""
+
+from __future__ import annotations
+
+import torch
+
+from pipecat_michi.model.backbone import Backbone
+from pipecat_michi.model.config import BackboneConfig, MichiConfig
+from pipecat_michi.model.tokenizer import PRESET_TOKENIZER_DIR, HFTokenizer
+from pipecat_michi.train.chat_texts import chat_document
+from pipecat_michi.train.judge import HELD_OUT_SENTENCES
+from pipecat_michi.train.sentences import evaluation_ngrams, sample_answers, speakable_sentences
+
+VOCABULARY = set("the train leaves at seven we need two tickets for tonight please call me back i think "
+                 "it is raining again dont forget".split())
+
+
+def test_only_speakable_sentences_in_the_vocabulary_are_kept() -> None:
+    answer = ('1. "The train leaves at seven."\n2. We need 2 tickets for tonight.\n'
+              "- Please call me back!\nI think it is raining again, please call me back?\n"
+              "Tonight.\nThe the the the train.\nWe need two tickets for the zeppelin.\n"
+              "Here's a list: (tickets) for tonight.")
+    kept = speakable_sentences(answer, VOCABULARY, forbidden=set())
+    assert kept == ["The train leaves at seven.", "Please call me back!",
+                    "I think it is raining again, please call me back?"]
+
+
+def test_a_sentence_sharing_four_words_with_evaluation_text_is_dropped() -> None:
+    forbidden = evaluation_ngrams()
+    held_out = HELD_OUT_SENTENCES[10]  # "We need two tickets for the concert on Saturday evening."
+    assert ("we", "need", "two", "tickets") in forbidden
+    vocabulary = VOCABULARY | {"concert", "saturday", "evening", "on"}
+    assert speakable_sentences(held_out, vocabulary, forbidden) == []
+    assert speakable_sentences("We need two tickets for tonight.", vocabulary, forbidden) == []
+    assert speakable_sentences("Please call me back tonight.", vocabulary, forbidden) == ["Please call me back tonight."]
+
+
+@torch.no_grad()
+def _greedy(backbone: Backbone, tokenizer: HFTokenizer, prompt: str, steps: int) -> str:
+    ids = tokenizer.encode(chat_document(prompt, "").removesuffix("<|im_end|>\n"))
+    start = len(ids)
+    for _ in range(steps):
+        ids.append(int(backbone.logits(backbone(backbone.embed_tokens(torch.tensor([ids])))[0, -1]).argmax()))
+    return tokenizer.decode(ids[start:]).strip()
+
+
+def test_batched_cached_sampling_equals_one_prompt_at_a_time() -> None:
+    torch.manual_seed(0)
+    backbone = Backbone(BackboneConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2)).eval()
+    tokenizer = HFTokenizer(PRESET_TOKENIZER_DIR, MichiConfig.preset("michi-nano").tokens)
+    prompts = ["Hi.", "Write five short sentences about a rainy day, one per line.", "What time is it?"]
+    # top_p near zero keeps only the most likely token: sampling becomes greedy decoding.
+    generator = torch.Generator().manual_seed(0)
+    answers = sample_answers(backbone, tokenizer, prompts, 6, 1.0, 1e-9, generator)
+    assert answers == [_greedy(backbone, tokenizer, p, 6) for p in prompts]
+    varied = sample_answers(backbone, tokenizer, prompts[:1] * 4, 6, 1.5, 1.0, torch.Generator().manual_seed(1))
+    assert len(set(varied)) > 1  # real sampling: the same prompt gives different answers
