@@ -82,6 +82,7 @@ class LexiconConfig(BaseModel):
     cmu_dict: Path | None = Field(CMU_DICT, description="festival's cmudict-0.4.out, for rarer words")
     out: Path = Field(description="where to write the word<TAB>log-probability file")
     pairs_out: Path | None = Field(None, description="where to write the training sentences' word pairs")
+    extra_text: Path | None = Field(None, description="the listening corpus's --extra-text lines, counted in the pairs")
 
 
 def build_lexicon_file(config: LexiconConfig) -> Path:
@@ -95,7 +96,7 @@ def build_lexicon_file(config: LexiconConfig) -> Path:
         from pipecat_michi.train.fluent import training_sentences
         from pipecat_michi.train.judge import normalise_text
 
-        pairs = count_word_pairs([normalise_text(s) for s in training_sentences(None)])
+        pairs = count_word_pairs([normalise_text(s) for s in training_sentences(config.extra_text)])
         lines = ["# word pairs of the listening training sentences; built by michi-train lexicon"]
         lines += [f"{v}\t{w}\t{c}" for v, following in sorted(pairs.items()) for w, c in sorted(following.items())]
         config.pairs_out.write_text("\n".join(lines) + "\n", encoding="utf-8")
