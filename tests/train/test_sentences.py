@@ -57,3 +57,15 @@ def test_batched_cached_sampling_equals_one_prompt_at_a_time() -> None:
     assert answers == [_greedy(backbone, tokenizer, p, 6) for p in prompts]
     varied = sample_answers(backbone, tokenizer, prompts[:1] * 4, 6, 1.5, 1.0, torch.Generator().manual_seed(1))
     assert len(set(varied)) > 1  # real sampling: the same prompt gives different answers
+
+
+def test_the_packaged_smollm2_text_is_distinct_speakable_and_free_of_evaluation_text() -> None:
+    from pipecat_michi.model.ctc_decoder import english_lexicon
+    from pipecat_michi.textnorm import normalise_text
+    from pipecat_michi.train.fluent import SMOLLM2_TEXT, training_sentences
+
+    lines = SMOLLM2_TEXT.read_text().splitlines()
+    assert len(lines) > 5000 and len({normalise_text(s) for s in lines}) == len(lines)
+    vocabulary, forbidden = english_lexicon().word_logprobs, evaluation_ngrams()
+    assert [s for s in lines if speakable_sentences(s, vocabulary, forbidden) != [s]] == []
+    assert set(lines) <= set(training_sentences(None))  # the listening corpus draws from them
