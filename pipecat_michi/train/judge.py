@@ -93,18 +93,26 @@ def _read_sphinx_transcripts(path: Path) -> dict[str, str]:
     return found
 
 
-def human_clips(root: Path = POCKETSPHINX_DATA) -> list[Clip]:
-    """pocketsphinx-testdata's transcribed recordings (16 kHz). Empty if the package is absent."""
-    clips = []
+def human_transcripts(root: Path = POCKETSPHINX_DATA) -> dict[str, str]:
+    """``folder/clip_id`` -> transcript of pocketsphinx-testdata's recordings that exist (without
+    reading the audio). Empty if the package is absent."""
+    found = {}
     for folder, transcript in (("librivox", "transcription"), ("cards", "cards.transcription")):
         path = root / folder / transcript
         if not path.is_file():
             continue
         for clip_id, text in sorted(_read_sphinx_transcripts(path).items()):
-            wav = root / folder / f"{clip_id}.wav"
-            if wav.is_file():
-                audio, rate = soundfile.read(wav, dtype="float32")
-                clips.append(Clip(f"{folder}/{clip_id}", audio, rate, text))
+            if (root / folder / f"{clip_id}.wav").is_file():
+                found[f"{folder}/{clip_id}"] = text
+    return found
+
+
+def human_clips(root: Path = POCKETSPHINX_DATA) -> list[Clip]:
+    """pocketsphinx-testdata's transcribed recordings (16 kHz). Empty if the package is absent."""
+    clips = []
+    for name, text in human_transcripts(root).items():
+        audio, rate = soundfile.read(root / f"{name}.wav", dtype="float32")
+        clips.append(Clip(name, audio, rate, text))
     return clips
 
 
