@@ -7,6 +7,13 @@ Sources, none of them our evaluation text:
 - the CMU pronouncing dictionary (Debian's ``festlex-cmu``), for rarer words, ranked after them;
 - common English contractions (the dictionary has no apostrophes).
 
+A low id does not make a token a word: BPE also learns frequent word *beginnings* early (``Ġth``,
+``Ġwh``, ``Ġcon``, ``Ġpro``), and as words they would outrank "two" and "people" (the demo heard
+"a table for th people"). Usage text, the listening corpus's sentences (~100k words of English
+written by people and by SmolLM2), tells them apart: a token the Zipf prior expects at least
+``MIN_EXPECTED_UNUSED`` times in it but that never occurs there is a fragment, and is ranked with
+the dictionary's rare words instead.
+
 The result is a ``word<TAB>log-probability`` file (``Lexicon.from_file``), written once and
 shipped as ``pipecat_michi/assets/lexicon/english.tsv``; beside it ``everyday-pairs.tsv``, the word
 pairs of the listening training sentences (``fluent.training_sentences``: the judge's held-out
@@ -18,12 +25,16 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import Counter
 from pathlib import Path
+
+from loguru import logger
 
 from pydantic import BaseModel, Field
 
 CMU_DICT = Path("/usr/share/festival/dicts/cmu/cmudict-0.4.out")
 ZIPF_OFFSET = 200
+MIN_EXPECTED_UNUSED = 20.0
 WORD = re.compile(r"^[a-z]+('[a-z]+)?$")
 CONTRACTIONS = (
     "i'm i'd i'll i've you're you'd you'll you've he's he'd he'll she's she'd she'll it's it'd it'll "
@@ -56,10 +67,27 @@ def cmu_words(path: Path) -> list[str]:
     return words
 
 
-def build_lexicon(tokenizer_json: Path, cmu_dict: Path | None) -> dict[str, float]:
-    """Word -> log-probability (normalised over the lexicon)."""
+def unused_fragments(ranks: dict[str, int], usage_words: list[str],
+                     min_expected: float = MIN_EXPECTED_UNUSED) -> set[str]:
+    """Tokenizer words the Zipf prior expects ``min_expected`` times or more among ``usage_words``
+    that never occur there: word beginnings BPE learnt early, not words."""
+    counts = Counter(usage_words)
+    total = sum(1.0 / (rank + ZIPF_OFFSET) for rank in ranks.values())
+    return {word for word, rank in ranks.items()
+            if counts[word] == 0 and len(usage_words) / (rank + ZIPF_OFFSET) / total >= min_expected}
+
+
+def build_lexicon(tokenizer_json: Path, cmu_dict: Path | None,
+                  usage_words: list[str] | None = None) -> dict[str, float]:
+    """Word -> log-probability (normalised over the lexicon). With ``usage_words``, the tokenizer's
+    unused fragments (``unused_fragments``) are ranked with the rare words."""
     ranks = tokenizer_word_ranks(tokenizer_json)
     after = max(ranks.values()) + 1
+    if usage_words:
+        fragments = sorted(unused_fragments(ranks, usage_words), key=ranks.__getitem__)
+        logger.info(f"lexicon: {len(fragments)} tokenizer fragments ranked as rare words: {', '.join(fragments[:40])}")
+        for word in fragments:
+            ranks[word] = after
     for word in CONTRACTIONS:
         ranks.setdefault(word, 2000)
     if cmu_dict is not None:
@@ -83,20 +111,26 @@ class LexiconConfig(BaseModel):
     out: Path = Field(description="where to write the word<TAB>log-probability file")
     pairs_out: Path | None = Field(None, description="where to write the training sentences' word pairs")
     extra_text: Path | None = Field(None, description="the listening corpus's --extra-text lines, counted in the pairs")
+    keep_fragments: bool = Field(False, description="keep tokenizer fragments unused in the training sentences "
+                                 "at their token rank (the lexicon before fragments were demoted)")
 
 
 def build_lexicon_file(config: LexiconConfig) -> Path:
+    from pipecat_michi.train.fluent import training_sentences
+    from pipecat_michi.train.judge import normalise_text
+
+    sentences = [normalise_text(s) for s in training_sentences(config.extra_text)]
+    usage_words = [word for sentence in sentences for word in sentence.split()] if not config.keep_fragments else None
     cmu = config.cmu_dict if config.cmu_dict is not None and config.cmu_dict.is_file() else None
-    words = build_lexicon(config.tokenizer, cmu)
-    sources = f"tokenizer {config.tokenizer.name}" + (f" + {cmu.name}" if cmu else "") + " + contractions"
+    words = build_lexicon(config.tokenizer, cmu, usage_words)
+    sources = (f"tokenizer {config.tokenizer.name}" + (f" + {cmu.name}" if cmu else "") + " + contractions"
+               + (f"; fragments unused in {len(usage_words)} words of training text demoted" if usage_words else ""))
     write_lexicon(words, config.out, sources)
     print(f"{len(words)} words -> {config.out}")
     if config.pairs_out is not None:
         from pipecat_michi.model.ctc_decoder import count_word_pairs
-        from pipecat_michi.train.fluent import training_sentences
-        from pipecat_michi.train.judge import normalise_text
 
-        pairs = count_word_pairs([normalise_text(s) for s in training_sentences(config.extra_text)])
+        pairs = count_word_pairs(sentences)
         lines = ["# word pairs of the listening training sentences; built by michi-train lexicon"]
         lines += [f"{v}\t{w}\t{c}" for v, following in sorted(pairs.items()) for w, c in sorted(following.items())]
         config.pairs_out.write_text("\n".join(lines) + "\n", encoding="utf-8")
