@@ -9,6 +9,8 @@ stuttering repetition, and nothing that shares a 4-word run with the judge's hel
 or the human clips' transcripts (evaluation text never leaks into training).
 
     michi-train sentences --out data/smollm2-sentences.txt --answers 1600
+    michi-train sentences --out data/smollm2-requests.txt --prompt-set requests --seed 1 \
+        --exclude-text pipecat_michi/train/texts/smollm2.txt
     michi-train fluent-corpus --extra-text data/smollm2-sentences.txt ...
 """
 
@@ -18,6 +20,7 @@ import random
 import re
 from collections import Counter
 from pathlib import Path
+from typing import Literal
 
 import torch
 from loguru import logger
@@ -58,6 +61,37 @@ PROMPTS = (
     "Write five sentences someone might say on the phone about {topic}.",
     "Tell me about {topic} in a few plain sentences.",
 )
+# The second set: what callers ask a phone line or a voice assistant (requests, bookings, errands),
+# over topics the first set lacks. The shipped text is both sets: ``stories`` with seed 0 and
+# ``requests`` with seed 1 (docs/training.md).
+REQUEST_TOPICS = (
+    "a smart speaker", "the lights at home", "a thermostat", "a calendar", "text messages", "an alarm clock",
+    "a shopping list", "a music playlist", "a podcast", "a news briefing", "a recipe", "a timer",
+    "a train timetable", "a flight booking", "a hotel booking", "a taxi booking", "a restaurant booking",
+    "a table for a group", "a hospital", "a clinic", "an eye test", "a prescription", "a gas bill",
+    "an electricity meter", "a water leak", "a heating engineer", "a locksmith", "a bank card",
+    "a credit card", "a refund", "an online order", "a parcel delivery", "a courier", "a tracking number",
+    "a customer service line", "a phone contract", "a broadband fault", "a television subscription",
+    "a car rental", "a bus route", "a ferry", "a ski trip", "a city tour", "the traffic", "a cleaning service",
+    "a babysitter", "a dog walker", "a piano teacher", "a tennis court", "a football ticket",
+    "a theatre show", "a museum ticket", "a hotel room upgrade", "a lost suitcase", "a passport renewal",
+    "a driving test", "a council office", "a rubbish collection", "a recycling bin", "a broken fridge",
+    "a dishwasher", "a laptop repair", "a printer", "a password reset", "a weather forecast",
+    "a weekend in a big city", "a dinner reservation", "a wine order", "a flower delivery", "a gift",
+    "a hairdresser appointment", "a vet appointment", "a school meeting", "a kids party", "a wedding venue",
+    "a removal van", "an estate agent", "a mortgage", "a gym membership", "a yoga class",
+)
+REQUEST_PROMPTS = (
+    "Write five short requests a person might say to {topic} on the phone, one per line.",
+    "Write five things someone might ask a voice assistant about {topic}, one per line.",
+    "Write five short sentences a customer might say when calling about {topic}.",
+    "Write five polite questions a caller might ask about {topic}, one per line.",
+    "Write five short commands someone might give a voice assistant about {topic}.",
+    "Write a short phone call between a customer and an assistant about {topic}.",
+    "Write five sentences a caller might leave in a voicemail about {topic}.",
+    "Write five everyday things a person might say about {topic} and when it happens.",
+)
+PROMPT_SETS = {"stories": (PROMPTS, TOPICS), "requests": (REQUEST_PROMPTS, REQUEST_TOPICS)}
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 SPEAKABLE = re.compile(r"^[A-Za-z][A-Za-z ,.'?!-]*[.?!]$")
 LIST_MARK = re.compile(r"^\s*(?:\d+[.)]|[-*•]|[A-Z][a-z]+:)\s*")
@@ -74,6 +108,9 @@ class SentencesConfig(BaseModel):
     top_p: float = Field(default=0.92, gt=0.0, le=1.0)
     min_words: int = Field(default=4, ge=1)
     max_words: int = Field(default=18, ge=1)
+    prompt_set: Literal["stories", "requests"] = Field(
+        default="stories", description="stories: everyday prose topics; requests: what callers ask")
+    exclude_text: Path | None = Field(None, description="sentences already in this file are not written again")
     seed: int = 0
     threads: int = Field(default=2, ge=1)
 
@@ -153,8 +190,10 @@ def generate_sentences(config: SentencesConfig) -> Path:
     generator = torch.Generator().manual_seed(config.seed)
     vocabulary = english_lexicon().word_logprobs
     forbidden = evaluation_ngrams()
-    prompts = [rng.choice(PROMPTS).format(topic=rng.choice(TOPICS)) for _ in range(config.answers)]
-    seen: set[str] = set()
+    templates, topics = PROMPT_SETS[config.prompt_set]
+    prompts = [rng.choice(templates).format(topic=rng.choice(topics)) for _ in range(config.answers)]
+    seen = ({normalise_text(line) for line in config.exclude_text.read_text(encoding="utf-8").splitlines()}
+            if config.exclude_text is not None else set())
     sentences: list[str] = []
     progress = tqdm(range(0, len(prompts), config.batch_size), desc="sentences")
     for start in progress:

@@ -62,10 +62,34 @@ def test_batched_cached_sampling_equals_one_prompt_at_a_time() -> None:
 def test_the_packaged_smollm2_text_is_distinct_speakable_and_free_of_evaluation_text() -> None:
     from pipecat_michi.model.ctc_decoder import english_lexicon
     from pipecat_michi.textnorm import normalise_text
-    from pipecat_michi.train.fluent import SMOLLM2_TEXT, training_sentences
+    from pipecat_michi.train.fluent import SMOLLM2_REQUESTS_TEXT, SMOLLM2_TEXT, training_sentences
 
-    lines = SMOLLM2_TEXT.read_text().splitlines()
-    assert len(lines) > 5000 and len({normalise_text(s) for s in lines}) == len(lines)
+    lines = SMOLLM2_TEXT.read_text().splitlines() + SMOLLM2_REQUESTS_TEXT.read_text().splitlines()
+    assert len(lines) > 12000 and len({normalise_text(s) for s in lines}) == len(lines)
     vocabulary, forbidden = english_lexicon().word_logprobs, evaluation_ngrams()
     assert [s for s in lines if speakable_sentences(s, vocabulary, forbidden) != [s]] == []
     assert set(lines) <= set(training_sentences(None))  # the listening corpus draws from them
+
+
+def test_the_prompt_set_picks_the_templates_and_excluded_sentences_are_not_written_again(
+        tmp_path, monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from pipecat_michi.train import sentences as module
+
+    asked: list[str] = []
+
+    def fake_answers(backbone, tokenizer, prompts, *args):  # SmolLM2's sampling is tested above
+        asked.extend(prompts)
+        return ["Please call me back tonight. I think it is raining again."] * len(prompts)
+
+    monkeypatch.setattr(module, "pretrained_backbone", lambda: (SimpleNamespace(backbone=None), None))
+    monkeypatch.setattr(module, "sample_answers", fake_answers)
+    excluded = tmp_path / "before.txt"
+    excluded.write_text("please call me back tonight\n")
+    out = module.generate_sentences(module.SentencesConfig(out=tmp_path / "out.txt", answers=5, batch_size=2,
+                                                           prompt_set="requests", exclude_text=excluded))
+    assert out.read_text().splitlines() == ["I think it is raining again."]
+    assert len(asked) == 5
+    assert all(any(p == t.format(topic=topic) for t in module.REQUEST_PROMPTS for topic in module.REQUEST_TOPICS)
+               for p in asked)
