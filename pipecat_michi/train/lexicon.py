@@ -9,7 +9,7 @@ Sources, none of them our evaluation text:
 
 A low id does not make a token a word: BPE also learns frequent word *beginnings* early (``Ġth``,
 ``Ġwh``, ``Ġcon``, ``Ġpro``), and as words they would outrank "two" and "people" (the demo heard
-"a table for th people"). Usage text, the listening corpus's sentences (~100k words of English
+"a table for th people"). Usage text, the listening corpus's sentences (~127k words of English
 written by people and by SmolLM2), tells them apart: a token the Zipf prior expects at least
 ``MIN_EXPECTED_UNUSED`` times in it but that never occurs there is a fragment, and is ranked with
 the dictionary's rare words instead.
@@ -29,7 +29,6 @@ from collections import Counter
 from pathlib import Path
 
 from loguru import logger
-
 from pydantic import BaseModel, Field
 
 CMU_DICT = Path("/usr/share/festival/dicts/cmu/cmudict-0.4.out")
