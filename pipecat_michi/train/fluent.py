@@ -28,7 +28,7 @@ from pipecat_michi.train.judge import (
     ESPEAK_VOICES,
     FESTIVAL_HTS_VOICE,
     FLITE_VOICES,
-    HELD_OUT_SENTENCES,
+    ALL_HELD_OUT_SENTENCES,
     HELD_OUT_VOICES,
     fluent_speech,
 )
@@ -118,7 +118,7 @@ def training_sentences(extra_text: Path | None) -> list[str]:
         lines += [line.strip() for line in text.read_text().splitlines() if line.strip()]
     if extra_text is not None:
         lines += [line.strip() for line in extra_text.read_text().splitlines() if line.strip()]
-    held_out = {s.lower() for s in HELD_OUT_SENTENCES}
+    held_out = {s.lower() for s in ALL_HELD_OUT_SENTENCES}
     return [s for s in lines if s.lower() not in held_out]
 
 

@@ -32,7 +32,7 @@ from pipecat_michi.model.backbone import Backbone
 from pipecat_michi.model.tokenizer import HFTokenizer
 from pipecat_michi.textnorm import normalise_text
 from pipecat_michi.train.chat_texts import chat_document, pretrained_backbone
-from pipecat_michi.train.judge import HELD_OUT_SENTENCES, human_transcripts
+from pipecat_michi.train.judge import ALL_HELD_OUT_SENTENCES, human_transcripts
 
 TOPICS = (
     "a dentist's office", "a bank", "a pharmacy", "a train station", "an airport", "a hotel front desk",
@@ -117,7 +117,7 @@ class SentencesConfig(BaseModel):
 
 def evaluation_ngrams(n: int = 4) -> set[tuple[str, ...]]:
     """Every ``n``-word run of the judge's held-out sentences and the human clips' transcripts."""
-    texts = list(HELD_OUT_SENTENCES) + list(human_transcripts().values())
+    texts = list(ALL_HELD_OUT_SENTENCES) + list(human_transcripts().values())
     return {gram for text in texts for gram in _ngrams(normalise_text(text).split(), n)}
 
 
