@@ -25,35 +25,7 @@ from pipecat_michi.engine.config import PACKAGED_CHECKPOINTS
 from pipecat_michi.model.checkpoint import load_checkpoint
 from pipecat_michi.model.ctc_decoder import BeamSettings, CtcBeamDecoder, english_lexicon
 from pipecat_michi.train.fluent import ESPEAK_TRAINING_VOICES, NATURAL_VOICES
-from pipecat_michi.train.judge import Clip, fluent_speech, twilio_path, wer
-
-DEV_SENTENCES = (
-    "Could you check if the bakery down the street still has fresh bread?",
-    "I forgot my umbrella at the office yesterday evening.",
-    "Please set an alarm for six thirty tomorrow morning.",
-    "My brother is flying in from Chicago next Tuesday.",
-    "Which bus goes to the museum near the river?",
-    "The dishwasher stopped working in the middle of the cycle.",
-    "Can you book me a haircut for Friday at noon?",
-    "I would like to cancel my gym membership please.",
-    "How much does a return ticket to the coast cost?",
-    "Send a message to my mother saying I will be late.",
-    "The printer on the second floor is out of paper again.",
-    "We are looking for a quiet restaurant with vegetarian food.",
-    "Is there a parking garage close to the stadium?",
-    "My daughter has a fever and a sore throat.",
-    "Please transfer fifty dollars to my savings account.",
-    "What time does the library close on Sundays?",
-    "I need to change the delivery address for my order.",
-    "The neighbors are having a loud party tonight.",
-    "Could you recommend a good book about history?",
-    "Add eggs, butter and flour to my shopping list.",
-    "Our flight was delayed by almost three hours.",
-    "Turn off the lights in the kitchen and the garage.",
-    "I am calling about the broken window in my apartment.",
-    "Let me know when the package arrives at the front desk.",
-)
-
+from pipecat_michi.train.judge import DEV_SENTENCES, Clip, fluent_speech, twilio_path, wer
 
 def dev_clips() -> list[Clip]:
     voices = list(NATURAL_VOICES) + list(ESPEAK_TRAINING_VOICES[::7])

@@ -57,19 +57,19 @@ HELD_OUT_SENTENCES = (
 # judge uses all 48; the speaking and codec benchmarks, which synthesise every sentence through
 # the model, keep the first 12.
 MORE_HELD_OUT_SENTENCES = (
-    "I think I forgot my umbrella on the bus, who should I call?",
+    "Somebody on the bus may have found my umbrella, who should I call?",
     "Is there a quiet table near the window for four people at eight?",
     "My flight got cancelled, so book me on the next one to Denver.",
-    "Could you check if my prescription is ready for pickup today?",
+    "Is my prescription ready for pickup today?",
     "The washing machine stopped halfway through the spin cycle.",
     "What would a monthly parking pass near the stadium cost?",
-    "Text Maria that traffic is terrible and I will be late.",
+    "Text Maria that traffic is terrible and I am running behind.",
     "Please end my gym contract when this month is over.",
     "Which bus goes from the library to the north side of town?",
     "Our wifi disconnects almost every night around nine.",
     "Wake me at a quarter past six tomorrow for the early shift.",
     "Do you deliver groceries to apartments on the top floor?",
-    "My daughter has had a fever and a sore throat since last night.",
+    "Since last night my little girl has been coughing with a fever.",
     "Could the same stylist give me a trim on Friday around lunchtime?",
     "When does the farmers market close on Sunday?",
     "My card shows two identical payments for one order last week.",
@@ -95,6 +95,35 @@ MORE_HELD_OUT_SENTENCES = (
     "Does the swimming pool open before seven on weekdays?",
 )
 ALL_HELD_OUT_SENTENCES = HELD_OUT_SENTENCES + MORE_HELD_OUT_SENTENCES
+# The transcript decoder's tuning set (benchmarks/lexicon_tune.py, spoken by training voices):
+# in no training text, and sharing no 4-word run with the held-out sentences but the stock
+# "I would like to" (tested), so tuning on it learns nothing of the judge's sentences.
+DEV_SENTENCES = (
+    "Could you check if the bakery down the street still has fresh bread?",
+    "I forgot my umbrella at the office yesterday evening.",
+    "Please set an alarm for six thirty tomorrow morning.",
+    "My brother is flying in from Chicago next Tuesday.",
+    "Which bus goes to the museum near the river?",
+    "The dishwasher stopped working in the middle of the cycle.",
+    "Can you book me a haircut for Friday at noon?",
+    "I would like to cancel my gym membership please.",
+    "How much does a return ticket to the coast cost?",
+    "Send a message to my mother saying I will be late.",
+    "The printer on the second floor is out of paper again.",
+    "We are looking for a quiet restaurant with vegetarian food.",
+    "Is there a parking garage close to the stadium?",
+    "My daughter has a fever and a sore throat.",
+    "Please transfer fifty dollars to my savings account.",
+    "What time does the library close on Sundays?",
+    "I need to change the delivery address for my order.",
+    "The neighbors are having a loud party tonight.",
+    "Could you recommend a good book about history?",
+    "Add eggs, butter and flour to my shopping list.",
+    "Our flight was delayed by almost three hours.",
+    "Turn off the lights in the kitchen and the garage.",
+    "I am calling about the broken window in my apartment.",
+    "Let me know when the package arrives at the front desk.",
+)
 
 
 def held_out_sentences(domain: str) -> tuple[str, ...]:
