@@ -91,6 +91,9 @@ class TrainConfig(BaseModel):
     transcript_lag_frames: int = Field(default=3, ge=0)
     telephone_prob: float = Field(default=0.5, ge=0, le=1)
     noise_prob: float = Field(default=0.5, ge=0, le=1)
+    # Room reverberation and microphone colour (train/augment.py); 0: off, the shipped recipe.
+    room_prob: float = Field(default=0.0, ge=0, le=1)
+    colour_prob: float = Field(default=0.0, ge=0, le=1)
     # Whisper listening head: initial weights when starting from a preset (default: the
     # preset's ``listening.whisper_weights``), and distillation toward the offline Whisper
     # encoder on those weights (0 turns it off), lagged by ``distill_lag_tokens`` 20 ms tokens.

@@ -196,7 +196,8 @@ class Trainer:
         self.stage_extras: dict[str, object] = {}
         if config.stage == "listening":
             self.stage_extras["augmenter"] = Augmenter(
-                model_config.sample_rate_hz, config.telephone_prob, config.noise_prob
+                model_config.sample_rate_hz, config.telephone_prob, config.noise_prob,
+                room_prob=config.room_prob, colour_prob=config.colour_prob,
             )
             whisper_source = whisper_weights_source(config, self.model)
             if whisper_source is not None and config.distill_weight > 0:

@@ -144,3 +144,22 @@ def test_listening_losses_with_a_whisper_teacher_backpropagate():
         student = model.listening.encode(batch.user_wav)
         target = teacher.tokens(batch.user_wav)
     assert torch.nn.functional.mse_loss(student, target) < torch.nn.functional.mse_loss(torch.zeros_like(target), target)
+
+
+def test_room_and_colour_augmentation_reverberate_and_tilt_keeping_power_and_the_seed():
+    rate = 24000
+    click = torch.zeros(2, rate)
+    click[:, 100] = 1.0
+    roomy = Augmenter(rate, 0.0, 0.0, room_prob=1.0)
+    out = roomy(click, torch.Generator().manual_seed(1))
+    assert torch.equal(out, roomy(click, torch.Generator().manual_seed(1)))
+    tail = out[:, 100 + rate // 10: 100 + rate // 5].square().sum(-1)  # 100-200 ms after the click
+    assert (tail > 1e-4 * out.square().sum(-1)).all()  # a room rings on; the dry click does not
+    torch.testing.assert_close(out.square().mean(-1), click.square().mean(-1), rtol=1e-3, atol=0)
+    t = torch.arange(rate) / rate
+    tones = (torch.sin(2 * torch.pi * 250 * t) + torch.sin(2 * torch.pi * 4000 * t))[None].repeat(8, 1) * 0.2
+    coloured = Augmenter(rate, 0.0, 0.0, colour_prob=1.0)(tones, torch.Generator().manual_seed(2))
+    spectrum = torch.fft.rfft(coloured).abs()
+    ratio = spectrum[:, 4000] / spectrum[:, 250]  # 1 Hz bins: the two tones' levels
+    assert ratio.max() / ratio.min() > 1.5  # each row its own colour
+    torch.testing.assert_close(coloured.square().mean(-1), tones.square().mean(-1), rtol=1e-3, atol=0)
