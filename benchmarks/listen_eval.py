@@ -27,12 +27,12 @@ import torch
 
 from pipecat_michi.engine.transcript import CallTranscript, LexiconTranscript
 from pipecat_michi.model.checkpoint import load_checkpoint
-from pipecat_michi.model.michi import MichiModel
+from pipecat_michi.model.michi import MichiModel, speaking_over_time
 from pipecat_michi.model.quantize import QUANTIZE_MODES, quantize_model
 from pipecat_michi.model.tokenizer import StreamingDetokenizer, Tokenizer, load_tokenizer
 from pipecat_michi.train.evaluate import transcribe
 from pipecat_michi.train.judge import (
-    HELD_OUT_SENTENCES,
+    ALL_HELD_OUT_SENTENCES,
     HELD_OUT_VOICES,
     Clip,
     OfflineWhisper,
@@ -44,9 +44,24 @@ from pipecat_michi.train.judge import (
 )
 
 
+# The floor-taking rule's counts the turn-taking figures are printed for, beside the checkpoint's.
+ONSET_FRAMES_COMPARED = (1, 2, 3, 4)
+
+
 def synthetic_clips(count: int) -> list[Clip]:
-    pairs = zip(HELD_OUT_SENTENCES[:count], itertools.cycle(HELD_OUT_VOICES))
+    pairs = zip(ALL_HELD_OUT_SENTENCES[:count], itertools.cycle(HELD_OUT_VOICES))
     return [Clip(f"{voice}/{i}", *fluent_speech(text, voice), text) for i, (text, voice) in enumerate(pairs)]
+
+
+# Callers open with a greeting and pause after it ("Hello! I would like to book a table..."):
+# the turn-taking figures are printed for such turns too (the first held-out sentences, greeted).
+GREETED_TURNS = 12
+
+
+def greeted_clips(count: int) -> list[Clip]:
+    pairs = zip(ALL_HELD_OUT_SENTENCES[:count], itertools.cycle(HELD_OUT_VOICES))
+    return [Clip(f"{voice}/hello-{i}", *fluent_speech(f"Hello! {text}", voice), f"Hello! {text}")
+            for i, (text, voice) in enumerate(pairs)]
 
 
 def streaming_transcript(model: MichiModel, tokenizer: Tokenizer, clip: Clip) -> str:
@@ -63,7 +78,7 @@ def lexicon_words(model: MichiModel, logits: torch.Tensor, speak_logits: torch.T
     [1, F]``), frame by frame: each word with the time it became final (the end of its frame)."""
     transcript = CallTranscript(LexiconTranscript(model.config.listening.ctc_alphabet))
     logprobs = torch.log_softmax(logits[0].float(), dim=-1).cpu().numpy()
-    speaking = (torch.sigmoid(speak_logits[0].float()) > model.config.speak_threshold).cpu().numpy()
+    speaking = _speaking(model, speak_logits, model.config.speak_onset_frames)
     per = model.listening.tokens_per_frame
     words = []
     for index in range(speaking.shape[0]):
@@ -72,6 +87,12 @@ def lexicon_words(model: MichiModel, logits: torch.Tensor, speak_logits: torch.T
     if finish:  # the clip is over: what is pending comes out after its last frame
         words += [(word, speaking.shape[0] * frame_s) for word in transcript.decoder.finish().split()]
     return words
+
+
+def _speaking(model: MichiModel, speak_logits: torch.Tensor, onset_frames: int) -> np.ndarray:
+    """The frames the model speaks in, as the engine decides (``speak_logits [1, F]``)."""
+    speak_prob = torch.sigmoid(speak_logits[0].float()).cpu()
+    return speaking_over_time(speak_prob, model.config.speak_threshold, onset_frames).numpy()
 
 
 @torch.no_grad()
@@ -111,8 +132,10 @@ class Turn:
     """One held-out caller turn heard by the head: was the floor taken too early, and when after
     the caller stopped; per word, how long after Whisper's word end its text came out."""
 
-    early: bool
+    early: bool  # with the checkpoint's speak_onset_frames
     floor_s: float | None  # None: the head never took the floor in the trailing silence
+    # speak_onset_frames -> (early, floor_s) for each count the benchmark compares
+    by_onset: dict[int, tuple[bool, float | None]]
     word_latencies_s: list[float]
     final_text_s: float | None  # the end of speech (exact) -> the transcript's last character out
     lexicon_word_latencies_s: list[float]  # the same two with the lexicon decoder (CTC heads)
@@ -137,10 +160,13 @@ def judge_turn(model: MichiModel, tokenizer: Tokenizer, judge: OfflineWhisper, c
     # exist when frame f has been heard, at (f + 1) * 80 ms.
     frame_s = frame / rate
     ends = (np.arange(speak_logits.shape[1]) + 1) * frame_s
-    speaking = (torch.sigmoid(speak_logits[0].float()) > model.config.speak_threshold).cpu().numpy()
-    early = bool(speaking[ends <= speech_end_s].any())
-    after = np.flatnonzero(speaking & (ends > speech_end_s))
-    floor_s = float(ends[after[0]] - speech_end_s) if after.size else None
+    by_onset = {}
+    for onset in sorted({*ONSET_FRAMES_COMPARED, model.config.speak_onset_frames}):
+        speaking = _speaking(model, speak_logits, onset)
+        after = np.flatnonzero(speaking & (ends > speech_end_s))
+        by_onset[onset] = (bool(speaking[ends <= speech_end_s].any()),
+                           float(ends[after[0]] - speech_end_s) if after.size else None)
+    early, floor_s = by_onset[model.config.speak_onset_frames]
     latencies, words = _word_latencies(model, tokenizer, logits, frame_s, references)
     final_text_s = words[-1][1] - speech_end_s if words else None
     lexicon_latencies, lexicon_final_s = [], None
@@ -149,7 +175,7 @@ def judge_turn(model: MichiModel, tokenizer: Tokenizer, judge: OfflineWhisper, c
         final = lexicon_words(model, logits, speak_logits, frame_s, finish=False)
         lexicon_latencies = _matched_latencies(references, final)
         lexicon_final_s = final[-1][1] - speech_end_s if final else None
-    return Turn(early, floor_s, latencies, final_text_s, lexicon_latencies, lexicon_final_s)
+    return Turn(early, floor_s, by_onset, latencies, final_text_s, lexicon_latencies, lexicon_final_s)
 
 
 def _word_latencies(model: MichiModel, tokenizer: Tokenizer, logits: torch.Tensor, frame_s: float,
@@ -189,21 +215,39 @@ def _matched_latencies(references: list[tuple[str, float]], words: list[tuple[st
     return latencies
 
 
-def turn_taking(model: MichiModel, tokenizer: Tokenizer, judge: OfflineWhisper, clips: list[Clip], twilio: bool) -> None:
-    """Print the speak/hold rates and the transcript latency over ``clips`` (one turn each)."""
+def turn_taking(model: MichiModel, tokenizer: Tokenizer, judge: OfflineWhisper, clips: list[Clip], twilio: bool,
+                greeted: list[Clip] | None = None) -> None:
+    """Print the speak/hold rates and the transcript latency over ``clips`` (one turn each), and
+    the speak/hold rates of ``greeted`` turns (a greeting and its pause, then the sentence)."""
     turns = [judge_turn(model, tokenizer, judge, clip, twilio) for clip in clips]
-    early = sum(t.early for t in turns)
-    in_time = sum(t.floor_s is not None and t.floor_s <= 0.4 for t in turns)
-    floors = [t.floor_s for t in turns if t.floor_s is not None]
     path = " (Twilio)" if twilio else ""
-    print(f"turn taking{path}: {len(turns)} turns, spoke during the caller's sentence in {early} "
-          f"({100 * early / len(turns):.0f}%), took the floor within 400 ms in {in_time} "
-          f"({100 * in_time / len(turns):.0f}%), floor delay p50 "
-          f"{1000 * float(np.median(floors)) if floors else float('nan'):.0f} ms")
+    _print_floor_takes(f"turn taking{path}", model, turns)
+    if greeted:
+        _print_floor_takes(f"turn taking, greeted turns{path}", model,
+                           [judge_turn(model, tokenizer, judge, clip, twilio) for clip in greeted])
     _print_latency("greedy" + path, [t.final_text_s for t in turns], [x for t in turns for x in t.word_latencies_s])
     if model.config.listening.transcript == "ctc":
         _print_latency("lexicon" + path, [t.lexicon_final_text_s for t in turns],
                        [x for t in turns for x in t.lexicon_word_latencies_s])
+
+
+def _print_floor_takes(title: str, model: MichiModel, turns: list[Turn]) -> None:
+    configured = model.config.speak_onset_frames
+    print(f"{title}: {_floor_line(len(turns), [(t.early, t.floor_s) for t in turns])} "
+          f"(speak_threshold {model.config.speak_threshold}, speak_onset_frames {configured})")
+    for onset in ONSET_FRAMES_COMPARED:
+        if onset != configured:
+            print(f"  with speak_onset_frames {onset}: {_floor_line(len(turns), [t.by_onset[onset] for t in turns])}")
+
+
+def _floor_line(count: int, takes: list[tuple[bool, float | None]]) -> str:
+    early = sum(e for e, _ in takes)
+    in_time = sum(f is not None and f <= 0.4 for _, f in takes)
+    floors = [f for _, f in takes if f is not None]
+    p50, p90 = np.percentile(floors, [50, 90]) if floors else (float("nan"), float("nan"))
+    return (f"{count} turns, spoke during the caller's sentence in {early} ({100 * early / count:.0f}%), "
+            f"took the floor within 400 ms in {in_time} ({100 * in_time / count:.0f}%), "
+            f"floor delay p50 {1000 * p50:.0f} ms, p90 {1000 * p90:.0f} ms")
 
 
 def _print_latency(decoder: str, finals: list[float | None], latencies: list[float]) -> None:
@@ -223,7 +267,8 @@ def _print_latency(decoder: str, finals: list[float | None], latencies: list[flo
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, help="a MichiAI checkpoint; without it only offline Whisper runs")
-    parser.add_argument("--sentences", type=int, default=len(HELD_OUT_SENTENCES), help="held-out sentences")
+    parser.add_argument("--sentences", type=int, default=len(ALL_HELD_OUT_SENTENCES),
+                        help="held-out sentences (the first 12 are the set stop 26 and earlier reported)")
     parser.add_argument("--twilio", action="store_true", help="8 kHz mu-law round trip before listening")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--verbose", action="store_true", help="print every transcript")
@@ -240,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def judge_listening(model: MichiModel | None, tokenizer: Tokenizer | None, twilio: bool = False,
-                    sentences: int = len(HELD_OUT_SENTENCES), threads: int = 2, verbose: bool = False) -> None:
+                    sentences: int = len(ALL_HELD_OUT_SENTENCES), threads: int = 2, verbose: bool = False) -> None:
     """Print held-out synthetic and human WER of ``model``'s head beside offline Whisper tiny.en."""
     judge = OfflineWhisper(cpu_threads=threads)
     path = " (Twilio 8 kHz mu-law)" if twilio else ""
@@ -251,7 +296,8 @@ def judge_listening(model: MichiModel | None, tokenizer: Tokenizer | None, twili
     else:
         print("pocketsphinx-testdata not installed (apt-get install -y pocketsphinx-testdata): no human clips")
     if model is not None:
-        turn_taking(model, tokenizer, judge, synthetic_clips(sentences), twilio)
+        turn_taking(model, tokenizer, judge, synthetic_clips(sentences), twilio,
+                    greeted_clips(min(GREETED_TURNS, sentences)))
 
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ class DuplexBackend(Protocol):
         voice_prompt: np.ndarray | None = None,
     ) -> DuplexCall:
         """Open a call. ``settings`` holds what differs from the model's defaults
-        (``DuplexEngine.session_defaults``: a checkpoint's calibrated speak threshold)."""
+        (``DuplexEngine.session_defaults``: a checkpoint's calibrated speak threshold and onset frames)."""
         ...
 
     async def close(self) -> None: ...

@@ -69,7 +69,9 @@ class SlotBatch:
         for batch in self.batch_sizes:
             sampling = Sampling.greedy(batch, device=self.model.device)
             sampling.max_flow_steps = 1
+            # Tensors where the engine's ticks pass tensors: the same graph, no recompile later.
             sampling.flow_steps = torch.ones(batch, dtype=torch.long, device=self.model.device)
+            sampling.speak_onset_frames = torch.ones(batch, dtype=torch.long, device=self.model.device)
             noise = StepNoise(
                 torch.zeros(batch, self.model.config.codec.latent_dim, device=self.model.device),
                 torch.zeros(batch, device=self.model.device),

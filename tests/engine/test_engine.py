@@ -248,3 +248,13 @@ async def test_flow_temperature_scales_the_speaking_heads_noise() -> None:
 
     # Half the noise lands between no noise and all of it (same seed, so the same draws).
     assert 0 < distance(half, steady[0]) < distance(varied[0], steady[0])
+
+
+async def test_each_call_takes_the_floor_after_its_own_onset_frames_and_a_reused_slot_starts_over() -> None:
+    audio = _audio(4, 6)
+    async with DuplexEngine(EngineConfig(preset="tiny", device="cpu", slot_capacity=1, fill_after_ms=5000.0)) as engine:
+        for onset in (3, 1, 3):  # one slot: each call reuses the last one's row and its state
+            results = await _call(engine, audio, seed=2, speak_threshold=0.01, speak_onset_frames=onset)
+            assert all(r.speak_prob > 0.01 for r in results)  # above the threshold from the first frame
+            assert [r.speaking for r in results] == [False] * (onset - 1) + [True] * (7 - onset)
+            assert all((r.audio is not None) == r.speaking for r in results)

@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from pipecat_michi.model.config import MichiConfig
-from pipecat_michi.model.michi import MichiModel, Sampling, StepNoise, sample_tokens
+from pipecat_michi.model.michi import (
+    MichiModel,
+    Sampling,
+    StepNoise,
+    sample_tokens,
+    speak_decision,
+    speaking_over_time,
+)
 from pipecat_michi.model.tokenizer import ByteTokenizer, StreamingDetokenizer
 
 TINY = MichiConfig.preset("tiny")
@@ -66,6 +73,37 @@ def test_step_outputs_and_own_audio_feedback(model: MichiModel) -> None:
     assert new_state["prev_latent"][1].abs().max() == 0  # it hears the silence it played
     assert new_state["prev_text"].tolist() == out.text_tokens.tolist()
     assert cache.lengths.tolist() == [1, 1]
+
+
+def test_the_floor_is_taken_after_onset_frames_in_a_row_and_held_until_the_probability_falls() -> None:
+    #              a pause's blip | a longer pause    | the caller is done, the bot speaks | yields
+    probs = torch.tensor([0.9, 0.2, 0.9, 0.9, 0.1, 0.8, 0.9, 0.95, 0.99, 0.7, 0.3, 0.9])
+    assert speaking_over_time(probs, 0.5, 1).tolist() == (probs > 0.5).tolist()
+    assert speaking_over_time(probs, 0.5, 3).nonzero().flatten().tolist() == [7, 8, 9]
+    assert speaking_over_time(probs, 0.5, 2).nonzero().flatten().tolist() == [3, 6, 7, 8, 9]
+    # Per row: each call its own count, its own run.
+    sampling = Sampling.greedy(2)
+    sampling.speak_onset_frames = torch.tensor([1, 2])
+    speaking, run = speak_decision(torch.tensor([0.9, 0.9]), torch.tensor([0, 0]), sampling)
+    assert speaking.tolist() == [True, False] and run.tolist() == [1, 1]
+    speaking, run = speak_decision(torch.tensor([0.9, 0.9]), run, sampling)
+    assert speaking.tolist() == [True, True] and run.tolist() == [2, 2]
+
+
+def test_a_held_back_onset_plays_silence_and_the_run_lives_in_the_call_state(model: MichiModel) -> None:
+    cache, state = model.new_cache(2), model.init_state(2)
+    sampling = Sampling.greedy(2, speak_threshold=1e-6)  # both rows always above the threshold
+    sampling.speak_onset_frames = torch.tensor([1, 3])
+    generators = [torch.Generator().manual_seed(i) for i in range(2)]
+    spoke = []
+    for _ in range(4):
+        out, state = model.step(torch.zeros(2, FRAME), state, cache, sampling,
+                                StepNoise.draw(generators, TINY.codec.latent_dim))
+        spoke.append(out.speaking.tolist())
+        if not out.speaking[1]:  # holding: no audio out, and it hears the silence it played
+            assert out.audio[1].abs().max() == 0 and state["prev_latent"][1].abs().max() == 0
+    assert spoke == [[True, False], [True, False], [True, True], [True, True]]
+    assert state["speak_run"].tolist() == [4, 4]
 
 
 def test_inactive_rows_keep_state(model: MichiModel) -> None:

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.timeout(60)
 
 # A valid value other than the default for every SessionSettings field.
 SAMPLES = {"temperature": 0.25, "top_k": 7, "flow_steps": 3, "flow_temperature": 0.5, "speak_threshold": 0.61,
-           "seed": 42}
+           "speak_onset_frames": 3, "seed": 42}
 
 
 def test_every_session_setting_is_a_service_setting_and_an_update_field() -> None:
@@ -57,17 +57,18 @@ def test_the_service_leaves_unset_settings_to_the_model_and_validates_in_lax_mod
     assert live.session_update(["top_k", "seed"]).model_dump() == {"seed": None}
 
 
-async def test_a_checkpoints_calibrated_speak_threshold_reaches_serving_unless_the_app_sets_one() -> None:
+async def test_a_checkpoints_calibrated_floor_taking_reaches_serving_unless_the_app_sets_it() -> None:
     torch.manual_seed(0)
-    config = MichiConfig.preset("tiny").model_copy(update={"speak_threshold": 0.37})
+    config = MichiConfig.preset("tiny").model_copy(update={"speak_threshold": 0.37, "speak_onset_frames": 3})
     engine = DuplexEngine(model=MichiModel(config).eval(), tokenizer=load_tokenizer(config))
     local = LocalEngine(engine=engine)
     try:
-        for settings, expected in [(None, 0.37), (MichiSettings(speak_threshold=0.6), 0.6)]:
+        for settings, expected in [(None, (0.37, 3)), (MichiSettings(speak_threshold=0.6), (0.6, 3)),
+                                   (MichiSettings(speak_onset_frames=1), (0.37, 1))]:
             spy = SpyBackend(local)
             service = MichiLLMService(spy, settings=settings)
             await run_test(service, frames_to_send=[SleepFrame(0.1)])
             (call,) = spy.calls
-            assert call.session.settings.speak_threshold == expected
+            assert (call.session.settings.speak_threshold, call.session.settings.speak_onset_frames) == expected
     finally:
         await local.close()
