@@ -25,10 +25,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipecat_michi.train.corpus import DIALOGUES, SENTENCES
 from pipecat_michi.train.judge import (
+    ALL_HELD_OUT_SENTENCES,
     ESPEAK_VOICES,
+    FESTIVAL_DIPHONE_VOICES,
     FESTIVAL_HTS_VOICE,
     FLITE_VOICES,
-    ALL_HELD_OUT_SENTENCES,
     HELD_OUT_VOICES,
     fluent_speech,
 )
@@ -46,7 +47,11 @@ ESPEAK_VARIANTS = ("m1", "m2", "m4", "m5", "m7", "f1", "f2", "f4", "klatt", "kla
 ESPEAK_TRAINING_VOICES = tuple(v for v in ESPEAK_VOICES if v not in HELD_OUT_VOICES) + tuple(
     f"{accent}+{variant}" for accent in ESPEAK_ACCENTS for variant in ESPEAK_VARIANTS
 )
-TRAINING_VOICES = NATURAL_VOICES + ESPEAK_TRAINING_VOICES
+# Festival's diphone voices (judge.FESTIVAL_DIPHONE_VOICES): trained on only when asked for
+# (``--voices ked``), so the default mix, and the corpora the shipped heads were trained on, stay
+# as they were drawn.
+DIPHONE_TRAINING_VOICES = tuple(FESTIVAL_DIPHONE_VOICES)
+TRAINING_VOICES = NATURAL_VOICES + ESPEAK_TRAINING_VOICES + DIPHONE_TRAINING_VOICES
 SPEEDS_WPM = (130, 150, 170, 190, 210)
 
 

