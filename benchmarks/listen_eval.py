@@ -121,10 +121,25 @@ def evaluate_set(name: str, clips: list[Clip], judge: OfflineWhisper, model: Mic
             line = line.replace("streaming head WER", "streaming head WER greedy")
             line += f", lexicon {100 * wer(lexicon, references):5.1f}%"
     print(line)
+    _print_by_voice(clips, offline, lexicon if any(lexicon) else streamed)
     if verbose:
         for clip, off, st, lx in zip(clips, offline, streamed, lexicon):
             print(f"    {clip.name}: ref={clip.text!r}\n      whisper={off!r}\n      head={st!r}"
                   + (f"\n      lexicon={lx!r}" if lx else ""))
+
+
+def _print_by_voice(clips: list[Clip], offline: list[str], heard: list[str]) -> None:
+    """WER per voice of a synthetic set (clip names ``voice/index``): one voice can carry a figure."""
+    voices = sorted({c.name.split("/")[0] for c in clips})
+    if len(voices) < 2 or len(voices) == len(clips):
+        return
+    parts = []
+    for voice in voices:
+        rows = [i for i, c in enumerate(clips) if c.name.split("/")[0] == voice]
+        refs = [clips[i].text for i in rows]
+        head = f" head {100 * wer([heard[i] for i in rows], refs):.1f}%" if any(heard) else ""
+        parts.append(f"{voice} ({len(rows)}):{head} Whisper {100 * wer([offline[i] for i in rows], refs):.1f}%")
+    print("  by voice (or source): " + "; ".join(parts))
 
 
 @dataclass(frozen=True)
