@@ -47,6 +47,7 @@ from pipecat_michi.train.judge import (
 from pipecat_michi.train.neural_voices import NeuralVoiceUnavailable
 
 
+TEST_SETS = ("synthetic", "neural", "human", "turns")
 # The floor-taking rule's counts the turn-taking figures are printed for, beside the checkpoint's.
 ONSET_FRAMES_COMPARED = (1, 2, 3, 4)
 
@@ -298,34 +299,44 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--verbose", action="store_true", help="print every transcript")
     parser.add_argument("--quantize", choices=QUANTIZE_MODES, default="none",
                         help="judge the model as served with this weight quantization")
+    parser.add_argument("--sets", default=",".join(TEST_SETS),
+                        help=f"comma-separated, of {', '.join(TEST_SETS)} (turns: turn taking and latency)")
     args = parser.parse_args(argv)
+    sets = tuple(name.strip() for name in args.sets.split(",") if name.strip())
+    if unknown := [name for name in sets if name not in TEST_SETS]:
+        parser.error(f"unknown sets {unknown}; known: {', '.join(TEST_SETS)}")
     torch.set_num_threads(args.threads)
     np.random.seed(0)
     model = tokenizer = None
     if args.checkpoint is not None:
         model = quantize_model(load_checkpoint(args.checkpoint).eval(), args.quantize)
         tokenizer = load_tokenizer(model.config, args.checkpoint)
-    judge_listening(model, tokenizer, args.twilio, args.sentences, args.threads, args.verbose)
+    judge_listening(model, tokenizer, args.twilio, args.sentences, args.threads, args.verbose, sets)
 
 
 def judge_listening(model: MichiModel | None, tokenizer: Tokenizer | None, twilio: bool = False,
-                    sentences: int = len(ALL_HELD_OUT_SENTENCES), threads: int = 2, verbose: bool = False) -> None:
-    """Print held-out synthetic and human WER of ``model``'s head beside offline Whisper tiny.en."""
+                    sentences: int = len(ALL_HELD_OUT_SENTENCES), threads: int = 2, verbose: bool = False,
+                    sets: tuple[str, ...] = TEST_SETS) -> None:
+    """Print held-out synthetic, neural and human WER of ``model``'s head beside offline Whisper
+    tiny.en, and its turn taking."""
     judge = OfflineWhisper(cpu_threads=threads)
     path = " (Twilio 8 kHz mu-law)" if twilio else ""
-    evaluate_set("held-out synthetic" + path, synthetic_clips(sentences), judge, model, tokenizer, twilio, verbose)
-    try:
-        neural = neural_clips(sentences)
-    except NeuralVoiceUnavailable as exc:
-        print(f"held-out neural voice: skipped ({exc})")
-    else:
-        evaluate_set(f"held-out neural voice{path}", neural, judge, model, tokenizer, twilio, verbose)
-    humans = human_clips()
-    if humans:
-        evaluate_set("pocketsphinx human" + path, humans, judge, model, tokenizer, twilio, verbose)
-    else:
-        print("pocketsphinx-testdata not installed (apt-get install -y pocketsphinx-testdata): no human clips")
-    if model is not None:
+    if "synthetic" in sets:
+        evaluate_set("held-out synthetic" + path, synthetic_clips(sentences), judge, model, tokenizer, twilio, verbose)
+    if "neural" in sets:
+        try:
+            neural = neural_clips(sentences)
+        except NeuralVoiceUnavailable as exc:
+            print(f"held-out neural voice: skipped ({exc})")
+        else:
+            evaluate_set(f"held-out neural voice{path}", neural, judge, model, tokenizer, twilio, verbose)
+    if "human" in sets:
+        humans = human_clips()
+        if humans:
+            evaluate_set("pocketsphinx human" + path, humans, judge, model, tokenizer, twilio, verbose)
+        else:
+            print("pocketsphinx-testdata not installed (apt-get install -y pocketsphinx-testdata): no human clips")
+    if model is not None and "turns" in sets:
         turn_taking(model, tokenizer, judge, synthetic_clips(sentences), twilio,
                     greeted_clips(min(GREETED_TURNS, sentences)))
 
