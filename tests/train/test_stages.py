@@ -195,3 +195,22 @@ def test_the_flow_head_can_learn_at_its_own_rate(tone_manifest: Path, tmp_path: 
     # At the default scale the flow head shares its group, as runs from before resume into.
     default = Trainer(_config(tone_manifest, tmp_path / "flow-default", "speaking", steps=1))
     assert len(default.optimizer.param_groups) == 1
+
+
+def test_a_one_sided_example_holds_its_silent_channel_in_no_memory_and_batches_it_as_zeros(tone_manifest: Path) -> None:
+    from pipecat_michi.model.config import MichiConfig
+    from pipecat_michi.model.tokenizer import load_tokenizer
+    from pipecat_michi.train.data import ExampleBuilder, sample_batch, split_entries
+    from pipecat_michi.train.manifest import read_manifest
+
+    config = MichiConfig.preset("tiny")
+    builder = ExampleBuilder(load_tokenizer(config), config.frame_samples, config.sample_rate_hz)
+    singles, _ = split_entries(read_manifest(tone_manifest))
+    heard, spoken = [builder.as_user(e) for e in singles], [builder.as_bot(e) for e in singles]
+    for example, silent, sound in [(e, e.bot_wav, e.user_wav) for e in heard] + [(e, e.user_wav, e.bot_wav) for e in spoken]:
+        assert silent.shape == sound.shape and silent.untyped_storage().nbytes() == 4  # one float32
+        assert sound.untyped_storage().nbytes() == 4 * sound.numel()
+    batch = sample_batch(heard + spoken, 6, 8, config.frame_samples, torch.Generator().manual_seed(0))
+    assert batch.user_wav.abs().sum() > 0 and batch.bot_wav.abs().sum() > 0
+    own = batch.user_wav.abs().sum(-1) > 0  # rows from `heard` have silent bot channels, and the other way round
+    assert (batch.bot_wav[own] == 0).all() and (batch.user_wav[~own] == 0).all() and own.any() and (~own).any()
