@@ -109,6 +109,10 @@ async def simulate_call(args: argparse.Namespace) -> None:
     app = create_twilio_app(config, backend, observers)
     # The server starts once its lifespan has loaded the model: wait as long as that load may take.
     async with serve_on_loopback(app, limits=config.server, startup_timeout_s=backend.load_timeout_s) as host:
+        calibration = backend.engine.calibration
+        if calibration is not None and not calibration.real_time:
+            print(f"WARNING: this machine is too slow for the model in real time: {calibration.summary()}; "
+                  "the call will fall behind and the model will miss parts of it (see the log)")
         caller = await TwilioCaller.dial(host)  # the webhook first, as Twilio does
         await caller.connect()
         voice_at = time.monotonic()
@@ -143,7 +147,12 @@ async def simulate_call(args: argparse.Namespace) -> None:
     steps = sorted(backend.engine.stats.step_ms)
     if steps:
         p99 = steps[min(len(steps) - 1, int(0.99 * len(steps)))]
-        print(f"model step: p50 {statistics.median(steps):.1f} ms, p99 {p99:.1f} ms over {len(steps)} steps")
+        stats = backend.engine.stats
+        print(f"model step: p50 {statistics.median(steps):.1f} ms, p99 {p99:.1f} ms over {len(steps)} steps; "
+              f"{stats.late_ticks} over the {backend.engine.frame_ms:.0f} ms frame")
+        if stats.dropped_input_frames or stats.unheard_frames_at_close:
+            print(f"the engine fell behind: {stats.dropped_input_frames} frames of the caller's audio dropped, "
+                  f"{stats.unheard_frames_at_close} still queued at hang-up: the model never heard them")
     print(f"stereo WAV (caller left, bot right): {wav}\ntimeline: {png}")
     await backend.close()
 

@@ -67,17 +67,23 @@ class SlotBatch:
         """Compile the step for every batch size now (all rows inactive: nothing changes), so
         the first call of each size never stalls live calls."""
         for batch in self.batch_sizes:
-            sampling = Sampling.greedy(batch, device=self.model.device)
-            sampling.max_flow_steps = 1
-            # Tensors where the engine's ticks pass tensors: the same graph, no recompile later.
-            sampling.flow_steps = torch.ones(batch, dtype=torch.long, device=self.model.device)
-            sampling.speak_onset_frames = torch.ones(batch, dtype=torch.long, device=self.model.device)
-            noise = StepNoise(
-                torch.zeros(batch, self.model.config.codec.latent_dim, device=self.model.device),
-                torch.zeros(batch, device=self.model.device),
-            )
-            audio = np.zeros((batch, self.model.config.frame_samples), dtype=np.float32)
-            self.step(audio, [False] * batch, sampling, noise)
+            self.idle_step(batch)
+
+    @torch.no_grad()
+    def idle_step(self, rows: int) -> None:
+        """One full step of ``rows`` rows, all inactive: every part of the model runs, no slot's
+        state or cache advances (the warm-up's and the start-up calibration's step)."""
+        sampling = Sampling.greedy(rows, device=self.model.device)
+        sampling.max_flow_steps = 1
+        # Tensors where the engine's ticks pass tensors: the same graph, no recompile later.
+        sampling.flow_steps = torch.ones(rows, dtype=torch.long, device=self.model.device)
+        sampling.speak_onset_frames = torch.ones(rows, dtype=torch.long, device=self.model.device)
+        noise = StepNoise(
+            torch.zeros(rows, self.model.config.codec.latent_dim, device=self.model.device),
+            torch.zeros(rows, device=self.model.device),
+        )
+        audio = np.zeros((rows, self.model.config.frame_samples), dtype=np.float32)
+        self.step(audio, [False] * rows, sampling, noise)
 
     @property
     def kv_capacity(self) -> int:

@@ -58,10 +58,12 @@ class LocalEngine:
         config: What engine to build (ignored when ``engine`` is given); ``None`` loads the demo
             checkpoint (``EngineConfig(checkpoint="demo")``).
         engine: An engine to use instead.
-        open_timeout_s: Limit on opening one call, the model load of the first call included.
-        load_timeout_s: Limit on ``start()``, the model load at a server's startup. Generous: the
-            first load of a GGUF backbone converts it (about 30 s on an idle CPU core, several
-            times that on a busy 2-core machine); later loads read the converted copy.
+        open_timeout_s: Limit on opening one call once the engine runs (the system prompt's prefill).
+        load_timeout_s: Limit on ``start()``, the model load (and the step's compilation when
+            configured), whether at a server's startup or on the first call. Generous: the first
+            load of a GGUF backbone converts it (about 30 s on an idle CPU core, several times that
+            on a busy 2-core machine), and compiling the step on a small CPU takes minutes; later
+            loads read the converted copy.
     """
 
     def __init__(
@@ -88,8 +90,10 @@ class LocalEngine:
         system_prompt: str | None = None,
         voice_prompt: np.ndarray | None = None,
     ) -> LocalCall:
+        # The model load is not the call's: a first call waits for it under the load limit (a
+        # compiled step takes minutes on a small CPU), then opens under its own.
+        await self.start()
         async with asyncio.timeout(self._open_timeout_s):
-            await self.engine.start()
             session = await self.engine.open_session(settings, system_prompt, voice_prompt)
         return LocalCall(session, self.engine)
 

@@ -64,6 +64,9 @@ class EngineConfig(BaseModel):
     # is compiled when the engine starts, before a worker reports ready.
     compile: bool = False
     seed: int = 0
+    # Idle batch-1 steps timed when the engine starts (engine/calibration.py): a machine slower
+    # than real time is said at start-up, not discovered in a call. 0 skips the check.
+    calibration_steps: int = Field(default=6, ge=0, le=100)
     slot_capacity: int = Field(default=8, ge=1, le=1024)
     # KV entries per slot; None takes the model config's kv_capacity.
     kv_capacity: int | None = Field(default=None, ge=64)
@@ -74,7 +77,7 @@ class EngineConfig(BaseModel):
     # calls still without input are then filled with silence. A little over one frame absorbs
     # network jitter without letting one stalled call hold the others.
     fill_after_ms: float = Field(default=100.0, gt=0.0)
-    # Frames a call may queue ahead of the tick (a burst); beyond it the oldest are dropped.
+    # Frames a call may queue ahead of the tick (a burst); frames arriving beyond it are dropped.
     max_queued_frames: int = Field(default=25, ge=1)
     # Outputs a call may have unread; a stalled reader loses its oldest outputs, never stalls others.
     max_pending_outputs: int = Field(default=50, ge=1)

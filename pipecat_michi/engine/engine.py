@@ -39,6 +39,7 @@ from pipecat_michi.contract import (  # re-exported: the contract's old home
     StepResult,
 )
 from pipecat_michi.engine.batch import BatchStepOutput, SlotBatch
+from pipecat_michi.engine.calibration import StepCalibration, calibrate_step, report_calibration
 from pipecat_michi.engine.config import EngineConfig, load_model
 from pipecat_michi.model.runtime import prepare_model_thread
 from pipecat_michi.engine.settings import SessionSettings, SessionSettingsUpdate
@@ -59,6 +60,8 @@ class EngineStats:
     late_ticks: int = 0
     filled_frames: int = 0
     dropped_input_frames: int = 0
+    # Frames still queued when their call closed: heard by nobody (a call that fell behind).
+    unheard_frames_at_close: int = 0
     dropped_outputs: int = 0
     rejected_sessions: int = 0
     step_ms: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=4096))
@@ -231,6 +234,7 @@ class EngineSession:
         if self.closed:
             return
         self.closed = True
+        self._engine.stats.unheard_frames_at_close += len(self._inputs)
         self._inputs.clear()
         if self._outputs.full():
             self._outputs.get_nowait()
@@ -253,19 +257,29 @@ class DuplexEngine:
         self._sessions: dict[int, EngineSession] = {}
         self._executor: ThreadPoolExecutor | None = None
         self._tick_task: asyncio.Task | None = None
+        # Concurrent start() calls (two callers dialling in while the model loads) share one load.
+        self._start_lock = asyncio.Lock()
         self._wake_event = asyncio.Event()
         self._batch: SlotBatch
+        # Set by start() unless config.calibration_steps is 0: whether this machine keeps up.
+        self.calibration: StepCalibration | None = None
         self.tick_observers: list[Callable[[float, int, bool], None]] = []
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        if self._tick_task is not None:
-            return
+        """Load the model (and compile the step when configured) and start ticking; a no-op once
+        started. Callers racing here wait for the one load."""
+        async with self._start_lock:
+            if self._tick_task is None:
+                await self._start_unlocked()
+
+    async def _start_unlocked(self) -> None:
         # One thread: steps and prefills are serialised, and the model never races itself.
-        self._executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="michi-model", initializer=prepare_model_thread
-        )
+        if self._executor is None:  # a start cut off by its timeout left its thread: reuse it
+            self._executor = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="michi-model", initializer=prepare_model_thread
+            )
         if self._model is None or self.tokenizer is None:
             self._model, self.tokenizer = await self._run(load_model, self.config)
         # A bad decoder choice fails here, and the lexicon is read once, off the event loop.
@@ -282,6 +296,11 @@ class DuplexEngine:
             await self._run(self._batch.warm_up)
             logger.info(f"Compiled the step for batch sizes {self._batch.batch_sizes} "
                         f"in {time.perf_counter() - started:.1f} s")
+        if self.config.calibration_steps:
+            self.calibration = await self._run(
+                calibrate_step, self._batch, self.config.calibration_steps, self.frame_ms
+            )
+            report_calibration(self.calibration, compiled=self.config.compile, device=self._model.device.type)
         self._tick_task = asyncio.create_task(self._tick_loop(), name="michi-engine-ticks")
         logger.info(f"Duplex engine ready: {self.config.slot_capacity} slots, KV window {kv_capacity}")
 

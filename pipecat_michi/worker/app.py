@@ -79,6 +79,12 @@ def create_app(config: WorkerConfig, engine: DuplexEngine | None = None) -> Fast
             "slots_in_use": worker.engine.sessions_in_use,
             "slot_capacity": worker.engine.capacity,
         }
+        calibration = worker.engine.calibration
+        if calibration is not None:
+            # Informational, never a reason to refuse: a slow worker still serves, its operator
+            # reads why its calls lag here and in the start-up log.
+            body["step_ms_p50"] = round(calibration.step_ms_p50, 2)
+            body["real_time"] = calibration.real_time
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics")

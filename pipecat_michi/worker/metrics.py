@@ -52,6 +52,7 @@ class WorkerStats(BaseModel):
         late_ticks: Ticks whose step took longer than one frame.
         filled_frames: Input frames that had not arrived in time and were stepped as silence.
         dropped_input_frames: Input frames dropped (too late, or too far ahead).
+        unheard_frames_at_close: Input frames still queued when their call ended (it fell behind).
         dropped_outputs: Step results a slow reader lost.
         rejected_calls: Calls refused because the worker was full (close 1013).
         calls_total: Calls that got ``ready``.
@@ -67,6 +68,7 @@ class WorkerStats(BaseModel):
     late_ticks: int
     filled_frames: int
     dropped_input_frames: int
+    unheard_frames_at_close: int
     dropped_outputs: int
     rejected_calls: int
     calls_total: int
@@ -91,6 +93,7 @@ class _EngineCounters(Collector):
         "late_ticks": "Ticks whose model step took longer than one frame.",
         "filled_frames": "Input frames stepped as silence because they had not arrived in time.",
         "dropped_input_frames": "Input frames dropped: after their tick, or too far ahead of it.",
+        "unheard_frames_at_close": "Input frames still queued when their call ended: the engine was behind.",
         "dropped_outputs": "Step results dropped because a call's reader fell behind.",
     }
 
@@ -182,6 +185,7 @@ class WorkerMetrics:
             late_ticks=engine_stats.late_ticks,
             filled_frames=engine_stats.filled_frames,
             dropped_input_frames=engine_stats.dropped_input_frames,
+            unheard_frames_at_close=engine_stats.unheard_frames_at_close,
             dropped_outputs=engine_stats.dropped_outputs,
             rejected_calls=self.rejected_calls_total,
             calls_total=self.calls_total,

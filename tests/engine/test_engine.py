@@ -258,3 +258,54 @@ async def test_each_call_takes_the_floor_after_its_own_onset_frames_and_a_reused
             assert all(r.speak_prob > 0.01 for r in results)  # above the threshold from the first frame
             assert [r.speaking for r in results] == [False] * (onset - 1) + [True] * (7 - onset)
             assert all((r.audio is not None) == r.speaking for r in results)
+
+
+async def test_calls_dialling_in_while_the_model_loads_share_one_load_not_bounded_by_the_open_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first calls of a process start the engine. Its load (minutes with a compiled step on a
+    small CPU) is under the load limit, not the per-call open limit (before the fix a compiled
+    michi-simulate timed out opening its call), and two callers racing for it get one model."""
+    import time
+
+    from pipecat_michi.engine import engine as engine_module
+    from pipecat_michi.engine.call import LocalEngine
+
+    loads = []
+
+    def slow_load(config: EngineConfig):  # noqa: ANN202
+        loads.append(config)
+        time.sleep(0.6)  # stands in for a long load/compile (off the loop, in the model thread)
+        return load_model(config)
+
+    monkeypatch.setattr(engine_module, "load_model", slow_load)
+    backend = LocalEngine(_config(), open_timeout_s=0.3)
+    try:
+        first, second = await asyncio.gather(backend.open_call(), backend.open_call())
+        assert len(loads) == 1
+        assert first.frame_samples == second.frame_samples == FRAME
+        await first.close()
+        await second.close()
+    finally:
+        await backend.close()
+
+    # The load itself stays bounded: by the load limit.
+    bounded = LocalEngine(_config(), load_timeout_s=0.05)
+    try:
+        with pytest.raises(TimeoutError):
+            await bounded.open_call()
+    finally:
+        await bounded.close()
+
+
+async def test_frames_still_queued_when_a_call_closes_are_counted_unheard() -> None:
+    """A call that fell behind ends with frames nobody heard: the count says so (the main job's
+    report and the worker's metrics read it), where before they vanished."""
+    async with DuplexEngine(_config()) as engine:
+        session = await engine.open_session()
+        for index, frame in enumerate(_audio(4, 5)):
+            session.push_audio(frame, index)
+        # No await between the pushes and the close: no tick can have taken a frame.
+        await session.close()
+        assert engine.stats.unheard_frames_at_close == 5
+        assert engine.stats.dropped_input_frames == 0

@@ -278,7 +278,12 @@ async def test_health_readiness_metrics_and_stats_endpoints() -> None:
             assert (await http.get("/healthz")).status_code == 200
             ready = await http.get("/readyz")
             assert ready.status_code == 200
-            assert ready.json() == {"ready": True, "slots_in_use": 0, "slot_capacity": 2}
+            body = ready.json()
+            assert {k: body.pop(k) for k in ("ready", "slots_in_use", "slot_capacity")} == {
+                "ready": True, "slots_in_use": 0, "slot_capacity": 2}
+            # The start-up calibration's verdict, for an operator wondering why calls lag.
+            assert set(body) == {"step_ms_p50", "real_time"} and body["step_ms_p50"] > 0
+            assert body["real_time"] == (body["step_ms_p50"] <= worker.engine.frame_ms)
             metrics = (await http.get("/metrics")).text
             for name in (
                 "michi_worker_slots_in_use",
@@ -290,6 +295,7 @@ async def test_health_readiness_metrics_and_stats_endpoints() -> None:
                 "michi_worker_rejected_calls_total",
                 "michi_worker_filled_frames_total",
                 "michi_worker_dropped_input_frames_total",
+                "michi_worker_unheard_frames_at_close_total",
                 "michi_worker_dropped_outputs_total",
                 "michi_worker_calls_total",
             ):
