@@ -5,10 +5,11 @@ and on request festival's ked diphones and two neural voices (``neural_voices.py
 judge's held-out voices (``judge.JUDGE_VOICES``); texts: the corpus sentences plus
 any lines of ``extra_text`` (e.g. lines SmolLM2 wrote), minus the judge's held-out sentences.
 
-Fluent synthesis gives no word timings, so they are approximate: the voiced span (silence
-trimmed) is split among the words in proportion to their letters plus one. Transcript targets
-are delayed by a few frames in training (``transcript_lag_frames``), which absorbs most of the
-error; the speak/hold label only needs the end of speech, which the trim makes exact.
+Word timings: flite's voices say where each word is (``flite_timing.py``: exact, from flite's
+phone durations), which the speaking head's inner monologue needs. The other voices give none,
+so theirs are approximate: the voiced span (silence trimmed) is split among the words in
+proportion to their letters plus one. Listening needs no more: its CTC transcript is free of
+alignment, and the speak/hold label only needs the end of speech, which the trim makes exact.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipecat_michi.train.corpus import DIALOGUES, SENTENCES
+from pipecat_michi.train.flite_timing import flite_speech_with_spans
 from pipecat_michi.train.judge import (
     ALL_HELD_OUT_SENTENCES,
     ESPEAK_VOICES,
@@ -153,14 +155,27 @@ def generate_fluent_corpus(config: FluentCorpusConfig) -> Path:
     factors = [1.0 + rng.uniform(-config.speed_perturb, config.speed_perturb) if config.speed_perturb else 1.0
                for _ in picks]
     with ThreadPoolExecutor(max_workers=config.workers) as pool:
-        spoken = pool.map(lambda pick: fluent_speech(*pick), picks)
-        for i, ((text, voice, speed), (audio, source_rate), factor) in enumerate(zip(picks, spoken, factors)):
+        spoken = pool.map(lambda pick: speech_with_spans(*pick), picks)
+        exact = 0
+        for i, ((text, voice, speed), (audio, source_rate, spans), factor) in enumerate(zip(picks, spoken, factors)):
             audio = speed_perturbed(audio, source_rate, factor)
-            entries.append(_write_utterance(config, audio_dir, i, text, voice, speed, audio, source_rate, factor))
+            if spans is not None:
+                exact += 1
+                spans = [(start * factor, end * factor) for start, end in spans]
+            entries.append(_write_utterance(config, audio_dir, i, text, voice, speed, audio, source_rate, factor, spans))
+    logger.info(f"fluent corpus: exact word timings for {exact} of {len(picks)} sentences (flite's), "
+                "approximate for the rest")
     manifest = write_manifest(config.out_dir / "manifest.jsonl", entries)
     voices = len(config.voices or TRAINING_VOICES)
     logger.info(f"fluent corpus: {config.utterances} sentences, {voices} voices -> {manifest}")
     return manifest
+
+
+def speech_with_spans(text: str, voice: str, speed_wpm: int) -> tuple[np.ndarray, int, list[tuple[float, float]] | None]:
+    """``judge.fluent_speech``'s audio, with each word's span in seconds where the voice says it (flite)."""
+    if voice in FLITE_VOICES:
+        return flite_speech_with_spans(text, voice, speed_wpm)
+    return (*fluent_speech(text, voice, speed_wpm), None)
 
 
 def speed_perturbed(audio: np.ndarray, rate: int, factor: float) -> np.ndarray:
@@ -172,25 +187,38 @@ def speed_perturbed(audio: np.ndarray, rate: int, factor: float) -> np.ndarray:
 
 
 def framed_utterance(
-    text: str, audio: np.ndarray, source_rate: int, rate: int, lead_ms: float = 200.0, tail_ms: float = 800.0
+    text: str, audio: np.ndarray, source_rate: int, rate: int, lead_ms: float = 200.0, tail_ms: float = 800.0,
+    spans_s: list[tuple[float, float]] | None = None,
 ) -> tuple[np.ndarray, list[WordTiming]]:
     """A synthesised sentence as the corpus stores it: resampled to ``rate``, silence trimmed,
-    peak 0.7, ``lead_ms`` of silence before and ``tail_ms`` after; with approximate word timings."""
+    peak 0.7, ``lead_ms`` of silence before and ``tail_ms`` after; with word timings: exact from
+    ``spans_s`` (each word's seconds in ``audio``) when given, else approximate."""
     lead, tail = round(lead_ms * rate / 1000), round(tail_ms * rate / 1000)
     audio = soxr.resample(audio, source_rate, rate).astype(np.float32)
     loud = np.flatnonzero(np.abs(audio) > 0.02 * max(float(np.abs(audio).max()), 1e-6))
+    trimmed = int(loud[0]) if loud.size else 0
     audio = audio[loud[0]: loud[-1] + 1] if loud.size else audio
     audio = 0.7 * audio / max(float(np.abs(audio).max()), 1e-6)
     wav = np.concatenate([np.zeros(lead, np.float32), audio, np.zeros(tail, np.float32)])
-    return wav, approximate_word_timings(text.split(), lead, lead + len(audio))
+    words = text.split()
+    if spans_s is None or len(spans_s) != len(words):
+        return wav, approximate_word_timings(words, lead, lead + len(audio))
+    end_of_speech = lead + len(audio)
+    timings = []
+    for word, (start_s, end_s) in zip(words, spans_s):
+        # In the stored file's samples: the trim moved the audio by ``trimmed``, the lead back.
+        start = min(max(round(start_s * rate) - trimmed + lead, lead), end_of_speech - 1)
+        end = min(max(round(end_s * rate) - trimmed + lead, start + 1), end_of_speech)
+        timings.append(WordTiming(word=word, start_sample=start, end_sample=end))
+    return wav, timings
 
 
 def _write_utterance(
     config: FluentCorpusConfig, audio_dir: Path, i: int, text: str, voice: str, speed: int,
-    audio: np.ndarray, source_rate: int, factor: float = 1.0,
+    audio: np.ndarray, source_rate: int, factor: float = 1.0, spans_s: list[tuple[float, float]] | None = None,
 ) -> ManifestEntry:
     rate = config.sample_rate_hz
-    wav, words = framed_utterance(text, audio, source_rate, rate, config.lead_ms, config.tail_ms)
+    wav, words = framed_utterance(text, audio, source_rate, rate, config.lead_ms, config.tail_ms, spans_s)
     name = f"fluent{i:05d}.wav"
     soundfile.write(audio_dir / name, wav, rate, subtype="FLOAT")
     return ManifestEntry(id=f"fluent{i:05d}", audio=f"audio/{name}", sample_rate_hz=rate,
