@@ -204,12 +204,15 @@ def framed_utterance(
     if spans_s is None or len(spans_s) != len(words):
         return wav, approximate_word_timings(words, lead, lead + len(audio))
     end_of_speech = lead + len(audio)
-    timings = []
+    timings, previous_end = [], lead
     for word, (start_s, end_s) in zip(words, spans_s):
         # In the stored file's samples: the trim moved the audio by ``trimmed``, the lead back.
-        start = min(max(round(start_s * rate) - trimmed + lead, lead), end_of_speech - 1)
-        end = min(max(round(end_s * rate) - trimmed + lead, start + 1), end_of_speech)
+        # Clipped to the speech the file keeps; a word the trim cut (a faint first sound) or an
+        # empty one (a lone dash) still gets a sample, after the word before it.
+        start = min(max(round(start_s * rate) - trimmed + lead, previous_end), end_of_speech - 1)
+        end = min(max(round(end_s * rate) - trimmed + lead, start + 1), len(wav))
         timings.append(WordTiming(word=word, start_sample=start, end_sample=end))
+        previous_end = end
     return wav, timings
 
 

@@ -40,6 +40,12 @@ def test_exact_spans_become_sample_timings_through_the_trim_and_the_lead() -> No
     lead = 1600
     assert [(t.start_sample, t.end_sample) for t in timings] == [(lead, lead + 8000), (lead + 12000, lead + 16000)]
     assert np.all(wav[timings[1].start_sample:timings[1].end_sample] != 0)
+    # An empty span (a lone dash, where the next word starts) takes one sample, and the next word
+    # starts after it: words never overlap (a corpus line with " - a " once failed validation).
+    _, dashed = framed_utterance("one - two", audio, rate, rate, lead_ms=100, tail_ms=100,
+                                 spans_s=[(0.25, 0.75), (1.0, 1.0), (1.0, 1.25)])
+    assert [(t.start_sample, t.end_sample) for t in dashed] == [
+        (lead, lead + 8000), (lead + 12000, lead + 12001), (lead + 12001, lead + 16000)]
     # Without spans (or with the wrong number): the letter-proportional split of the voiced span.
     _, approximate = framed_utterance("one two", audio, rate, rate, lead_ms=100, tail_ms=100)
     assert approximate[0].end_sample == approximate[1].start_sample == lead + 8000
