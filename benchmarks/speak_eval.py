@@ -28,8 +28,8 @@ import torch
 
 from pipecat_michi.train.data import MONOLOGUE_LEAD_FRAMES, frame_tokens
 from pipecat_michi.train.evaluate import forced_speech, load_speaking_checkpoint, paced_speech
-from pipecat_michi.train.fluent import framed_utterance
-from pipecat_michi.train.judge import OfflineWhisper, fluent_speech, held_out_sentences, twilio_path, wer
+from pipecat_michi.train.fluent import framed_speech
+from pipecat_michi.train.judge import OfflineWhisper, held_out_sentences, twilio_path, wer
 
 WHISPER_RATE_HZ = 16000
 
@@ -44,6 +44,9 @@ def main() -> None:
     parser.add_argument("--sentences", type=int, help="only the first N held-out sentences")
     parser.add_argument("--twilio", action="store_true", help="also score everything through 8 kHz mu-law")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--timings", choices=("exact", "approximate"), default="exact",
+                        help="the inner monologue's word timings: flite's exact ones (what corpora hold since "
+                             "2026-12-04 night), or the letter-proportional ones earlier runs were trained on")
     parser.add_argument("--seed", type=int, default=0, help="the flow head's noise")
     parser.add_argument("--flow-noise-scale", type=float,
                         help="the flow head's starting noise times this (default: the checkpoint's, 1.0): "
@@ -64,8 +67,7 @@ def main() -> None:
     paced_tokens = paced_said = 0
     spent = spoken_seconds = 0.0
     for i, text in enumerate(sentences):
-        audio, source_rate = fluent_speech(text, args.voice)
-        wav, words = framed_utterance(text, audio, source_rate, rate)
+        wav, words = framed_speech(text, args.voice, rate, timings=args.timings)
         wav = np.pad(wav, (0, -wav.size % frame))
         frames = wav.size // frame
         monologue = frame_tokens(words, tokenizer, frames, frame, MONOLOGUE_LEAD_FRAMES)

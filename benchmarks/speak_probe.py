@@ -24,9 +24,9 @@ import soxr
 import torch
 
 from pipecat_michi.train.data import MONOLOGUE_LEAD_FRAMES, frame_tokens
-from pipecat_michi.train.fluent import framed_utterance
+from pipecat_michi.train.fluent import framed_speech
 from pipecat_michi.train.evaluate import load_speaking_checkpoint
-from pipecat_michi.train.judge import OfflineWhisper, fluent_speech, held_out_sentences, wer
+from pipecat_michi.train.judge import OfflineWhisper, held_out_sentences, wer
 
 BANDS = ((0, 4), (4, 8), (8, 16), (16, 32), (32, 64))
 WHISPER_RATE_HZ = 16000
@@ -39,6 +39,9 @@ def main() -> None:
     parser.add_argument("--sentences", type=int, default=8)
     parser.add_argument("--voice", default="slt")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--timings", choices=("exact", "approximate"), default="exact",
+                        help="the inner monologue's word timings: flite's exact ones (what corpora hold since "
+                             "2026-12-04 night), or the letter-proportional ones earlier runs were trained on")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--judge", action="store_true", help="also Whisper's WER on the decoded teacher-forced samples")
     parser.add_argument("--flow-noise-scale", type=float, help="the flow head's starting noise times this (default 1.0)")
@@ -60,8 +63,7 @@ def main() -> None:
     variance, flow_error, readout_error = torch.zeros(dim), torch.zeros(dim), torch.zeros(dim)
     decoded: list[np.ndarray] = []
     for text in sentences:
-        audio, source_rate = fluent_speech(text, args.voice)
-        wav, words = framed_utterance(text, audio, source_rate, rate)
+        wav, words = framed_speech(text, args.voice, rate, timings=args.timings)
         wav = torch.from_numpy(np.pad(wav, (0, -wav.size % frame)))[None]
         frames = wav.shape[1] // frame
         monologue = frame_tokens(words, tokenizer, frames, frame, MONOLOGUE_LEAD_FRAMES)[None]

@@ -178,6 +178,15 @@ def speech_with_spans(text: str, voice: str, speed_wpm: int) -> tuple[np.ndarray
     return (*fluent_speech(text, voice, speed_wpm), None)
 
 
+def framed_speech(text: str, voice: str, rate: int, speed_wpm: int = 160,
+                  timings: Literal["exact", "approximate"] = "exact") -> tuple[np.ndarray, list[WordTiming]]:
+    """``text`` in ``voice`` as the corpus stores a sentence (``framed_utterance``), with the
+    corpus's word timings: flite's exact ones where the voice gives them, unless ``timings`` asks
+    for the letter-proportional approximation (what corpora before exact timings held)."""
+    audio, source_rate, spans = speech_with_spans(text, voice, speed_wpm)
+    return framed_utterance(text, audio, source_rate, rate, spans_s=spans if timings == "exact" else None)
+
+
 def speed_perturbed(audio: np.ndarray, rate: int, factor: float) -> np.ndarray:
     """``audio`` stretched to ``factor`` times its length at the same ``rate``: slower and lower
     for a factor above 1, faster and higher below."""
