@@ -64,7 +64,10 @@ asyncio.run(main())
 
 
 def _pip(python: Path, *args: str) -> None:
-    subprocess.run([str(python), "-m", "pip", "install", "-q", *args], env=CLEAN_ENV, check=True, timeout=900)
+    # --no-compile: pip byte-compiles every module it installs (torch's thousands) unless told
+    # not to; the probes import what they use, and Python compiles that on import.
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-compile", *args], env=CLEAN_ENV, check=True,
+                   timeout=900)
 
 
 def _size_mb(path: Path) -> float:
