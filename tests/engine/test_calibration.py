@@ -4,7 +4,7 @@ import pytest
 from loguru import logger
 
 from pipecat_michi.engine.calibration import StepCalibration, report_calibration
-from pipecat_michi.engine.config import EngineConfig, load_model
+from pipecat_michi.engine.config import EngineConfig
 from pipecat_michi.engine.engine import DuplexEngine
 from tests.engine.test_engine import _audio, _call, _same
 
@@ -57,15 +57,3 @@ async def test_the_engine_calibrates_at_start_and_calls_are_as_they_would_be_wit
         assert engine.calibration is None
         plain = await _call(engine, audio, seed=5, prompt="You are Michi.")
     _same(calibrated, plain)
-
-
-async def test_a_compiled_engine_calibrates_its_compiled_step_without_compiling_more() -> None:
-    from torch._dynamo.utils import counters
-
-    config = _config(calibration_steps=2, compile=True, slot_capacity=1)
-    model, tokenizer = load_model(config)
-    model.compile_step(backend="eager")  # dynamo's guards without inductor's code generation
-    counters.clear()
-    async with DuplexEngine(config, model, tokenizer) as engine:
-        assert engine.calibration is not None and engine.calibration.steps == 2
-        assert counters["stats"]["unique_graphs"] == 1  # batch size 1, from the warm-up only

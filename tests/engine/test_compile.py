@@ -60,6 +60,8 @@ async def test_slot_churn_within_a_batch_size_never_recompiles_and_results_equal
         assert engine._batch.batch_sizes == [1, 2, 4]
         warmed = counters["stats"]["unique_graphs"]
         assert warmed >= 3  # one graph per batch size, before any call
+        # The start-up calibration stepped the compiled step too (the batch-1 graph the warm-up built).
+        assert engine.calibration is not None and engine.calibration.steps == config.calibration_steps
         three = await _calls(engine, 3, frames=4)  # rows 0-2, padded to 4
         two = await _calls(engine, 2, frames=3)  # rows 0-1: batch size 2
         four = await _calls(engine, 4, frames=3)  # rows 0-3
