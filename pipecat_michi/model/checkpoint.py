@@ -10,19 +10,15 @@ Face Llama/SmolLM directory (``config.json`` with ``model_type: llama``, one or 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
-from loguru import logger
 from pydantic import ValidationError
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from pipecat_michi.model.config import BackboneConfig, MichiConfig
+from pipecat_michi.model.gguf_reader import GGUFError, read_llama_gguf
 from pipecat_michi.model.lora import LoraError, is_lora_key, merge_lora, peft_state_to_checkpoint, split_lora
 from pipecat_michi.model.michi import MichiModel
 from pipecat_michi.model.quantize import Int8WeightOnlyLinear
@@ -205,23 +201,21 @@ def load_hf_backbone(model: MichiModel, directory: str | Path) -> None:
 
 
 def load_gguf_backbone(model: MichiModel, gguf_file: str | Path) -> None:
-    """Load a Llama GGUF file (quantised or not) into ``model.backbone``, dequantised.
+    """Load a Llama GGUF file (quantised or not) into ``model.backbone``, dequantised to float32.
 
-    Transformers does the dequantisation and undoes llama.cpp's q/k row permutation; it needs
-    the ``gguf`` package and takes about 30 s for SmolLM2-135M on a CPU core, so the result is
-    kept in a disk cache (``backbone_cache_dir()``) and later loads read it in well under a
-    second. Shapes must match the model's config; float fields (a GGUF stores ``rms_norm_eps``
-    as float32) match within float32 precision.
+    Our own reader (:mod:`.gguf_reader`): ~2 s for SmolLM2-135M on a CPU core, bit for bit what
+    transformers' GGUF loading gives (it took 30-45 s, so its result used to be cached on disk).
+    Shapes must match the model's config; float fields (a GGUF stores ``rms_norm_eps`` as
+    float32) match within float32 precision.
     """
     path = Path(gguf_file)
     if not path.is_file():
         raise CheckpointError(f"no GGUF file at {path}")
-    cache = _gguf_cache_file(path)
-    loaded = _read_converted_backbone(cache)
-    if loaded is None:
-        loaded = _convert_gguf_backbone(path)
-        _write_converted_backbone(cache, *loaded)
-    gguf_cfg, state = loaded
+    try:
+        hf_config, state = read_llama_gguf(path)
+    except GGUFError as exc:
+        raise CheckpointError(f"GGUF backbone {path}: {exc}") from exc
+    gguf_cfg = backbone_config_from_hf(hf_config)
     ours = model.config.backbone
     diff = {
         k: (getattr(gguf_cfg, k), getattr(ours, k))
@@ -231,76 +225,6 @@ def load_gguf_backbone(model: MichiModel, gguf_file: str | Path) -> None:
     if diff:
         raise CheckpointError(f"GGUF backbone {path} does not match the model config (gguf, ours): {diff}")
     _load_strict(model.backbone, backbone_state_from_hf(state, ours), source=str(path))
-
-
-# Bump when the conversion changes, so caches written by an older one are not read.
-GGUF_CACHE_VERSION = 1
-
-
-def backbone_cache_dir() -> Path:
-    """Where dequantised GGUF backbones are cached: ``$PIPECAT_MICHI_CACHE``, else
-    ``$XDG_CACHE_HOME/pipecat-michi``, else ``~/.cache/pipecat-michi``."""
-    if os.environ.get("PIPECAT_MICHI_CACHE"):
-        return Path(os.environ["PIPECAT_MICHI_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pipecat-michi"
-
-
-def _gguf_cache_file(path: Path) -> Path:
-    # Keyed by the file's place, size and modification time: a replaced GGUF is converted again.
-    stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{GGUF_CACHE_VERSION}"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return backbone_cache_dir() / "backbones" / f"{path.stem}-{digest}.safetensors"
-
-
-def _convert_gguf_backbone(path: Path) -> tuple[BackboneConfig, dict[str, torch.Tensor]]:
-    try:
-        import gguf  # noqa: F401 (transformers reads GGUF files with it)
-        from transformers import AutoModelForCausalLM
-    except ImportError as exc:
-        raise CheckpointError(
-            f"a GGUF backbone needs transformers and gguf ({exc.name} is missing): pip install 'pipecat-michi[train]'"
-        ) from None
-    logger.info(f"converting GGUF backbone {path} (once; later loads read {backbone_cache_dir()})")
-    hf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    config = backbone_config_from_hf(hf_model.config.to_dict())
-    state = {k: v.detach().contiguous() for k, v in hf_model.state_dict().items()}
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)  # the embedding itself
-    return config, state
-
-
-def _read_converted_backbone(cache: Path) -> tuple[BackboneConfig, dict[str, torch.Tensor]] | None:
-    if not cache.is_file():
-        return None
-    try:
-        with safe_open(str(cache), framework="pt") as handle:
-            config = BackboneConfig.model_validate_json((handle.metadata() or {})["backbone_config"])
-            state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
-    except (OSError, KeyError, ValidationError, SafetensorError) as exc:
-        logger.warning(f"ignoring the unreadable backbone cache {cache} ({exc}); converting again")
-        return None
-    return config, state
-
-
-def _write_converted_backbone(cache: Path, config: BackboneConfig, state: dict[str, torch.Tensor]) -> None:
-    # Best effort: a read-only home still loads, only slower. Written under a temporary name
-    # and renamed, so a reader (another worker process) never sees half a file.
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=cache.parent, suffix=".partial", delete=False) as tmp:
-            partial = Path(tmp.name)
-        try:
-            save_file(  # cloned: safetensors refuses tensors sharing storage (tied embeddings)
-                {k: v.clone() for k, v in state.items()},
-                str(partial),
-                metadata={"backbone_config": config.model_dump_json()},
-            )
-            os.replace(partial, cache)
-        finally:
-            partial.unlink(missing_ok=True)
-    except OSError as exc:
-        logger.warning(f"could not cache the converted backbone at {cache} ({exc}); the next load converts again")
 
 
 def save_gguf_tokenizer(gguf_file: str | Path, directory: str | Path) -> Path:
