@@ -208,6 +208,11 @@ class FlowHeadConfig(_Frozen):
     sampling_steps: int = Field(default=1, ge=1)
     noise_scale: float = Field(default=1.0, ge=0.0)
     objective: Literal["rectified", "mean_flow"] = "rectified"
+    # The inner monologue as direct context (model/monologue.py): the last ``monologue_tokens``
+    # tokens said and their ages in frames (capped at ``monologue_max_age``) are embedded and
+    # added to the condition. 0 = off (checkpoints from before it load unchanged).
+    monologue_tokens: int = Field(default=0, ge=0)
+    monologue_max_age: int = Field(default=24, ge=1)
 
 
 class TokenConfig(_Frozen):

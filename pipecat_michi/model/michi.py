@@ -26,6 +26,7 @@ from pipecat_michi.model.config import MichiConfig
 from pipecat_michi.model.flow_head import FlowHead
 from pipecat_michi.model.kv_cache import SlotKVCache
 from pipecat_michi.model.listening_head import ListeningHead
+from pipecat_michi.model.monologue import MonologueContext, advance_history, empty_history
 from pipecat_michi.model.streaming import StreamingState, prefixed, unprefixed
 from pipecat_michi.model.whisper.encoder import WhisperListeningHead
 
@@ -157,8 +158,26 @@ class MichiModel(nn.Module):
         )
         self.latent_in = nn.Linear(config.codec.latent_dim, hidden)
         self.flow = FlowHead(config.flow, config.codec.latent_dim, hidden)
+        self.monologue = self.new_monologue_context(config)
         self.codec = Codec(config.codec)
         self._compiled_step: Callable[..., tuple[StepOutput, StreamingState]] | None = None
+
+    @staticmethod
+    def new_monologue_context(config: MichiConfig) -> MonologueContext | None:
+        """The flow head's monologue context (``config.flow.monologue_tokens``), or None when off."""
+        flow = config.flow
+        if not flow.monologue_tokens:
+            return None
+        hidden = config.backbone.hidden_size
+        return MonologueContext(flow.monologue_tokens, flow.monologue_max_age, hidden, hidden)
+
+    def flow_condition(self, hidden: torch.Tensor, history: torch.Tensor | None,
+                       ages: torch.Tensor | None) -> torch.Tensor:
+        """What the flow head is conditioned on: the backbone's state, plus the monologue context
+        (``history``/``ages`` ``[..., K]``, see ``model/monologue.py``) when the model has one."""
+        if self.monologue is None:
+            return hidden
+        return hidden + self.monologue(self.backbone.embed_tokens(history), ages).to(hidden.dtype)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -184,6 +203,10 @@ class MichiModel(nn.Module):
             # Frames in a row the speak probability has been above the threshold (0: holding).
             "speak_run": torch.zeros(batch_size, dtype=torch.long, device=device),
         }
+        if self.monologue is not None:
+            flow = self.config.flow
+            state["monologue_history"], state["monologue_ages"] = empty_history(
+                batch_size, flow.monologue_tokens, flow.monologue_max_age, self.config.tokens.pad_id, device)
         state.update(prefixed(_LISTEN, self.listening.init_state(batch_size, device, dtype)))
         state.update(prefixed(_DECODER, self.codec.decoder.init_state(batch_size, device, dtype)))
         return state
@@ -263,7 +286,12 @@ class MichiModel(nn.Module):
         )
         hidden = self.backbone.forward_kv(embeds[:, None], cache, slice(0, batch), key_count)[:, 0]
         text_tokens = sample_tokens(self.backbone.logits(hidden), sampling, noise.text_uniform)
-        latents = self.flow.sample(hidden, noise.latent_noise, sampling.flow_steps, sampling.max_flow_steps)
+        history = ages = None
+        if self.monologue is not None:  # this frame's input token joins the history
+            history, ages = advance_history(state["monologue_history"], state["monologue_ages"], state["prev_text"],
+                                            self.config.tokens.pad_id, self.config.flow.monologue_max_age)
+        condition = self.flow_condition(hidden, history, ages)
+        latents = self.flow.sample(condition, noise.latent_noise, sampling.flow_steps, sampling.max_flow_steps)
         speak_prob = torch.sigmoid(speak_logit.float())
         speaking, speak_run = speak_decision(speak_prob, state["speak_run"], sampling)
         # What the model hears of itself is what it actually played: silence while holding.
@@ -271,6 +299,8 @@ class MichiModel(nn.Module):
         audio, decoder_state = self.codec.decoder.step(played, unprefixed(_DECODER, state))
         audio = audio.float() * speaking[:, None]
         new_state: StreamingState = {"prev_latent": played, "prev_text": text_tokens, "speak_run": speak_run}
+        if history is not None:
+            new_state["monologue_history"], new_state["monologue_ages"] = history, ages
         new_state.update(prefixed(_LISTEN, listen_state))
         new_state.update(prefixed(_DECODER, decoder_state))
         if active_mask is not None:

@@ -33,6 +33,9 @@ class TrainConfig(BaseModel):
     # the backbone learn, its pretrained weights stay frozen. A checkpoint with adapters keeps them.
     lora_rank: int | None = Field(default=None, ge=1)
     lora_alpha: float = Field(default=32.0, gt=0)
+    # Speaking/joint: give the flow head the inner monologue's last N tokens and their ages as
+    # direct context (model/monologue.py); a checkpoint that has one keeps it.
+    monologue_tokens: int | None = Field(default=None, ge=1)
     steps: int = Field(default=100, ge=1)
     batch_size: int = Field(default=4, ge=1)
     # Longest crop per example, in 80 ms frames (the codec stage uses codec_frames instead:

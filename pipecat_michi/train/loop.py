@@ -86,9 +86,13 @@ def build_model(config: TrainConfig) -> tuple[MichiModel, Path | None]:
         model = _with_adapters(config, *load_checkpoint_with_adapters(config.init))
         if config.fresh_codec:
             replace_codec(model, MichiConfig.preset(config.preset), config.seed)
-        return model, config.init
+        return with_monologue_context(model, config.monologue_tokens, config.seed), config.init
     torch.manual_seed(config.seed)
-    model = MichiModel(MichiConfig.preset(config.preset))
+    preset = MichiConfig.preset(config.preset)
+    if config.monologue_tokens:
+        preset = preset.model_copy(update={"flow": preset.flow.model_copy(
+            update={"monologue_tokens": config.monologue_tokens})})
+    model = MichiModel(preset)
     whisper_source = whisper_weights_source(config, model)
     if whisper_source is not None:
         logger.info(f"initialising the Whisper listening head from {whisper_source}")
@@ -139,6 +143,30 @@ def replace_codec(model: MichiModel, preset: MichiConfig, seed: int) -> None:
     torch.nn.init.zeros_(model.latent_in.weight)
     torch.nn.init.zeros_(model.latent_in.bias)
     model.flow = FlowHead(flow_config, codec_config.latent_dim, model.config.backbone.hidden_size).to(device, dtype)
+    model.monologue = _to(MichiModel.new_monologue_context(model.config), device, dtype)
+
+
+def _to(module: torch.nn.Module | None, device: torch.device, dtype: torch.dtype) -> torch.nn.Module | None:
+    return None if module is None else module.to(device, dtype)
+
+
+def with_monologue_context(model: MichiModel, tokens: int | None, seed: int) -> MichiModel:
+    """Give the flow head a fresh monologue context of ``tokens`` (``--monologue-tokens``; its last
+    layer at zero, so the model speaks as before until it learns). A model that has one keeps it;
+    asking for another size is an error, not a silent replacement."""
+    have = model.config.flow.monologue_tokens
+    if tokens is None or tokens == have:
+        return model
+    if have:
+        raise ValueError(f"the checkpoint's flow head has a monologue context of {have} tokens; "
+                         f"--monologue-tokens asks for {tokens}")
+    logger.info(f"adding a monologue context of {tokens} tokens to the flow head")
+    model.config = model.config.model_copy(
+        update={"flow": model.config.flow.model_copy(update={"monologue_tokens": tokens})})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.monologue = _to(MichiModel.new_monologue_context(model.config), model.device, model.dtype)
+    return model
 
 
 def _is_smollm2_package_file(path: Path) -> bool:
@@ -254,6 +282,8 @@ class Trainer:
         if self.model.config.listening.kind == "whisper":
             pretrained_ids = {id(p) for p in listening.encoder.parameters()}
         flow_parts = list(self.model.flow.parameters()) + ([] if self.readout is None else list(self.readout.parameters()))
+        if self.model.monologue is not None:  # part of the flow head's condition
+            flow_parts += list(self.model.monologue.parameters())
         flow_ids = {id(p) for p in flow_parts} if self.config.flow_lr_scale != 1.0 else set()
         pretrained = [p for p in trainable if id(p) in pretrained_ids]
         flow = [p for p in trainable if id(p) in flow_ids]

@@ -22,6 +22,7 @@ from torch import nn
 
 from pipecat_michi.model.codec import multi_resolution_stft_loss, reconstruct_with_spectrum
 from pipecat_michi.model.michi import MichiModel
+from pipecat_michi.model.monologue import history_over_frames
 from pipecat_michi.train.adversarial import Adversary
 from pipecat_michi.train.augment import Augmenter
 from pipecat_michi.train.distill import Teacher
@@ -191,16 +192,22 @@ def _speaking_terms(
     prev_text = _shift_right(batch.bot_text, model.config.tokens.pad_id)
     embeds = listen_embeds + model.latent_in(_shift_right(played, 0.0)) + model.backbone.embed_tokens(prev_text)
     hidden = model.backbone(embeds)
+    history = ages = None
+    if model.monologue is not None:  # what each frame's step holds of the monologue so far
+        flow = model.config.flow
+        history, ages = history_over_frames(prev_text, flow.monologue_tokens, flow.monologue_max_age,
+                                            model.config.tokens.pad_id)
+    condition = model.flow_condition(hidden, history, ages)
     valid = batch.valid
     speaking = valid & (batch.speak > 0)
     losses = {
         "monologue": F.cross_entropy(model.backbone.logits(hidden[valid]).float(), batch.bot_text[valid]),
-        "flow": model.flow.loss(hidden[speaking], latents[speaking], generator=g),
+        "flow": model.flow.loss(condition[speaking], latents[speaking], generator=g),
     }
     if readout is not None:
-        # The conditional mean of the next latent, read linearly from the state: a direct signal
-        # that the state must carry what is said (the flow loss's target carries unit noise).
-        losses["readout"] = F.mse_loss(readout(hidden[speaking]).float(), latents[speaking].float())
+        # The conditional mean of the next latent, read linearly from the condition: a direct
+        # signal that it must carry what is said (the flow loss's target carries unit noise).
+        losses["readout"] = F.mse_loss(readout(condition[speaking]).float(), latents[speaking].float())
     if text is not None:
         losses["text_lm"] = _text_loss(model, text, distill)
     return losses
@@ -257,9 +264,11 @@ STAGES: dict[str, Stage] = {
     "listening": Stage(("listening",), listening_examples, listening_losses, uses_text_lm=False),
     # listening.to_backbone, the listening head's projection into the backbone's input, is trained
     # only where the backbone reads it: the listening stage's losses never reach it.
-    "speaking": Stage(("backbone", "latent_in", "flow", "listening.to_backbone"), speaking_examples, speaking_losses,
-                      uses_text_lm=True),
-    "joint": Stage(("backbone", "latent_in", "flow", "listening"), joint_examples, joint_losses, uses_text_lm=True),
+    # monologue: the flow head's monologue context, when the model has one.
+    "speaking": Stage(("backbone", "latent_in", "flow", "monologue", "listening.to_backbone"), speaking_examples,
+                      speaking_losses, uses_text_lm=True),
+    "joint": Stage(("backbone", "latent_in", "flow", "monologue", "listening"), joint_examples, joint_losses,
+                   uses_text_lm=True),
 }
 
 
@@ -267,6 +276,8 @@ def set_trainable(model: MichiModel, stage: Stage) -> list[nn.Parameter]:
     """Freeze everything but the stage's modules; return the parameters that learn."""
     model.requires_grad_(False)
     for name in stage.trainable:
+        if getattr(model, name, True) is None:  # an optional part this model does not have
+            continue
         module = model.get_submodule(name)
         if name == "backbone" and model.config.lora is not None:
             # An adapted backbone learns through its adapters alone; its weights stay frozen.

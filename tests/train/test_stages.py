@@ -214,3 +214,26 @@ def test_a_one_sided_example_holds_its_silent_channel_in_no_memory_and_batches_i
     assert batch.user_wav.abs().sum() > 0 and batch.bot_wav.abs().sum() > 0
     own = batch.user_wav.abs().sum(-1) > 0  # rows from `heard` have silent bot channels, and the other way round
     assert (batch.bot_wav[own] == 0).all() and (batch.user_wav[~own] == 0).all() and own.any() and (~own).any()
+
+
+def test_a_monologue_context_is_added_to_an_init_learns_and_resumes_exactly(tone_manifest: Path, tmp_path: Path) -> None:
+    Trainer(_config(tone_manifest, tmp_path / "plain", "speaking", steps=1)).train()
+    trainer = Trainer(_config(tone_manifest, tmp_path / "ctx", "speaking", steps=3, init=tmp_path / "plain",
+                              monologue_tokens=3, flow_lr_scale=2.0))
+    context = trainer.model.monologue
+    assert context is not None and not context.mix[-1].weight.any()  # starts at zero: speaks as the init did
+    flow_group = next(g for g in trainer.optimizer.param_groups if g["lr_scale"] == 2.0)
+    assert {id(p) for p in context.parameters()} <= {id(p) for p in flow_group["params"]}
+    straight = trainer.train()
+    assert context.mix[-1].weight.any()  # the flow loss reached it
+    assert load_checkpoint(tmp_path / "ctx").config.flow.monologue_tokens == 3
+    Trainer(_config(tone_manifest, tmp_path / "resumed", "speaking", steps=1, init=tmp_path / "plain",
+                    monologue_tokens=3, flow_lr_scale=2.0)).train()
+    resumed = Trainer(_config(tone_manifest, tmp_path / "resumed", "speaking", steps=3, init=tmp_path / "plain",
+                              monologue_tokens=3, flow_lr_scale=2.0, resume=True)).train()
+    for a, b in zip(straight[1:], resumed[1:]):
+        for name in a:
+            assert abs(a[name] - b[name]) <= 1e-6, (name, a[name], b[name])
+    with pytest.raises(ValueError, match="monologue context of 3 tokens; --monologue-tokens asks for 4"):
+        Trainer(_config(tone_manifest, tmp_path / "other", "speaking", steps=1, init=tmp_path / "ctx",
+                        monologue_tokens=4))
